@@ -1,0 +1,239 @@
+"""One Settings object: defaults < ``config/lungnode.toml`` < ``LUNGNODE_*`` environment.
+
+Every setting is documented once, here, with its environment name and default;
+the README's settings table and ``config/lungnode.toml`` repeat the same facts.
+The TOML file is found at ``$LUNGNODE_CONFIG`` or ``config/lungnode.toml`` under
+the working directory; a missing file is not an error.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from lungnode.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SECRET = "change-me"
+DEFAULT_CONFIG_FILE = Path("config/lungnode.toml")
+
+# PS3.5 6.2: an AE title is 1-16 characters of the default repertoire, no backslash
+# or control characters; leading and trailing spaces are not significant.
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
+_PEER = re.compile(r"^(?P<name>[A-Za-z0-9_.-]+)=(?P<ae>[^@]{1,16})@(?P<host>[^:]+):(?P<port>\d+)$")
+
+
+def validate_ae_title(value: str) -> str:
+    """Return the AE title stripped, or raise ``ValueError`` (PS3.5 6.2, VR AE)."""
+    stripped = value.strip()
+    if not stripped or not _AE_TITLE.match(stripped):
+        raise ValueError(f"invalid AE title {value!r}: 1-16 printable characters, no backslash")
+    return stripped
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A remote application entity the node knows: it may call us, and may receive results."""
+
+    name: str
+    ae_title: str
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> Peer:
+        """Parse ``NAME=AE@HOST:PORT``."""
+        match = _PEER.match(text.strip())
+        if not match:
+            raise ValueError(f"invalid peer {text!r}: expected NAME=AE@HOST:PORT")
+        port = int(match["port"])
+        if not 0 < port < 65536:
+            raise ValueError(f"invalid peer {text!r}: port out of range")
+        return cls(match["name"], validate_ae_title(match["ae"]), match["host"], port)
+
+    def __str__(self) -> str:
+        return f"{self.name}={self.ae_title}@{self.host}:{self.port}"
+
+
+def _split_list(value: Any) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    if isinstance(value, list | tuple):
+        return [str(part).strip() for part in value if str(part).strip()]
+    raise ValueError(f"expected a comma-separated string or a list, got {value!r}")
+
+
+class Settings(BaseSettings):
+    """The node's effective configuration."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="LUNGNODE_", extra="forbid", validate_default=True, frozen=True
+    )
+
+    # -- general ---------------------------------------------------------------
+    env: Literal["development", "production", "testing"] = "development"
+    log_level: str = "INFO"
+    storage_dir: Path = Path("storage")
+    #: SQLAlchemy URL; empty means SQLite at ``<storage_dir>/lungnode.db``.
+    database_url: str = ""
+
+    # -- DICOM -----------------------------------------------------------------
+    ae_title: str = "LUNGNODE"
+    dicom_host: str = "0.0.0.0"
+    dicom_port: int = Field(default=11112, ge=0, lt=65536)
+    peers: Annotated[list[Peer], NoDecode] = Field(default_factory=list)
+    #: Peer names that receive results; empty means the peer that sent the series.
+    result_destinations: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    allow_unknown_callers: bool = False
+    max_associations: int = Field(default=8, ge=1)
+    max_pdu_size: int = Field(default=4_194_304, ge=0)
+    #: Seconds of silence after which an association is aborted.
+    network_timeout: float = Field(default=60.0, gt=0)
+    #: Refuse new instances (status 0xA700) when less than this much disk is free.
+    min_free_disk_mb: int = Field(default=500, ge=0)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    #: CA bundle to verify client certificates; when set, clients must present one.
+    tls_ca: Path | None = None
+
+    # -- series completeness ---------------------------------------------------
+    series_quiet_seconds: float = Field(default=15.0, gt=0)
+    series_grace_seconds: float = Field(default=2.0, ge=0)
+    series_check_interval: float = Field(default=0.5, gt=0)
+    #: Relative tolerance on slice spacing when deciding that a stack is even.
+    series_spacing_tolerance: float = Field(default=0.1, gt=0, lt=1)
+
+    # -- HTTP API --------------------------------------------------------------
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(default=5000, ge=0, lt=65536)
+    secret_key: SecretStr = SecretStr(DEFAULT_SECRET)
+    admin_password: SecretStr | None = None
+
+    # -- analysis and queue ----------------------------------------------------
+    queue: Literal["local", "celery"] = "local"
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    workers: int = Field(default=1, ge=0)
+    model: str = "lung-ct-demo"
+    models_dir: Path = Path("models")
+    trust_pickle: bool = False
+
+    @field_validator("ae_title")
+    @classmethod
+    def _check_ae_title(cls, value: str) -> str:
+        return validate_ae_title(value)
+
+    @field_validator("peers", mode="before")
+    @classmethod
+    def _parse_peers(cls, value: Any) -> list[Peer]:
+        if isinstance(value, list) and all(isinstance(p, Peer) for p in value):
+            return value
+        return [Peer.parse(text) for text in _split_list(value)]
+
+    @field_validator("result_destinations", mode="before")
+    @classmethod
+    def _parse_destinations(cls, value: Any) -> list[str]:
+        return _split_list(value)
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> Settings:
+        names = [p.name for p in self.peers]
+        duplicates = {n for n in names if names.count(n) > 1}
+        if duplicates:
+            raise ValueError(f"duplicate peer names: {sorted(duplicates)}")
+        unknown = [d for d in self.result_destinations if d not in names]
+        if unknown:
+            raise ValueError(f"result destinations {unknown} are not among the peers {names}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key must be set together")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml_file = Path(os.environ.get("LUNGNODE_CONFIG", DEFAULT_CONFIG_FILE))
+        return (
+            init_settings,
+            env_settings,
+            TomlConfigSettingsSource(settings_cls, toml_file=toml_file),
+        )
+
+    # -- derived values --------------------------------------------------------
+    @property
+    def effective_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.storage_dir / 'lungnode.db').resolve()}"
+
+    @property
+    def incoming_dir(self) -> Path:
+        return self.storage_dir / "incoming"
+
+    @property
+    def tls_enabled(self) -> bool:
+        return self.tls_cert is not None
+
+    def peer_by_ae(self, ae_title: str) -> Peer | None:
+        """The first peer with this AE title (AE titles compare without padding)."""
+        wanted = ae_title.strip()
+        return next((p for p in self.peers if p.ae_title == wanted), None)
+
+    def check_safe_to_start(self) -> None:
+        """Refuse unsafe settings. In production, a missing or default secret is fatal."""
+        if self.env == "production":
+            secret = self.secret_key.get_secret_value()
+            if not secret or secret == DEFAULT_SECRET or len(secret) < 16:
+                raise ConfigError(
+                    "LUNGNODE_SECRET_KEY is missing, the default, or shorter than 16 "
+                    "characters; refusing to start in production"
+                )
+
+    def masked(self) -> dict[str, str]:
+        """Every setting as text, secrets masked, for the start-up log."""
+        shown: dict[str, str] = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if isinstance(value, SecretStr):
+                text = "(unset)" if not value.get_secret_value() else "********"
+            elif value is None:
+                text = "(unset)"
+            elif isinstance(value, list):
+                text = ",".join(str(v) for v in value) or "(none)"
+            else:
+                text = str(value)
+            shown[name] = text
+        shown["database_url"] = _mask_url_password(self.effective_database_url)
+        return shown
+
+
+def _mask_url_password(url: str) -> str:
+    return re.sub(r"(://[^:/@]+:)[^@]+@", r"\1********@", url)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build the settings, turning validation errors into one readable :class:`ConfigError`."""
+    try:
+        return Settings(**overrides)
+    except ValueError as exc:  # pydantic.ValidationError is a ValueError
+        raise ConfigError(f"invalid settings: {exc}") from exc

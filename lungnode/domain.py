@@ -1,0 +1,81 @@
+"""Plain data passed between layers.
+
+Nothing here imports pynetdicom, Flask or SQLAlchemy: these dataclasses are
+what ``dicom.decode`` hands to ``ml`` and what ``pipeline`` hands to the
+writers and the database.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+#: The four classes of the original plan, in the demo model's output order.
+CLASS_LABELS: tuple[str, ...] = (
+    "Adenocarcinoma",
+    "Large Cell Carcinoma",
+    "Normal",
+    "Squamous Cell Carcinoma",
+)
+
+
+@dataclass(frozen=True)
+class SliceRef:
+    """Where one 2D slice of a volume came from."""
+
+    sop_instance_uid: str
+    #: 1-based frame number inside a multi-frame instance; None for single-frame.
+    frame_number: int | None = None
+    #: Position along the slice normal, in mm; None when the slice has no geometry.
+    position_mm: float | None = None
+
+
+@dataclass
+class HUVolume:
+    """A CT series (or one image) in Hounsfield units.
+
+    ``hu`` is float32 with shape (slices, rows, columns), sorted along the
+    slice normal (feet to head for an axial series).
+    """
+
+    hu: np.ndarray
+    slices: list[SliceRef]
+    pixel_spacing_mm: tuple[float, float] | None = None
+    slice_spacing_mm: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.hu.ndim != 3:
+            raise ValueError(f"HU volume must be 3D, got shape {self.hu.shape}")
+        if self.hu.shape[0] != len(self.slices):
+            raise ValueError(
+                f"{self.hu.shape[0]} slices of pixels but {len(self.slices)} slice references"
+            )
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What every output records about the model that produced it."""
+
+    name: str
+    version: str
+    sha256: str
+    intended_use: str = ""
+    #: True for the bundled demo model trained on synthetic phantoms.
+    synthetic: bool = False
+
+
+@dataclass
+class AnalysisResult:
+    """The verdict for one series or one image."""
+
+    verdict: str
+    confidence: float
+    class_scores: dict[str, float]
+    slice_scores: np.ndarray
+    key_slices: list[int]
+    key_slice_refs: list[SliceRef]
+    model: ModelIdentity
+    #: One Grad-CAM map per key slice, float32 in [0, 1], at the slice's size.
+    heatmaps: list[np.ndarray] = field(default_factory=list)
+    timings_s: dict[str, float] = field(default_factory=dict)
