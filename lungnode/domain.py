@@ -63,11 +63,18 @@ class ModelIdentity:
     intended_use: str = ""
     #: True for the bundled demo model trained on synthetic phantoms.
     synthetic: bool = False
+    #: What the weights were trained on, in words (for reports).
+    trained_on: str = ""
 
 
 @dataclass
 class AnalysisResult:
-    """The verdict for one series or one image."""
+    """The verdict for one series or one image.
+
+    ``slice_scores`` is float32 (slices, classes) with columns in ``labels``
+    order; ``class_scores`` sums to 1. ``key_slices`` are indices into the
+    analysed volume, most suspicious first, and ``heatmaps`` line up with them.
+    """
 
     verdict: str
     confidence: float
@@ -79,3 +86,45 @@ class AnalysisResult:
     #: One Grad-CAM map per key slice, float32 in [0, 1], at the slice's size.
     heatmaps: list[np.ndarray] = field(default_factory=list)
     timings_s: dict[str, float] = field(default_factory=dict)
+    #: Class labels in the model's output order (the columns of slice_scores).
+    labels: tuple[str, ...] = CLASS_LABELS
+    #: Indices of the slices that passed the lesion threshold of the series rule.
+    lesion_slices: list[int] = field(default_factory=list)
+    #: The aggregation rule and its parameters, as applied (for reports).
+    rule: dict[str, object] = field(default_factory=dict)
+    #: False when the input could not be analysed; the verdict is then empty.
+    analysed: bool = True
+    not_analysed_reason: str | None = None
+
+    @classmethod
+    def not_analysed(cls, reason: str, model: ModelIdentity) -> AnalysisResult:
+        """A result that records why no verdict was produced."""
+        return cls(
+            verdict="",
+            confidence=0.0,
+            class_scores={},
+            slice_scores=np.zeros((0, 0), dtype=np.float32),
+            key_slices=[],
+            key_slice_refs=[],
+            model=model,
+            analysed=False,
+            not_analysed_reason=reason,
+        )
+
+
+@dataclass(frozen=True)
+class InstanceFacts:
+    """What the database and the series assembler need to know about one received instance."""
+
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    modality: str | None
+    series_number: int | None
+    instance_number: int | None
+    number_of_frames: int
+    position: list[float] | None
+    orientation: list[float] | None
+    declared_count: int | None

@@ -1,21 +1,23 @@
-"""The exception hierarchy.
+"""The exception hierarchy: one base class, one subclass per failure kind.
 
 Every error lungnode raises on purpose derives from :class:`LungnodeError`, so
-callers at a boundary (the SCP handler, the API, the CLI) can turn it into a
-DICOM status, a JSON error or an exit code without catching everything.
+a boundary (the SCP handler, the API, the CLI) can turn it into a DICOM status,
+a JSON error or an exit code without catching everything.
 """
+
+from __future__ import annotations
 
 
 class LungnodeError(Exception):
-    """Base class of every deliberate lungnode error."""
+    """Base class of every error lungnode raises on purpose."""
 
 
 class ConfigError(LungnodeError, ValueError):
-    """The settings are invalid or unsafe (for example a default secret in production)."""
+    """The settings are invalid or unsafe; the message says which and why."""
 
 
 class IntakeError(LungnodeError):
-    """A received instance cannot be stored; carries the DICOM status to answer."""
+    """A received instance cannot be accepted; ``status`` is the DIMSE status to answer."""
 
     def __init__(self, status: int, comment: str) -> None:
         super().__init__(comment)
@@ -24,4 +26,4 @@ class IntakeError(LungnodeError):
 
 
 class BundleError(LungnodeError, ValueError):
-    """A model bundle is missing, corrupt or inconsistent with its manifest."""
+    """A model bundle is missing, malformed, untrusted or does not match its manifest."""

@@ -1,0 +1,108 @@
+"""``GET /api/v1/health``: unauthenticated; 200, or 503 naming the failing check."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import socket
+import threading
+from pathlib import Path
+from typing import Any
+
+from flask import Blueprint, jsonify
+from flask.typing import ResponseReturnValue
+from sqlalchemy import text
+
+from lungnode.api import context
+
+health_blueprint = Blueprint("health", __name__)
+
+_hash_cache: dict[tuple[str, float, int], str] = {}
+_hash_lock = threading.Lock()
+
+
+def _check_database() -> dict[str, Any]:
+    with context.engine().connect() as connection:
+        connection.execute(text("SELECT 1"))
+    return {"ok": True}
+
+
+def _check_disk() -> dict[str, Any]:
+    settings = context.settings()
+    settings.storage_dir.mkdir(parents=True, exist_ok=True)
+    free_mb = shutil.disk_usage(settings.storage_dir).free // 2**20
+    ok = free_mb >= settings.min_free_disk_mb
+    return {"ok": ok, "free_mb": free_mb, "reserved_mb": settings.min_free_disk_mb}
+
+
+def _check_scp() -> dict[str, Any]:
+    status = context.node_status()
+    if status is not None:
+        return {"ok": status.scp_listening}
+    settings = context.settings()
+    host = "127.0.0.1" if settings.dicom_host in ("0.0.0.0", "::", "") else settings.dicom_host
+    try:
+        with socket.create_connection((host, settings.dicom_port), timeout=2):
+            return {"ok": True}
+    except OSError as exc:
+        return {"ok": False, "error": f"nothing listens on {host}:{settings.dicom_port}: {exc}"}
+
+
+def _sha256(path: Path) -> str:
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_mtime, stat.st_size)
+    with _hash_lock:
+        cached = _hash_cache.get(key)
+    if cached is not None:
+        return cached
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    with _hash_lock:
+        _hash_cache[key] = digest.hexdigest()
+    return digest.hexdigest()
+
+
+def _check_model() -> dict[str, Any]:
+    """The bundle's manifest is readable and the weights match its hash (no TensorFlow here)."""
+    settings = context.settings()
+    candidate = Path(settings.model)
+    bundle = candidate if candidate.is_dir() else settings.models_dir / settings.model
+    manifest_path = bundle / "manifest.json"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        weights = bundle / manifest["weights"]
+        ok = _sha256(weights) == manifest["sha256"]
+    except (OSError, KeyError, ValueError) as exc:
+        return {"ok": False, "error": f"model bundle {settings.model!r} unusable: {exc}"}
+    result: dict[str, Any] = {
+        "ok": ok,
+        "name": manifest.get("name"),
+        "version": manifest.get("version"),
+    }
+    if not ok:
+        result["error"] = "weights do not match the manifest's sha256"
+    return result
+
+
+CHECKS = {
+    "database": _check_database,
+    "disk": _check_disk,
+    "scp": _check_scp,
+    "model": _check_model,
+}
+
+
+@health_blueprint.get("/health")
+def health() -> ResponseReturnValue:
+    results: dict[str, Any] = {}
+    for name, check in CHECKS.items():
+        try:
+            results[name] = check()
+        except Exception as exc:
+            results[name] = {"ok": False, "error": str(exc)}
+    failing = [name for name, result in results.items() if not result["ok"]]
+    body = {"status": "ok" if not failing else "failing", "failing": failing, "checks": results}
+    return jsonify(body), 200 if not failing else 503

@@ -1,0 +1,194 @@
+"""``lungnode ...`` commands: the only place that wires everything and configures logging."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+
+from lungnode import __version__
+from lungnode.config import Settings, load_settings
+from lungnode.errors import ConfigError, LungnodeError
+
+logger = logging.getLogger("lungnode")
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # pynetdicom logs every PDU at INFO; keep its warnings and errors only.
+    logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+def _log_settings(settings: Settings) -> None:
+    logger.info("lungnode %s, effective settings:", __version__)
+    for name, value in settings.masked().items():
+        logger.info("  %s = %s", name, value)
+
+
+def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
+    from lungnode.pipeline.node import Node
+
+    settings.check_safe_to_start()
+    _log_settings(settings)
+    node = Node(settings)
+    stop = threading.Event()
+
+    def _on_signal(signum: int, _frame: FrameType | None) -> None:
+        logger.info("received %s", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
+    node.start()
+    logger.info("ready: DICOM %s on port %d", settings.ae_title, node.scp.port)
+    try:
+        while not stop.wait(1.0):
+            pass
+    finally:
+        node.stop()
+    return 0
+
+
+def cmd_db_upgrade(settings: Settings, args: argparse.Namespace) -> int:
+    from lungnode.db.migrate import upgrade
+
+    settings.storage_dir.mkdir(parents=True, exist_ok=True)
+    upgrade(settings.effective_database_url, args.revision)
+    print(f"database at revision {args.revision}")
+    return 0
+
+
+def cmd_user_add(settings: Settings, args: argparse.Namespace) -> int:
+    from sqlalchemy import select
+
+    from lungnode.db.migrate import upgrade
+    from lungnode.db.models import Role, User
+    from lungnode.db.repo import NodeRepository
+    from lungnode.db.session import make_engine, make_session_factory
+    from lungnode.passwords import hash_password
+
+    role = Role(args.role)
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\n")
+    else:
+        password = getpass.getpass(f"password for {args.username}: ")
+        if password != getpass.getpass("again: "):
+            print("passwords differ", file=sys.stderr)
+            return 2
+    if len(password) < 8:
+        print("password must have at least 8 characters", file=sys.stderr)
+        return 2
+    settings.storage_dir.mkdir(parents=True, exist_ok=True)
+    upgrade(settings.effective_database_url)
+    engine = make_engine(settings.effective_database_url)
+    sessions = make_session_factory(engine)
+    with sessions.begin() as session:
+        if session.scalar(select(User.id).where(User.username == args.username)) is not None:
+            print(f"user {args.username!r} exists", file=sys.stderr)
+            return 1
+        session.add(
+            User(
+                username=args.username,
+                email=args.email,
+                role=role.value,
+                password_hash=hash_password(password),
+            )
+        )
+    NodeRepository(sessions).audit("cli", "user.add", args.username, {"role": role.value})
+    engine.dispose()
+    print(f"user {args.username!r} added with role {role.value}")
+    return 0
+
+
+def cmd_send(settings: Settings, args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from lungnode.dicom.scu import Destination, Outcome, SendResult, iter_dicom_files, send_files
+
+    destination = Destination.parse(args.to)
+    paths = iter_dicom_files([Path(p) for p in args.paths])
+    if not paths:
+        print("no DICOM files found", file=sys.stderr)
+        return 2
+    failures: list[SendResult] = []
+    with tqdm(total=len(paths), unit="instance", disable=args.quiet) as bar:
+
+        def _on_sent(result: SendResult) -> None:
+            if result.outcome is not Outcome.DELIVERED:
+                failures.append(result)
+            bar.update(1)
+
+        send_files(paths, destination, calling_ae=args.calling_ae, on_sent=_on_sent)
+    for failure in failures[:20]:
+        status = f"0x{failure.status:04X}" if failure.status is not None else "no status"
+        print(f"FAILED {failure.path}: {status} {failure.error or ''}", file=sys.stderr)
+    print(f"sent {len(paths) - len(failures)} of {len(paths)} to {args.to}")
+    return 0 if not failures else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lungnode", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"lungnode {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the DICOM SCP, the API and the workers")
+    serve.set_defaults(func=cmd_serve)
+
+    db = commands.add_parser("db", help="database maintenance")
+    db_commands = db.add_subparsers(dest="db_command", required=True)
+    db_upgrade = db_commands.add_parser("upgrade", help="apply the migrations")
+    db_upgrade.add_argument("revision", nargs="?", default="head")
+    db_upgrade.set_defaults(func=cmd_db_upgrade)
+
+    user = commands.add_parser("user", help="API users")
+    user_commands = user.add_subparsers(dest="user_command", required=True)
+    user_add = user_commands.add_parser("add", help="add a user")
+    user_add.add_argument("username")
+    user_add.add_argument("--role", default="viewer", choices=["admin", "radiologist", "viewer"])
+    user_add.add_argument("--email")
+    user_add.add_argument(
+        "--password-stdin",
+        action="store_true",
+        help="read the password from the first line of standard input",
+    )
+    user_add.set_defaults(func=cmd_user_add)
+
+    send = commands.add_parser("send", help="send DICOM files or folders with C-STORE")
+    send.add_argument("paths", nargs="+", metavar="PATH")
+    send.add_argument("--to", required=True, metavar="AE@HOST:PORT")
+    send.add_argument("--calling-ae", default="LUNGNODE")
+    send.add_argument("--quiet", action="store_true", help="no progress bar")
+    send.set_defaults(func=cmd_send)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        print(f"lungnode: {exc}", file=sys.stderr)
+        return 2
+    _configure_logging(settings.log_level)
+    try:
+        return int(args.func(settings, args))
+    except KeyboardInterrupt:
+        return 130
+    except LungnodeError as exc:
+        logger.error("%s", exc)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,301 @@
+"""Database operations of the node, each one short transaction.
+
+The SCP threads, the completion timer, the workers and the API call these
+concurrently; every function opens its own session. Nothing here knows
+DICOM networking or the completion rules: it stores and returns plain facts.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from lungnode.db.models import (
+    Association,
+    AuditEvent,
+    Instance,
+    Job,
+    JobState,
+    Series,
+    SeriesState,
+)
+from lungnode.domain import InstanceFacts
+
+logger = logging.getLogger(__name__)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class SenderState:
+    ended_at: datetime | None
+    outcome: str | None
+
+
+@dataclass(frozen=True)
+class ReceivingSeries:
+    """A series still receiving, with what the completion rules need."""
+
+    series_id: int
+    series_instance_uid: str
+    declared_count: int | None
+    last_received_at: datetime
+    #: (position, orientation, number_of_frames) per instance.
+    geometry: list[tuple[list[float] | None, list[float] | None, int]]
+    senders: list[SenderState]
+
+
+class NodeRepository:
+    def __init__(self, sessions: sessionmaker[Session]) -> None:
+        self.sessions = sessions
+
+    # -- associations ------------------------------------------------------------
+
+    def association_started(self, calling_ae: str, peer_address: str | None) -> int:
+        with self.sessions.begin() as session:
+            row = Association(calling_ae=calling_ae, peer_address=peer_address)
+            session.add(row)
+            session.flush()
+            return row.id
+
+    def association_ended(self, association_id: int, outcome: str) -> None:
+        with self.sessions.begin() as session:
+            session.execute(
+                update(Association)
+                .where(Association.id == association_id, Association.ended_at.is_(None))
+                .values(ended_at=_now(), outcome=outcome)
+            )
+
+    def close_interrupted_associations(self) -> int:
+        """At start: associations a crash left open are over. Returns how many."""
+        with self.sessions.begin() as session:
+            result = session.execute(
+                update(Association)
+                .where(Association.ended_at.is_(None))
+                .values(ended_at=_now(), outcome="interrupted")
+            )
+            return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+    # -- instances ---------------------------------------------------------------
+
+    def register_instance(
+        self, facts: InstanceFacts, path: Path, size_bytes: int, association_id: int | None
+    ) -> bool:
+        """Record a stored instance. Returns False for a duplicate SOP Instance UID."""
+        for attempt in range(2):
+            try:
+                return self._register_instance(facts, path, size_bytes, association_id)
+            except IntegrityError:
+                # Two associations created the same series at once; the second retries.
+                if attempt:
+                    raise
+        return False  # pragma: no cover
+
+    def _register_instance(
+        self, facts: InstanceFacts, path: Path, size_bytes: int, association_id: int | None
+    ) -> bool:
+        now = _now()
+        with self.sessions.begin() as session:
+            existing = session.scalar(
+                select(Instance.id).where(Instance.sop_instance_uid == facts.sop_instance_uid)
+            )
+            if existing is not None:
+                return False
+            series = session.scalar(
+                select(Series).where(Series.series_instance_uid == facts.series_instance_uid)
+            )
+            calling_ae = None
+            if association_id is not None:
+                calling_ae = session.scalar(
+                    select(Association.calling_ae).where(Association.id == association_id)
+                )
+            if series is None:
+                series = Series(
+                    study_instance_uid=facts.study_instance_uid,
+                    series_instance_uid=facts.series_instance_uid,
+                    modality=facts.modality,
+                    series_number=facts.series_number,
+                    calling_ae=calling_ae,
+                    first_received_at=now,
+                )
+                session.add(series)
+                session.flush()
+            elif series.state == SeriesState.COMPLETE:
+                # Rule 4: a late instance reopens the series; its next completion
+                # queues a new version of the analysis.
+                logger.info("late instance reopens series %s", series.series_instance_uid)
+                series.state = SeriesState.RECEIVING.value
+                series.completed_at = None
+            if facts.declared_count is not None:
+                series.declared_count = facts.declared_count
+            if calling_ae and not series.calling_ae:
+                series.calling_ae = calling_ae
+            series.last_received_at = now
+            session.add(
+                Instance(
+                    series_id=series.id,
+                    association_id=association_id,
+                    sop_instance_uid=facts.sop_instance_uid,
+                    sop_class_uid=facts.sop_class_uid,
+                    transfer_syntax_uid=facts.transfer_syntax_uid,
+                    instance_number=facts.instance_number,
+                    number_of_frames=facts.number_of_frames,
+                    position=facts.position,
+                    orientation=facts.orientation,
+                    path=str(path),
+                    size_bytes=size_bytes,
+                    received_at=now,
+                )
+            )
+            return True
+
+    def known_instance_paths(self) -> set[str]:
+        with self.sessions() as session:
+            return set(session.scalars(select(Instance.path)))
+
+    # -- completion ----------------------------------------------------------------
+
+    def receiving_series(self) -> list[ReceivingSeries]:
+        with self.sessions() as session:
+            rows = session.scalars(
+                select(Series).where(Series.state == SeriesState.RECEIVING.value)
+            ).all()
+            result = []
+            for series in rows:
+                geometry = [
+                    (position, orientation, frames)
+                    for position, orientation, frames in session.execute(
+                        select(
+                            Instance.position, Instance.orientation, Instance.number_of_frames
+                        ).where(Instance.series_id == series.id)
+                    )
+                ]
+                senders = [
+                    SenderState(ended_at, outcome)
+                    for ended_at, outcome in session.execute(
+                        select(Association.ended_at, Association.outcome).where(
+                            Association.id.in_(
+                                select(Instance.association_id)
+                                .where(Instance.series_id == series.id)
+                                .distinct()
+                            )
+                        )
+                    )
+                ]
+                result.append(
+                    ReceivingSeries(
+                        series.id,
+                        series.series_instance_uid,
+                        series.declared_count,
+                        series.last_received_at,
+                        geometry,
+                        senders,
+                    )
+                )
+            return result
+
+    def complete_series(self, series_id: int, rule: str, reason: str) -> int | None:
+        """Mark the series complete and queue the next analysis version, atomically.
+
+        Returns the new job id, or None if the series changed meanwhile.
+        """
+        with self.sessions.begin() as session:
+            series = session.get(Series, series_id)
+            if series is None or series.state != SeriesState.RECEIVING:
+                return None
+            count = session.scalar(
+                select(func.count()).select_from(Instance).where(Instance.series_id == series_id)
+            )
+            version = (
+                session.scalar(select(func.max(Job.version)).where(Job.series_id == series_id)) or 0
+            ) + 1
+            series.state = SeriesState.COMPLETE.value
+            series.completion_rule = rule
+            series.completion_reason = reason
+            series.completed_at = _now()
+            job = Job(series_id=series_id, version=version, instance_count=int(count or 0))
+            session.add(job)
+            session.flush()
+            logger.info(
+                "series %s complete (%s: %s); job %d version %d queued",
+                series.series_instance_uid,
+                rule,
+                reason,
+                job.id,
+                version,
+            )
+            return job.id
+
+    # -- jobs ------------------------------------------------------------------------
+
+    def queued_job_ids(self) -> list[int]:
+        with self.sessions() as session:
+            return list(
+                session.scalars(
+                    select(Job.id).where(Job.state == JobState.QUEUED.value).order_by(Job.id)
+                )
+            )
+
+    def claim_job(self, job_id: int) -> bool:
+        """queued -> running, for exactly one worker."""
+        with self.sessions.begin() as session:
+            result = session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.state == JobState.QUEUED.value)
+                .values(state=JobState.RUNNING.value, started_at=_now(), attempts=Job.attempts + 1)
+            )
+            return bool(result.rowcount)  # type: ignore[attr-defined]
+
+    def finish_job(
+        self,
+        job_id: int,
+        state: JobState,
+        reason: str | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> None:
+        with self.sessions.begin() as session:
+            job = session.get(Job, job_id)
+            if job is None:
+                return
+            job.state = state.value
+            job.reason = reason
+            job.finished_at = _now()
+            if details is not None:
+                job.details = details
+
+    def requeue_interrupted_jobs(self) -> list[int]:
+        """At start: a job left running by a crash is queued again."""
+        with self.sessions.begin() as session:
+            ids = list(session.scalars(select(Job.id).where(Job.state == JobState.RUNNING.value)))
+            if ids:
+                session.execute(
+                    update(Job).where(Job.id.in_(ids)).values(state=JobState.QUEUED.value)
+                )
+            return ids
+
+    # -- audit -----------------------------------------------------------------------
+
+    def audit(
+        self,
+        actor: str,
+        action: str,
+        target: str | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> None:
+        with self.sessions.begin() as session:
+            session.add(AuditEvent(actor=actor, action=action, target=target, details=details))
+
+
+def series_instance_paths(sessions: sessionmaker[Session], series_id: int) -> Sequence[str]:
+    with sessions() as session:
+        return list(session.scalars(select(Instance.path).where(Instance.series_id == series_id)))

@@ -1,0 +1,276 @@
+"""Durable instance write and registration.
+
+The SCP hands every received C-STORE data set here. :meth:`Intake.store`
+validates it, writes it atomically (temporary file, fsync, rename, fsync of the
+directory) under ``incoming/<StudyUID>/<SeriesUID>/<SOPUID>.dcm`` and records
+the instance row. Only when both are durable does it return, and only then does
+the SCP answer 0x0000. Anything else becomes an :class:`~lungnode.errors.IntakeError`
+carrying the DICOM status to answer (PS3.4 Table B.2-1 and GG.4-1).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
+from io import BytesIO
+from pathlib import Path
+
+from pydicom import Dataset, dcmread
+from pydicom.encaps import generate_fragments
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID
+
+from lungnode.domain import InstanceFacts
+from lungnode.errors import IntakeError
+
+logger = logging.getLogger(__name__)
+
+# PS3.4 Table B.2-1, C-STORE status codes.
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+STATUS_CANNOT_UNDERSTAND = 0xC000
+#: Failure codes in the 0xCxxx range ("cannot understand") that say which check failed.
+STATUS_MISSING_ATTRIBUTE = 0xC001
+STATUS_INVALID_UID = 0xC002
+STATUS_PIXEL_DATA_INVALID = 0xC003
+
+#: The SOP classes this node stores (PS3.4 B.5): CT Image and Enhanced CT Image.
+CT_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.2")
+ENHANCED_CT_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.2.1")
+ACCEPTED_SOP_CLASSES = (CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE)
+
+# PS3.5 9.1: digits and dots, no empty component, at most 64 characters. Being
+# strict here is what makes a UID safe to use as a path component.
+_UID_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_REQUIRED = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+
+
+def is_valid_uid(value: object) -> bool:
+    return isinstance(value, str) and len(value) <= 64 and bool(_UID_PATTERN.match(value))
+
+
+def parse_instance(encoded: bytes) -> tuple[Dataset, InstanceFacts]:
+    """Parse and check a received data set (with file meta); raise IntakeError if unusable."""
+    try:
+        dataset = dcmread(BytesIO(encoded), force=False)
+        # Touch every element so a truncated or garbled stream fails here, not later.
+        for _element in dataset.iterall():
+            pass
+    except (InvalidDicomError, EOFError, ValueError, TypeError, KeyError, OSError) as exc:
+        raise IntakeError(STATUS_CANNOT_UNDERSTAND, f"cannot parse data set: {exc}") from exc
+    except Exception as exc:  # a malformed stream can fail anywhere inside the parser
+        raise IntakeError(STATUS_CANNOT_UNDERSTAND, f"cannot parse data set: {exc!r}") from exc
+
+    missing = [kw for kw in _REQUIRED if not dataset.get(kw)]
+    if missing:
+        raise IntakeError(STATUS_MISSING_ATTRIBUTE, f"missing required attributes: {missing}")
+    for keyword in _REQUIRED:
+        if not is_valid_uid(str(dataset[keyword].value)):
+            raise IntakeError(STATUS_INVALID_UID, f"{keyword} is not a valid UID")
+    transfer_syntax = UID(str(dataset.file_meta.get("TransferSyntaxUID", "")))
+    _check_pixel_data(dataset, transfer_syntax)
+    facts = InstanceFacts(
+        study_instance_uid=str(dataset.StudyInstanceUID),
+        series_instance_uid=str(dataset.SeriesInstanceUID),
+        sop_instance_uid=str(dataset.SOPInstanceUID),
+        sop_class_uid=str(dataset.SOPClassUID),
+        transfer_syntax_uid=str(transfer_syntax),
+        modality=_text(dataset, "Modality"),
+        series_number=_integer(dataset, "SeriesNumber"),
+        instance_number=_integer(dataset, "InstanceNumber"),
+        number_of_frames=_integer(dataset, "NumberOfFrames") or 1,
+        position=_floats(dataset, "ImagePositionPatient", 3),
+        orientation=_floats(dataset, "ImageOrientationPatient", 6),
+        declared_count=_integer(dataset, "ImagesInAcquisition"),
+    )
+    return dataset, facts
+
+
+def _check_pixel_data(dataset: Dataset, transfer_syntax: UID) -> None:
+    """An image without complete pixel data cannot be analysed: refuse it now (PS3.5 8.2)."""
+    if "PixelData" not in dataset:
+        raise IntakeError(STATUS_MISSING_ATTRIBUTE, "missing required attributes: ['PixelData']")
+    for keyword in ("Rows", "Columns", "BitsAllocated"):
+        if dataset.get(keyword) in (None, ""):
+            raise IntakeError(
+                STATUS_MISSING_ATTRIBUTE, f"missing required attributes: [{keyword!r}]"
+            )
+    pixel_data = dataset.PixelData
+    if transfer_syntax.is_encapsulated:
+        try:
+            fragments = sum(
+                1 for _ in generate_fragments(pixel_data[8 + _bot_length(pixel_data) :])
+            )
+        except Exception as exc:
+            raise IntakeError(STATUS_PIXEL_DATA_INVALID, f"encapsulated pixel data: {exc}") from exc
+        if fragments == 0:
+            raise IntakeError(STATUS_PIXEL_DATA_INVALID, "encapsulated pixel data has no fragment")
+        return
+    frames = _integer(dataset, "NumberOfFrames") or 1
+    samples = _integer(dataset, "SamplesPerPixel") or 1
+    expected_bits = int(dataset.Rows) * int(dataset.Columns) * samples * frames
+    expected = expected_bits * int(dataset.BitsAllocated) // 8
+    if len(pixel_data) < expected:
+        raise IntakeError(
+            STATUS_PIXEL_DATA_INVALID,
+            f"pixel data is {len(pixel_data)} bytes, expected {expected}: truncated",
+        )
+
+
+def _bot_length(pixel_data: bytes) -> int:
+    """Length of the Basic Offset Table item that starts encapsulated pixel data (PS3.5 A.4)."""
+    if len(pixel_data) < 8 or pixel_data[:4] != b"\xfe\xff\x00\xe0":
+        raise ValueError("encapsulated pixel data does not start with an item tag")
+    return int.from_bytes(pixel_data[4:8], "little")
+
+
+def _text(dataset: Dataset, keyword: str) -> str | None:
+    value = dataset.get(keyword)
+    return str(value) if value not in (None, "") else None
+
+
+def _integer(dataset: Dataset, keyword: str) -> int | None:
+    value = dataset.get(keyword)
+    try:
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _floats(dataset: Dataset, keyword: str, count: int) -> list[float] | None:
+    value = dataset.get(keyword)
+    try:
+        numbers = [float(v) for v in value] if value is not None else []
+    except (TypeError, ValueError):
+        return None
+    return numbers if len(numbers) == count else None
+
+
+def instance_path(root: Path, facts: InstanceFacts) -> Path:
+    """``<root>/<StudyUID>/<SeriesUID>/<SOPUID>.dcm``; the UIDs were validated in parsing."""
+    return (
+        root
+        / facts.study_instance_uid
+        / facts.series_instance_uid
+        / f"{facts.sop_instance_uid}.dcm"
+    )
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _make_directories(directory: Path) -> None:
+    """Create the directory and make each new entry durable in its parent."""
+    missing: list[Path] = []
+    current = directory
+    while not current.exists():
+        missing.append(current)
+        current = current.parent
+    for path in reversed(missing):
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        _fsync_directory(path.parent)
+
+
+def write_atomically(path: Path, payload: bytes) -> None:
+    """Write ``payload`` so that ``path`` is either absent or complete, even after a crash."""
+    _make_directories(path.parent)
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as stream:
+            stream.write(payload)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    _fsync_directory(path.parent)
+
+
+#: Records a stored instance; returns True when it was new. Raises on database failure.
+Registrar = Callable[[InstanceFacts, Path, int, "int | None"], bool]
+
+
+class Intake:
+    """Validate, store durably, register. Thread-safe: one call per received instance."""
+
+    def __init__(self, incoming_dir: Path, register: Registrar, min_free_bytes: int = 0) -> None:
+        self.incoming_dir = incoming_dir
+        self.register = register
+        self.min_free_bytes = min_free_bytes
+
+    def store(self, encoded: bytes, association_id: int | None = None) -> InstanceFacts:
+        """Store one data set (preamble, file meta and data set bytes); raise IntakeError."""
+        _dataset, facts = parse_instance(encoded)
+        if facts.sop_class_uid not in ACCEPTED_SOP_CLASSES:
+            raise IntakeError(
+                STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                f"SOP Class {facts.sop_class_uid} is not CT Image or Enhanced CT Image Storage",
+            )
+        path = instance_path(self.incoming_dir, facts)
+        self._check_free_space(len(encoded))
+        try:
+            write_atomically(path, encoded)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise IntakeError(STATUS_OUT_OF_RESOURCES, "storage is full") from exc
+            raise IntakeError(STATUS_OUT_OF_RESOURCES, f"cannot write instance: {exc}") from exc
+        try:
+            self.register(facts, path, len(encoded), association_id)
+        except Exception as exc:
+            # The file stays: a resend or the start-up reconciliation registers it.
+            logger.exception("cannot record instance %s", facts.sop_instance_uid)
+            raise IntakeError(STATUS_OUT_OF_RESOURCES, "cannot record instance") from exc
+        return facts
+
+    def _check_free_space(self, size: int) -> None:
+        if self.min_free_bytes <= 0:
+            return
+        self.incoming_dir.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(self.incoming_dir).free
+        if free - size < self.min_free_bytes:
+            raise IntakeError(
+                STATUS_OUT_OF_RESOURCES,
+                f"storage is nearly full: {free // 2**20} MiB free, "
+                f"{self.min_free_bytes // 2**20} MiB reserved",
+            )
+
+
+def reconcile(incoming_dir: Path, known_paths: set[str], register: Registrar) -> tuple[int, int]:
+    """Register stored files the database does not know, e.g. after a crash between the
+    file's rename and its row's commit. Returns (registered, unreadable).
+
+    Leftover temporary files (``.*.part``) were never acknowledged: they are removed.
+    """
+    registered = unreadable = 0
+    if not incoming_dir.is_dir():
+        return registered, unreadable
+    for leftover in incoming_dir.glob("*/*/.*.part"):
+        leftover.unlink(missing_ok=True)
+    for path in sorted(incoming_dir.glob("*/*/*.dcm")):
+        if str(path) in known_paths:
+            continue
+        try:
+            _dataset, facts = parse_instance(path.read_bytes())
+            if path != instance_path(incoming_dir, facts):
+                raise IntakeError(STATUS_CANNOT_UNDERSTAND, "file is not where its UIDs say")
+            register(facts, path, path.stat().st_size, None)
+            registered += 1
+        except (IntakeError, OSError) as exc:
+            logger.warning("cannot reconcile stored file %s: %s", path.name, exc)
+            unreadable += 1
+    return registered, unreadable

@@ -1,0 +1,141 @@
+"""Sending instances to a remote AE (C-STORE SCU), with each status classified.
+
+Outcomes follow PS3.4 Table B.2-1: success (0x0000) and warnings (0xB000,
+0xB007, 0xB006) are delivered; 0xA7xx is out of resources, worth retrying
+later; 0xA9xx and 0xCxxx are final failures; no association, a timeout or an
+abort are transient.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom import dcmread
+from pynetdicom import AE, build_context
+from pynetdicom.presentation import PresentationContext
+
+logger = logging.getLogger(__name__)
+
+
+class Outcome(enum.StrEnum):
+    DELIVERED = "delivered"
+    RETRY = "retry"  # transient: no association, timeout, abort, 0xA7xx
+    FINAL = "final"  # 0xA9xx, 0xCxxx and other failures: dead-letter
+
+
+def classify_status(status: int | None) -> Outcome:
+    """Map a C-STORE response status (None: no response) to what to do next."""
+    if status is None:
+        return Outcome.RETRY
+    if status == 0x0000 or status in (0xB000, 0xB006, 0xB007) or (status & 0xF000) == 0xB000:
+        return Outcome.DELIVERED
+    if (status & 0xFF00) == 0xA700:
+        return Outcome.RETRY
+    return Outcome.FINAL
+
+
+@dataclass(frozen=True)
+class Destination:
+    ae_title: str
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> Destination:
+        """``AE@HOST:PORT``."""
+        try:
+            ae_title, address = text.split("@", 1)
+            host, port = address.rsplit(":", 1)
+            return cls(ae_title, host, int(port))
+        except ValueError as exc:
+            raise ValueError(f"invalid destination {text!r}: expected AE@HOST:PORT") from exc
+
+
+@dataclass(frozen=True)
+class SendResult:
+    path: Path
+    status: int | None
+    outcome: Outcome
+    error: str | None = None
+
+
+def _contexts_for(paths: Sequence[Path]) -> list[PresentationContext]:
+    """One context per (SOP class, transfer syntax) present, plus uncompressed fallbacks."""
+    pairs: dict[str, set[str]] = {}
+    for path in paths:
+        meta = dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
+        syntax = str(meta.file_meta.TransferSyntaxUID)
+        pairs.setdefault(str(meta.SOPClassUID), set()).add(syntax)
+    contexts = []
+    for sop_class, syntaxes in sorted(pairs.items()):
+        for syntax in sorted(syntaxes):
+            contexts.append(build_context(sop_class, [syntax]))
+    if len(contexts) > 128:  # PS3.8 9.3.2.2: at most 128 presentation contexts
+        raise ValueError("too many SOP class / transfer syntax combinations for one association")
+    return contexts
+
+
+def send_files(
+    paths: Sequence[Path],
+    destination: Destination,
+    calling_ae: str = "LUNGNODE",
+    on_sent: Callable[[SendResult], None] | None = None,
+    timeout: float = 60.0,
+) -> list[SendResult]:
+    """Send the files over one association, proposing only the contexts they need."""
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    ae.requested_contexts = _contexts_for(paths)
+    results: list[SendResult] = []
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    if not assoc.is_established:
+        reason = "association rejected" if assoc.is_rejected else "no association"
+        for path in paths:
+            result = SendResult(path, None, Outcome.RETRY, reason)
+            results.append(result)
+            if on_sent:
+                on_sent(result)
+        return results
+    try:
+        for path in paths:
+            result = _send_one(assoc, path)
+            results.append(result)
+            if on_sent:
+                on_sent(result)
+            if not assoc.is_established:
+                break
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    for path in paths[len(results) :]:
+        result = SendResult(path, None, Outcome.RETRY, "association lost")
+        results.append(result)
+        if on_sent:
+            on_sent(result)
+    return results
+
+
+def _send_one(assoc: object, path: Path) -> SendResult:
+    status_ds = assoc.send_c_store(path)  # type: ignore[attr-defined]
+    if status_ds is None or "Status" not in status_ds:
+        return SendResult(path, None, Outcome.RETRY, "no response (timeout or abort)")
+    status = int(status_ds.Status)
+    comment = str(status_ds.get("ErrorComment", "")) or None
+    return SendResult(path, status, classify_status(status), comment)
+
+
+def iter_dicom_files(inputs: Iterable[Path]) -> list[Path]:
+    """Expand directories into the DICOM files below them (by content, not by name)."""
+    found: list[Path] = []
+    for item in inputs:
+        candidates = sorted(p for p in item.rglob("*") if p.is_file()) if item.is_dir() else [item]
+        for candidate in candidates:
+            with candidate.open("rb") as stream:
+                header = stream.read(132)
+            if len(header) == 132 and header[128:] == b"DICM":
+                found.append(candidate)
+    return found

@@ -1,0 +1,104 @@
+"""The completion timer: applies the series rules and queues jobs (embedded mode).
+
+State lives in the database, so a restart re-derives everything: a series still
+``receiving`` after a crash is judged again on the next tick.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from lungnode.db.repo import NodeRepository, ReceivingSeries
+from lungnode.series.assembler import (
+    CompletionRules,
+    Decision,
+    InstanceGeometry,
+    SeriesSnapshot,
+    decide,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def snapshot_of(series: ReceivingSeries) -> SeriesSnapshot:
+    """Turn database facts into the assembler's input, in seconds since the epoch."""
+    instances = [
+        InstanceGeometry(
+            tuple(position) if position and len(position) == 3 else None,  # type: ignore[arg-type]
+            tuple(orientation) if orientation and len(orientation) == 6 else None,  # type: ignore[arg-type]
+            frames,
+        )
+        for position, orientation, frames in series.geometry
+    ]
+    ended = [s.ended_at for s in series.senders if s.ended_at is not None]
+    return SeriesSnapshot(
+        instances=instances,
+        declared_count=series.declared_count,
+        last_received_at=series.last_received_at.timestamp(),
+        senders_open=any(s.ended_at is None for s in series.senders),
+        senders_released=bool(series.senders)
+        and all(s.outcome == "released" for s in series.senders),
+        last_sender_ended_at=max(ended).timestamp() if ended else None,
+    )
+
+
+class CompletionWatcher:
+    """Checks receiving series every tick, or at once when woken."""
+
+    def __init__(
+        self,
+        repo: NodeRepository,
+        rules: CompletionRules,
+        on_job_queued: Callable[[int], None],
+        interval: float = 0.5,
+    ) -> None:
+        self.repo = repo
+        self.rules = rules
+        self.on_job_queued = on_job_queued
+        self.interval = interval
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.last_decisions: dict[str, Decision] = {}
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="series-completion", daemon=True)
+        self._thread.start()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.check_once()
+            except Exception:
+                logger.exception("series completion check failed; retrying")
+            self._wake.wait(self.interval)
+            self._wake.clear()
+
+    def check_once(self, now: float | None = None) -> list[int]:
+        """One pass over the receiving series; returns the ids of queued jobs."""
+        queued = []
+        moment = datetime.now(UTC).timestamp() if now is None else now
+        decisions: dict[str, Decision] = {}
+        for series in self.repo.receiving_series():
+            decision = decide(snapshot_of(series), moment, self.rules)
+            decisions[series.series_instance_uid] = decision
+            if not decision.complete or decision.rule is None:
+                continue
+            job_id = self.repo.complete_series(series.series_id, decision.rule, decision.reason)
+            if job_id is not None:
+                queued.append(job_id)
+                self.on_job_queued(job_id)
+        self.last_decisions = decisions
+        return queued

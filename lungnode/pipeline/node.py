@@ -1,0 +1,131 @@
+"""The embedded node: SCP, completion timer, job workers and API in one process.
+
+``lungnode serve`` builds one :class:`Node`; tests build one on free ports.
+Start-up order makes a restart safe: migrate, close associations a crash left
+open, register files stored but not recorded, re-queue interrupted jobs, and
+only then listen.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+
+from werkzeug.serving import BaseWSGIServer, make_server
+
+from lungnode.api import create_app
+from lungnode.config import Settings
+from lungnode.db.migrate import upgrade
+from lungnode.db.repo import NodeRepository
+from lungnode.db.session import make_engine, make_session_factory
+from lungnode.dicom.intake import Intake, reconcile
+from lungnode.dicom.scp import SCPConfig, StorageSCP
+from lungnode.pipeline.completion import CompletionWatcher
+from lungnode.pipeline.jobs import JobHandler, LocalJobQueue
+from lungnode.series.assembler import CompletionRules
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Status:
+    node: Node
+
+    @property
+    def scp_listening(self) -> bool:
+        return self.node.scp.listening
+
+
+class Node:
+    def __init__(
+        self,
+        settings: Settings,
+        job_handler: JobHandler | None = None,
+        *,
+        serve_http: bool = True,
+    ) -> None:
+        self.settings = settings
+        self.engine = make_engine(settings.effective_database_url)
+        self.sessions = make_session_factory(self.engine)
+        self.repo = NodeRepository(self.sessions)
+        self.intake = Intake(
+            settings.incoming_dir,
+            self.repo.register_instance,
+            min_free_bytes=settings.min_free_disk_mb * 2**20,
+        )
+        self.jobs = LocalJobQueue(self.repo, job_handler, settings.workers)
+        self.watcher = CompletionWatcher(
+            self.repo,
+            CompletionRules(
+                quiet_seconds=settings.series_quiet_seconds,
+                grace_seconds=settings.series_grace_seconds,
+                spacing_tolerance=settings.series_spacing_tolerance,
+            ),
+            on_job_queued=self.jobs.submit,
+            interval=settings.series_check_interval,
+        )
+        allowed = None if settings.allow_unknown_callers else [p.ae_title for p in settings.peers]
+        self.scp = StorageSCP(
+            SCPConfig(
+                ae_title=settings.ae_title,
+                host=settings.dicom_host,
+                port=settings.dicom_port,
+                allowed_callers=allowed,
+                max_associations=settings.max_associations,
+                max_pdu_size=settings.max_pdu_size,
+                network_timeout=settings.network_timeout,
+                tls_cert=settings.tls_cert,
+                tls_key=settings.tls_key,
+                tls_ca=settings.tls_ca,
+            ),
+            self.intake,
+            self.repo,
+            on_association_ended=self.watcher.wake,
+        )
+        self.serve_http = serve_http
+        self._http: BaseWSGIServer | None = None
+        self._http_thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        settings = self.settings
+        settings.storage_dir.mkdir(parents=True, exist_ok=True)
+        settings.incoming_dir.mkdir(parents=True, exist_ok=True)
+        upgrade(settings.effective_database_url)
+        closed = self.repo.close_interrupted_associations()
+        if closed:
+            logger.info("closed %d association(s) interrupted by a stop", closed)
+        registered, unreadable = reconcile(
+            settings.incoming_dir, self.repo.known_instance_paths(), self.repo.register_instance
+        )
+        if registered or unreadable:
+            logger.info(
+                "reconciled storage: %d file(s) registered, %d unreadable", registered, unreadable
+            )
+        self.jobs.start()
+        self.watcher.start()
+        self.scp.start()
+        if self.serve_http:
+            app = create_app(settings, node_status=_Status(self))
+            self._http = make_server(settings.http_host, settings.http_port, app, threaded=True)
+            self._http_thread = threading.Thread(
+                target=self._http.serve_forever, name="http", daemon=True
+            )
+            self._http_thread.start()
+            logger.info("API listening on http://%s:%d/api/v1", settings.http_host, self.http_port)
+
+    @property
+    def http_port(self) -> int:
+        return int(self._http.server_port) if self._http else self.settings.http_port
+
+    def stop(self) -> None:
+        """Stop listening first, then let the timer and workers finish."""
+        logger.info("stopping")
+        self.scp.stop()
+        if self._http is not None:
+            self._http.shutdown()
+            self._http = None
+        self.watcher.stop()
+        self.jobs.stop()
+        self.engine.dispose()
+        logger.info("stopped")

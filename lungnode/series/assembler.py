@@ -1,0 +1,169 @@
+"""When is a series complete? Pure rules over instance metadata.
+
+DICOM has no "end of series" message, so every node guesses. lungnode decides
+in this order (see DESIGN.md, Series completeness):
+
+1. ``declared_count``: complete now, when the instance count equals a declared
+   total (ImagesInAcquisition, PS3.3 C.7.6.1) and the slice positions form one
+   evenly spaced stack with no gap.
+2. ``association_released``: complete after a short grace, when every
+   association that sent instances of the series has been released (not
+   aborted) and the stack is even.
+3. ``quiet_timer``: complete after the quiet timer otherwise, whatever the stack.
+
+Rule 4, a late instance after analysis started, is the caller's business: it
+puts the series back to receiving, and the next completion queues a new
+version of the analysis.
+
+Geometry follows PS3.3 C.7.6.2.1.1: the slice normal is the cross product of
+the row and column direction cosines of ImageOrientationPatient, and a slice's
+place in the stack is ImagePositionPatient projected onto that normal.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+RULE_DECLARED_COUNT = "declared_count"
+RULE_ASSOCIATION_RELEASED = "association_released"
+RULE_QUIET_TIMER = "quiet_timer"
+
+_ORIENTATION_TOLERANCE = 1e-3
+_MIN_SPACING_MM = 1e-3
+
+
+@dataclass(frozen=True)
+class InstanceGeometry:
+    position: tuple[float, float, float] | None
+    orientation: tuple[float, float, float, float, float, float] | None
+    number_of_frames: int = 1
+
+
+@dataclass(frozen=True)
+class StackCheck:
+    even: bool
+    reason: str
+    spacing_mm: float | None = None
+
+
+@dataclass(frozen=True)
+class CompletionRules:
+    quiet_seconds: float = 15.0
+    grace_seconds: float = 2.0
+    #: Largest relative deviation of a slice step from the median step.
+    spacing_tolerance: float = 0.1
+
+
+@dataclass(frozen=True)
+class SeriesSnapshot:
+    """What is known of a receiving series at one moment (times in seconds, one clock)."""
+
+    instances: Sequence[InstanceGeometry]
+    declared_count: int | None
+    last_received_at: float
+    #: True while an association that sent instances of this series is still open.
+    senders_open: bool
+    #: True when every association that sent instances ended by a release.
+    senders_released: bool
+    #: When the last of those associations ended; None if none has.
+    last_sender_ended_at: float | None
+
+
+@dataclass(frozen=True)
+class Decision:
+    complete: bool
+    rule: str | None
+    reason: str
+    #: Seconds until the decision could change with no new input; None if complete.
+    recheck_in: float | None = None
+
+
+def _normal(orientation: Sequence[float]) -> tuple[float, float, float]:
+    rx, ry, rz, cx, cy, cz = orientation
+    return (ry * cz - rz * cy, rz * cx - rx * cz, rx * cy - ry * cx)
+
+
+def check_stack(instances: Sequence[InstanceGeometry], tolerance: float = 0.1) -> StackCheck:
+    """Do the instances form one evenly spaced stack of parallel slices with no gap?"""
+    if not instances:
+        return StackCheck(False, "no instances")
+    if len(instances) == 1:
+        only = instances[0]
+        if only.number_of_frames > 1:
+            return StackCheck(True, "one multi-frame instance")
+        return StackCheck(True, "one slice")
+    if any(i.number_of_frames > 1 for i in instances):
+        return StackCheck(False, "several multi-frame instances: frame geometry not checked")
+    if any(i.position is None or i.orientation is None for i in instances):
+        return StackCheck(False, "an instance has no position or orientation")
+    first = instances[0].orientation
+    assert first is not None
+    for instance in instances:
+        assert instance.orientation is not None
+        if any(
+            abs(a - b) > _ORIENTATION_TOLERANCE
+            for a, b in zip(instance.orientation, first, strict=True)
+        ):
+            return StackCheck(False, "instances differ in orientation")
+    normal = _normal(first)
+    if not math.isclose(math.hypot(*normal), 1.0, abs_tol=0.01):
+        return StackCheck(False, "orientation cosines are not orthonormal")
+    distances = sorted(
+        float(np.dot(instance.position, normal))  # type: ignore[arg-type]
+        for instance in instances
+    )
+    steps = [b - a for a, b in zip(distances[:-1], distances[1:], strict=True)]
+    if min(steps) < _MIN_SPACING_MM:
+        return StackCheck(False, "two instances share one position")
+    spacing = sorted(steps)[len(steps) // 2]
+    for index, step in enumerate(steps):
+        if step > spacing * (1 + tolerance):
+            return StackCheck(
+                False,
+                f"gap of {step:.2f} mm after slice {index + 1} (spacing {spacing:.2f} mm)",
+                spacing,
+            )
+        if step < spacing * (1 - tolerance):
+            return StackCheck(False, f"uneven spacing: {step:.2f} mm vs {spacing:.2f} mm", spacing)
+    return StackCheck(True, f"{len(instances)} slices, {spacing:.2f} mm apart", spacing)
+
+
+def decide(snapshot: SeriesSnapshot, now: float, rules: CompletionRules) -> Decision:
+    """Apply the completion rules in order; the first that holds wins."""
+    stack = check_stack(snapshot.instances, rules.spacing_tolerance)
+    count = len(snapshot.instances)
+    declared = snapshot.declared_count
+    if declared is not None and declared > 0 and count == declared and stack.even:
+        return Decision(
+            True, RULE_DECLARED_COUNT, f"{count} of {declared} declared; {stack.reason}"
+        )
+
+    waits: list[float] = []
+    if (
+        not snapshot.senders_open
+        and snapshot.senders_released
+        and snapshot.last_sender_ended_at is not None
+        and stack.even
+    ):
+        waited = now - snapshot.last_sender_ended_at
+        if waited >= rules.grace_seconds:
+            return Decision(
+                True,
+                RULE_ASSOCIATION_RELEASED,
+                f"sender released {waited:.1f} s ago; {stack.reason}",
+            )
+        waits.append(rules.grace_seconds - waited)
+
+    quiet = now - snapshot.last_received_at
+    if quiet >= rules.quiet_seconds:
+        return Decision(True, RULE_QUIET_TIMER, f"no instance for {quiet:.1f} s; {stack.reason}")
+    waits.append(rules.quiet_seconds - quiet)
+
+    waiting_for = "declared count" if declared else "sender release or quiet timer"
+    return Decision(
+        False, None, f"waiting for {waiting_for}: {count} instances; {stack.reason}", min(waits)
+    )
