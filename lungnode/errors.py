@@ -27,3 +27,7 @@ class IntakeError(LungnodeError):
 
 class BundleError(LungnodeError, ValueError):
     """A model bundle is missing, malformed, untrusted or does not match its manifest."""
+
+
+class DecodeError(LungnodeError, ValueError):
+    """Pixel data cannot be read or turned into HU; the message says which file and why."""

@@ -1,0 +1,47 @@
+# lungnode: `make run` and `make test` do all the set-up on a fresh machine.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# Debian packages the test suite uses as real peers and validators.
+SYSTEM_PACKAGES := dcmtk dicom3tools orthanc
+SYSTEM_TOOLS    := storescu echoscu dcmcjpeg dciodvfy Orthanc
+
+.PHONY: install run test lint system-deps clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+	$(BIN)/lungnode db upgrade
+
+run: install
+	$(BIN)/lungnode serve
+
+# Installs DCMTK, dicom3tools and Orthanc with apt-get when running as root and
+# one of their tools is missing; otherwise says what is missing and goes on
+# (under CI=true the tests that need a missing tool then fail).
+system-deps:
+	@missing=""; for tool in $(SYSTEM_TOOLS); do command -v $$tool >/dev/null 2>&1 || missing="$$missing $$tool"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing $(SYSTEM_PACKAGES) (missing:$$missing)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES) >/dev/null; \
+	  else \
+	    echo "warning: missing$$missing; install the Debian packages $(SYSTEM_PACKAGES)"; \
+	  fi; \
+	fi
+
+test: $(STAMP) system-deps
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check lungnode tests scripts
+	$(BIN)/ruff format --check lungnode tests scripts
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

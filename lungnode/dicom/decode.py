@@ -1,0 +1,372 @@
+"""Pixel data of any accepted transfer syntax -> Hounsfield units.
+
+The model needs HU, not stored values, and a series arrives in whatever order
+and encoding the sender chose. This module reads the geometry of every frame
+first (headers only), sorts the frames along the slice normal, and only then
+decodes pixels into one preallocated float32 volume, so a series never exists
+twice in memory.
+
+Decoding itself is pydicom's, with its pylibjpeg, pyjpegls and openjpeg
+plugins; what is added here is the CT-specific part: the Modality LUT
+(PS3.3 C.11.1), pixel padding (C.7.5.1.1.2), the functional groups of
+multi-frame images (C.7.6.16) and slice order (C.7.6.2.1.1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels.utils import iter_pixels, pixel_array
+
+from lungnode.domain import HUVolume, SliceRef
+from lungnode.errors import DecodeError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["PADDING_HU", "DecodeError", "iter_hu_batches", "load_image", "load_series"]
+
+#: HU written where Pixel Padding Value marks a pixel as outside the image
+#: (PS3.3 C.7.5.1.1.2): air, so padding looks like what surrounds the patient.
+PADDING_HU = -1024.0
+
+#: Orientation vectors closer than this are taken as the same plane.
+_ORIENTATION_TOLERANCE = 1e-3
+
+
+@dataclass(frozen=True)
+class _Frame:
+    """Everything needed to place and rescale one frame, read from headers only."""
+
+    path: Path
+    #: 0-based frame index in a multi-frame instance; None for single-frame.
+    frame_index: int | None
+    sop_instance_uid: str
+    instance_number: int | None
+    shape: tuple[int, int]
+    position: tuple[float, float, float] | None
+    orientation: tuple[float, ...] | None
+    pixel_spacing: tuple[float, float] | None
+    slope: float | None
+    intercept: float | None
+    padding: tuple[int, int] | None
+    #: Position along the slice normal in mm, set once the series is sorted.
+    position_mm: float | None = None
+
+
+def load_series(paths: Sequence[Path]) -> HUVolume:
+    """Decode a series into one HU volume, sorted along the slice normal.
+
+    Accepts single-frame and multi-frame instances (or a mix); each frame
+    becomes one slice.
+
+    Raises:
+        DecodeError: no input, an unreadable file, unsupported pixel data, or
+            frames of different sizes.
+    """
+    frames = _sorted_frames(paths)
+    rows, columns = frames[0].shape
+    volume = np.empty((len(frames), rows, columns), dtype=np.float32)
+    by_path: dict[Path, list[tuple[int, _Frame]]] = {}
+    for out_index, frame in enumerate(frames):
+        by_path.setdefault(frame.path, []).append((out_index, frame))
+    for path, placed in by_path.items():
+        ds = _read(path, pixels=True)
+        if placed[0][1].frame_index is None:
+            out_index, frame = placed[0]
+            _to_hu(_decode(ds, path, None), frame, volume[out_index])
+            continue
+        wanted = {frame.frame_index: (out_index, frame) for out_index, frame in placed}
+        try:
+            for frame_index, stored in enumerate(iter_pixels(ds)):
+                if frame_index in wanted:
+                    out_index, frame = wanted[frame_index]
+                    _to_hu(stored, frame, volume[out_index])
+        except Exception as exc:  # any codec failure is this file's fault
+            raise DecodeError(f"{path.name}: cannot decode pixel data: {exc}") from exc
+    return HUVolume(
+        hu=volume,
+        slices=[_slice_ref(f) for f in frames],
+        pixel_spacing_mm=frames[0].pixel_spacing,
+        slice_spacing_mm=_slice_spacing(frames),
+    )
+
+
+def load_image(path: Path) -> HUVolume:
+    """Decode one DICOM file (single-frame or multi-frame) into HU."""
+    return load_series([path])
+
+
+def iter_hu_batches(
+    paths: Sequence[Path], batch_size: int = 32
+) -> Iterator[tuple[np.ndarray, list[SliceRef]]]:
+    """Yield the sorted series in HU, ``batch_size`` slices at a time.
+
+    Memory stays bounded by one batch plus one instance, whatever the length
+    of the series: inference on a 1000-slice series does not need the volume.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    frames = _sorted_frames(paths)
+    rows, columns = frames[0].shape
+    cached: tuple[Path, Dataset] | None = None
+    for start in range(0, len(frames), batch_size):
+        chunk = frames[start : start + batch_size]
+        batch = np.empty((len(chunk), rows, columns), dtype=np.float32)
+        for i, frame in enumerate(chunk):
+            if cached is None or cached[0] != frame.path:
+                cached = (frame.path, _read(frame.path, pixels=True))
+            _to_hu(_decode(cached[1], frame.path, frame.frame_index), frame, batch[i])
+        yield batch, [_slice_ref(f) for f in chunk]
+
+
+# -- headers and order -------------------------------------------------------
+
+
+def _sorted_frames(paths: Sequence[Path]) -> list[_Frame]:
+    """Every frame of every file, in slice order.
+
+    Order is the projection of Image Position (Patient) on the slice normal,
+    the cross product of the row and column direction cosines (PS3.3
+    C.7.6.2.1.1): ascending, so an axial series runs feet to head. Without
+    geometry on every frame the order falls back to Instance Number, then
+    frame number.
+    """
+    if not paths:
+        raise DecodeError("no DICOM files given")
+    frames: list[_Frame] = []
+    for path in paths:
+        frames.extend(_frames_of(Path(path), _read(Path(path), pixels=False)))
+    shapes = {f.shape for f in frames}
+    if len(shapes) > 1:
+        raise DecodeError(f"frames differ in size {sorted(shapes)}; they cannot form one volume")
+    if all(f.position is not None and f.orientation is not None for f in frames):
+        first = np.asarray(frames[0].orientation, dtype=np.float64)
+        normal = np.cross(first[:3], first[3:])
+        for f in frames[1:]:
+            if np.abs(np.asarray(f.orientation) - first).max() > _ORIENTATION_TOLERANCE:
+                logger.warning(
+                    "%s: orientation differs from the first slice; sorting on the first normal",
+                    f.sop_instance_uid,
+                )
+                break
+        keyed = [(float(np.dot(normal, np.asarray(f.position))), f) for f in frames]
+        keyed.sort(key=lambda item: item[0])
+        positions = [k for k, _ in keyed]
+        if len(set(np.round(positions, 3))) < len(positions):
+            logger.warning(
+                "series has %d slices at duplicate positions",
+                len(positions) - len(set(np.round(positions, 3))),
+            )
+        return [dataclasses.replace(f, position_mm=k) for k, f in keyed]
+    if len(frames) > 1:
+        logger.warning("slice geometry missing; ordering %d frames by Instance Number", len(frames))
+    big = 1 << 62
+    frames.sort(
+        key=lambda f: (
+            f.instance_number if f.instance_number is not None else big,
+            f.frame_index or 0,
+        )
+    )
+    return frames
+
+
+def _frames_of(path: Path, ds: Dataset) -> list[_Frame]:
+    """The frames of one instance, with per-frame values over shared ones."""
+    if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
+        raise DecodeError(f"{path.name}: {ds.SamplesPerPixel} samples per pixel; CT is grayscale")
+    try:
+        shape = (int(ds.Rows), int(ds.Columns))
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise DecodeError(f"{path.name}: Rows/Columns missing or invalid") from exc
+    uid = str(ds.get("SOPInstanceUID", path.stem))
+    instance_number = _int_or_none(ds.get("InstanceNumber"))
+    padding = _padding(ds)
+    n_frames = _int_or_none(ds.get("NumberOfFrames")) or 1
+    shared = _first_item(ds, "SharedFunctionalGroupsSequence")
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if n_frames == 1 and per_frame is None:
+        slope, intercept = _rescale(ds, path)
+        return [
+            _Frame(
+                path,
+                None,
+                uid,
+                instance_number,
+                shape,
+                _position(ds.get("ImagePositionPatient")),
+                _floats(ds.get("ImageOrientationPatient"), 6),
+                _spacing(ds.get("PixelSpacing")),
+                slope,
+                intercept,
+                padding,
+            )
+        ]
+    out = []
+    for i in range(n_frames):
+        item = per_frame[i] if per_frame is not None and i < len(per_frame) else None
+        groups = [g for g in (item, shared) if g is not None]
+        position = _group_value(groups, "PlanePositionSequence", "ImagePositionPatient")
+        orientation = _group_value(groups, "PlaneOrientationSequence", "ImageOrientationPatient")
+        spacing = _group_value(groups, "PixelMeasuresSequence", "PixelSpacing")
+        transform = next(
+            (
+                _first_item(g, "PixelValueTransformationSequence")
+                for g in groups
+                if "PixelValueTransformationSequence" in g
+            ),
+            None,
+        )
+        slope, intercept = _rescale(transform if transform is not None else ds, path)
+        out.append(
+            _Frame(
+                path,
+                i,
+                uid,
+                instance_number,
+                shape,
+                _position(position),
+                _floats(
+                    orientation if orientation is not None else ds.get("ImageOrientationPatient"), 6
+                ),
+                _spacing(spacing if spacing is not None else ds.get("PixelSpacing")),
+                slope,
+                intercept,
+                padding,
+            )
+        )
+    return out
+
+
+def _rescale(source: Dataset, path: Path) -> tuple[float | None, float | None]:
+    """Rescale Slope and Intercept (PS3.3 C.11.1.1.2), or None when absent."""
+    slope, intercept = source.get("RescaleSlope"), source.get("RescaleIntercept")
+    if slope is None or intercept is None:
+        logger.warning("%s: no Rescale Slope/Intercept; taking stored values as HU", path.name)
+        return None, None
+    if str(source.get("RescaleType", "HU")).upper() not in ("HU", ""):
+        logger.warning("%s: Rescale Type is %s, not HU", path.name, source.RescaleType)
+    return float(slope), float(intercept)
+
+
+def _padding(ds: Dataset) -> tuple[int, int] | None:
+    """Pixel Padding Value (and Range Limit) in stored-value units (PS3.3 C.7.5.1.1.2).
+
+    The VR is US or SS by Pixel Representation; a value read as the wrong one
+    is folded back into the signed range.
+    """
+    value = _int_or_none(ds.get("PixelPaddingValue"))
+    if value is None:
+        return None
+    limit = _int_or_none(ds.get("PixelPaddingRangeLimit"))
+    signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
+    bits = int(ds.get("BitsAllocated", 16) or 16)
+
+    def fold(v: int) -> int:
+        return v - (1 << bits) if signed and v >= 1 << (bits - 1) else v
+
+    low, high = fold(value), fold(limit if limit is not None else value)
+    return (min(low, high), max(low, high))
+
+
+# -- pixels -----------------------------------------------------------------
+
+
+def _read(path: Path, *, pixels: bool) -> Dataset:
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=not pixels)
+    except (InvalidDicomError, OSError, EOFError, ValueError, KeyError) as exc:
+        raise DecodeError(f"{path.name}: not a readable DICOM file: {exc}") from exc
+
+
+def _decode(ds: Dataset, path: Path, frame_index: int | None) -> np.ndarray:
+    try:
+        return pixel_array(ds, index=frame_index)
+    except Exception as exc:  # any codec failure is this file's fault
+        ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "unknown")
+        raise DecodeError(f"{path.name}: cannot decode pixel data ({ts}): {exc}") from exc
+
+
+def _to_hu(stored: np.ndarray, frame: _Frame, out: np.ndarray) -> None:
+    """Stored values -> HU into ``out`` (float32), through the Modality LUT.
+
+    Photometric Interpretation is not applied: MONOCHROME1 inverts the display
+    after the VOI LUT (PS3.3 C.7.6.3.1.2), while HU come from the Modality
+    LUT alone, so they are the same for MONOCHROME1 and MONOCHROME2.
+    """
+    if stored.shape != out.shape:
+        raise DecodeError(f"{frame.path.name}: decoded shape {stored.shape}, expected {out.shape}")
+    out[...] = stored
+    if frame.slope is not None and frame.intercept is not None:
+        if frame.slope != 1.0:
+            out *= np.float32(frame.slope)
+        if frame.intercept != 0.0:
+            out += np.float32(frame.intercept)
+    if frame.padding is not None:
+        low, high = frame.padding
+        out[(stored >= low) & (stored <= high)] = PADDING_HU
+
+
+# -- small helpers ------------------------------------------------------------
+
+
+def _slice_ref(frame: _Frame) -> SliceRef:
+    return SliceRef(
+        sop_instance_uid=frame.sop_instance_uid,
+        frame_number=None if frame.frame_index is None else frame.frame_index + 1,
+        position_mm=frame.position_mm,
+    )
+
+
+def _slice_spacing(frames: Sequence[_Frame]) -> float | None:
+    positions = [f.position_mm for f in frames if f.position_mm is not None]
+    if len(positions) < 2 or len(positions) != len(frames):
+        return None
+    steps = np.diff(np.asarray(positions, dtype=np.float64))
+    return float(np.median(np.abs(steps)))
+
+
+def _first_item(ds: Dataset, keyword: str) -> Dataset | None:
+    seq = ds.get(keyword)
+    return seq[0] if seq else None
+
+
+def _group_value(groups: Sequence[Dataset], sequence: str, keyword: str) -> Any:
+    for group in groups:
+        item = _first_item(group, sequence)
+        if item is not None and keyword in item:
+            return item.get(keyword)
+    return None
+
+
+def _floats(value: Any, count: int) -> tuple[float, ...] | None:
+    try:
+        numbers = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        return None
+    return numbers if len(numbers) == count else None
+
+
+def _position(value: Any) -> tuple[float, float, float] | None:
+    numbers = _floats(value, 3)
+    return None if numbers is None else (numbers[0], numbers[1], numbers[2])
+
+
+def _spacing(value: Any) -> tuple[float, float] | None:
+    numbers = _floats(value, 2)
+    return None if numbers is None else (numbers[0], numbers[1])
+
+
+def _int_or_none(value: Any) -> int | None:
+    try:
+        return int(value) if value is not None and value != "" else None
+    except (TypeError, ValueError):
+        return None

@@ -1,0 +1,56 @@
+"""Write one synthetic chest CT series to a folder, for demos and manual tests.
+
+Example::
+
+    python scripts/make_demo_series.py --out demo/ --slices 40 --transfer-syntax JPEGLosslessSV1
+
+Then send it to the node with DCMTK: ``storescu -aec <AE title> <host> <port> demo/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from lungnode.dicom.synthetic import make_ct_series, write_series
+from lungnode.dicom.synthetic_codecs import SUPPORTED_TRANSFER_SYNTAXES, resolve_transfer_syntax
+
+
+def main(argv: list[str] | None = None) -> int:
+    names = ", ".join(uid.keyword for uid in SUPPORTED_TRANSFER_SYNTAXES)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="folder to write into")
+    parser.add_argument("--slices", type=int, default=40, help="number of slices (default 40)")
+    parser.add_argument("--rows", type=int, default=512)
+    parser.add_argument("--columns", type=int, default=512)
+    parser.add_argument(
+        "--transfer-syntax",
+        default="ExplicitVRLittleEndian",
+        help=f"keyword or UID, one of: {names}",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="phantom noise seed")
+    parser.add_argument("--enhanced", action="store_true", help="one Enhanced CT multi-frame")
+    args = parser.parse_args(argv)
+    try:
+        tsyntax = resolve_transfer_syntax(args.transfer_syntax)
+        datasets = make_ct_series(
+            args.slices,
+            rows=args.rows,
+            columns=args.columns,
+            transfer_syntax=tsyntax,
+            seed=args.seed,
+            enhanced=args.enhanced,
+        )
+    except (ValueError, RuntimeError) as exc:
+        parser.error(str(exc))
+    paths = write_series(datasets, args.out)
+    print(
+        f"wrote {len(paths)} file(s) of series {datasets[0].SeriesInstanceUID} "
+        f"({tsyntax.name}) to {args.out.resolve()}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

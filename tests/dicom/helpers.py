@@ -1,0 +1,60 @@
+"""Small SCU helpers for the tests: real associations to the node under test."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from pydicom import Dataset
+from pynetdicom import AE, build_context
+from pynetdicom.association import Association
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from tests.conftest import SENDER_AE
+
+
+def associate(
+    port: int,
+    contexts: Sequence[tuple[str, str]] = (),
+    *,
+    calling_ae: str = SENDER_AE,
+    called_ae: str = "LUNGNODE",
+) -> Association:
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    ae.add_requested_context(Verification)
+    for sop_class, syntax in contexts:
+        ae.requested_contexts = [*ae.requested_contexts, build_context(sop_class, [syntax])]
+    return ae.associate("127.0.0.1", port, ae_title=called_ae)
+
+
+def store_all(port: int, datasets: Sequence[Dataset]) -> list[int]:
+    """Send over one association; the status of each C-STORE (-1: no response)."""
+    pairs = sorted({(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for ds in datasets})
+    assoc = associate(port, pairs)
+    assert assoc.is_established, "association was not accepted"
+    statuses = []
+    try:
+        for ds in datasets:
+            response = assoc.send_c_store(ds)
+            statuses.append(int(response.Status) if "Status" in response else -1)
+    finally:
+        assoc.release()
+    return statuses
+
+
+def store_files(port: int, paths: Sequence[Path]) -> list[int]:
+    from pydicom import dcmread
+
+    first = [dcmread(p, stop_before_pixels=True) for p in paths[:1]]
+    pairs = sorted({(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for ds in first})
+    assoc = associate(port, pairs)
+    assert assoc.is_established
+    statuses = []
+    try:
+        for path in paths:
+            response = assoc.send_c_store(path)
+            statuses.append(int(response.Status) if "Status" in response else -1)
+    finally:
+        assoc.release()
+    return statuses

@@ -1,0 +1,274 @@
+"""Decoding any accepted transfer syntax to HU, in slice order."""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import UID, JPEG2000Lossless, JPEGLosslessSV1
+
+from lungnode.dicom.decode import PADDING_HU, DecodeError, iter_hu_batches, load_image, load_series
+from lungnode.dicom.synthetic import make_ct_series, write_series
+from lungnode.dicom.synthetic_codecs import SUPPORTED_TRANSFER_SYNTAXES, pixel_format_for
+from lungnode.errors import LungnodeError
+
+SIZE = 32
+N = 4
+Phantom = Callable[[int, int, int], Callable[[int], np.ndarray]]
+
+#: Largest HU error each lossy syntax may add (see test_synthetic); lossless adds none.
+TOLERANCE_HU = {
+    "1.2.840.10008.1.2.4.50": 100.0,
+    "1.2.840.10008.1.2.4.51": 16.0,
+    "1.2.840.10008.1.2.4.81": 2.0,
+    "1.2.840.10008.1.2.4.91": 50.0,
+}
+
+
+def _expected(slice_hu: Callable[[int], np.ndarray], tsyntax: UID, n: int = N) -> np.ndarray:
+    fmt = pixel_format_for(tsyntax, None)
+    hu = np.stack([slice_hu(k) for k in range(n)])
+    stored = np.clip(np.rint((hu - fmt.intercept) / fmt.slope), fmt.min_stored, fmt.max_stored)
+    return stored * fmt.slope + fmt.intercept
+
+
+def _shuffled(paths: list[Path]) -> list[Path]:
+    shuffled = list(paths)
+    random.Random(4).shuffle(shuffled)
+    assert shuffled != paths
+    return shuffled
+
+
+@pytest.mark.parametrize("enhanced", [False, True], ids=["classic", "enhanced"])
+@pytest.mark.parametrize("tsyntax", SUPPORTED_TRANSFER_SYNTAXES, ids=lambda t: t.keyword)
+def test_every_transfer_syntax_decodes_to_hu_in_order(
+    tsyntax: UID, enhanced: bool, tmp_path: Path, integer_phantom: Phantom
+) -> None:
+    slice_hu = integer_phantom(N, SIZE, SIZE)
+    datasets = make_ct_series(
+        N,
+        rows=SIZE,
+        columns=SIZE,
+        transfer_syntax=tsyntax,
+        slice_hu=slice_hu,
+        enhanced=enhanced,
+        frame_order=[2, 0, 3, 1] if enhanced else None,
+    )
+    paths = write_series(datasets, tmp_path)
+    volume = load_series(paths if enhanced else _shuffled(paths))
+    assert volume.hu.dtype == np.float32
+    assert volume.hu.shape == (N, SIZE, SIZE)
+    error = np.abs(volume.hu - _expected(slice_hu, tsyntax)).max()
+    assert error <= TOLERANCE_HU.get(tsyntax, 0.0)
+    positions = [s.position_mm for s in volume.slices]
+    assert positions == sorted(positions)  # type: ignore[type-var]
+    assert volume.slice_spacing_mm == pytest.approx(1.25)
+    assert volume.pixel_spacing_mm == pytest.approx((0.7, 0.7))
+    if enhanced:
+        assert [s.frame_number for s in volume.slices] == [2, 4, 1, 3]
+    else:
+        by_uid = {ds.SOPInstanceUID: k for k, ds in enumerate(datasets)}
+        assert [by_uid[s.sop_instance_uid] for s in volume.slices] == list(range(N))
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_signed_and_unsigned_give_the_same_hu(
+    signed: bool, tmp_path: Path, integer_phantom: Phantom
+) -> None:
+    slice_hu = integer_phantom(N, SIZE, SIZE)
+    paths = write_series(
+        make_ct_series(N, rows=SIZE, columns=SIZE, slice_hu=slice_hu, signed=signed), tmp_path
+    )
+    expected = np.clip(np.stack([slice_hu(k) for k in range(N)]), -1024, 3071)
+    assert np.array_equal(load_series(paths).hu, expected)
+
+
+def test_monochrome1_does_not_invert_hu(tmp_path: Path, integer_phantom: Phantom) -> None:
+    """MONOCHROME1 inverts the display only (PS3.3 C.7.6.3.1.2), never HU."""
+    slice_hu = integer_phantom(N, SIZE, SIZE)
+    mono1 = make_ct_series(N, rows=SIZE, columns=SIZE, slice_hu=slice_hu, monochrome1=True)
+    mono2 = make_ct_series(N, rows=SIZE, columns=SIZE, slice_hu=slice_hu)
+    assert mono1[0].PhotometricInterpretation == "MONOCHROME1"
+    hu1 = load_series(write_series(mono1, tmp_path / "1")).hu
+    hu2 = load_series(write_series(mono2, tmp_path / "2")).hu
+    assert np.array_equal(hu1, hu2)
+    assert hu1[0, 0, 0] < -900  # air is still air
+
+
+@pytest.mark.parametrize(("signed", "padding"), [(True, -2000), (False, 0)])
+@pytest.mark.parametrize("enhanced", [False, True])
+def test_pixel_padding_becomes_air(
+    signed: bool, padding: int, enhanced: bool, tmp_path: Path, integer_phantom: Phantom
+) -> None:
+    slice_hu = integer_phantom(N, SIZE, SIZE)
+    datasets = make_ct_series(
+        N,
+        rows=SIZE,
+        columns=SIZE,
+        slice_hu=slice_hu,
+        signed=signed,
+        padding_value=padding,
+        enhanced=enhanced,
+    )
+    volume = load_series(write_series(datasets, tmp_path))
+    assert volume.hu[:, 0, 0].tolist() == [PADDING_HU] * N  # corner: outside the FOV circle
+    centre = SIZE // 2
+    expected = np.clip(np.stack([slice_hu(k) for k in range(N)]), -1024, 3071)
+    assert np.array_equal(volume.hu[:, centre, :], expected[:, centre, :])
+
+
+def test_pixel_padding_range_limit(tmp_path: Path) -> None:
+    (ds,) = make_ct_series(
+        1, rows=SIZE, columns=SIZE, slice_hu=lambda k: np.full((SIZE, SIZE), 50.0)
+    )
+    stored = ds.pixel_array.copy()
+    stored[0, :] = -3000
+    stored[1, :] = -2500
+    ds.PixelData = stored.tobytes()
+    ds.PixelPaddingValue = -3000
+    ds.PixelPaddingRangeLimit = -2000
+    (path,) = write_series([ds], tmp_path)
+    hu = load_image(path).hu[0]
+    assert (hu[:2] == PADDING_HU).all()
+    assert (hu[2:] == 50.0).all()
+
+
+@pytest.mark.parametrize("per_frame_rescale", [False, True])
+def test_enhanced_frames_sorted_by_position_not_frame_number(
+    per_frame_rescale: bool, tmp_path: Path, integer_phantom: Phantom
+) -> None:
+    n = 6
+    slice_hu = integer_phantom(n, SIZE, SIZE)
+    order = [5, 2, 0, 4, 1, 3]
+    datasets = make_ct_series(
+        n,
+        rows=SIZE,
+        columns=SIZE,
+        slice_hu=slice_hu,
+        enhanced=True,
+        frame_order=order,
+        per_frame_rescale=per_frame_rescale,
+        signed=False,
+        transfer_syntax=JPEG2000Lossless,
+    )
+    (path,) = write_series(datasets, tmp_path)
+    volume = load_image(path)
+    assert np.array_equal(
+        volume.hu, np.clip(np.stack([slice_hu(k) for k in range(n)]), -1024, None)
+    )
+    assert [s.frame_number for s in volume.slices] == [order.index(k) + 1 for k in range(n)]
+    assert {s.sop_instance_uid for s in volume.slices} == {datasets[0].SOPInstanceUID}
+
+
+def test_sorting_follows_the_slice_normal(tmp_path: Path) -> None:
+    """With the column direction flipped, the normal points to the feet (PS3.3 C.7.6.2.1.1)."""
+    datasets = make_ct_series(N, rows=SIZE, columns=SIZE)
+    for ds in datasets:
+        ds.ImageOrientationPatient = [1, 0, 0, 0, -1, 0]
+    volume = load_series(_shuffled(write_series(datasets, tmp_path)))
+    z = [float(ds.ImagePositionPatient[2]) for ds in datasets]
+    uids = [s.sop_instance_uid for s in volume.slices]
+    assert uids == [
+        ds.SOPInstanceUID for ds in sorted(datasets, key=lambda d: -z[datasets.index(d)])
+    ]
+
+
+def test_without_geometry_falls_back_to_instance_number(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    datasets = make_ct_series(N, rows=SIZE, columns=SIZE)
+    for ds in datasets:
+        del ds.ImagePositionPatient
+    with caplog.at_level(logging.WARNING, logger="lungnode.dicom.decode"):
+        volume = load_series(_shuffled(write_series(datasets, tmp_path)))
+    assert [s.sop_instance_uid for s in volume.slices] == [ds.SOPInstanceUID for ds in datasets]
+    assert all(s.position_mm is None for s in volume.slices)
+    assert volume.slice_spacing_mm is None
+    assert "Instance Number" in caplog.text
+
+
+def test_missing_rescale_keeps_stored_values(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (ds,) = make_ct_series(1, rows=SIZE, columns=SIZE, signed=False)
+    del ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType
+    (path,) = write_series([ds], tmp_path)
+    with caplog.at_level(logging.WARNING, logger="lungnode.dicom.decode"):
+        hu = load_image(path).hu
+    assert np.array_equal(hu[0], ds.pixel_array.astype(np.float32))
+    assert "no Rescale" in caplog.text
+    assert "Phantom" not in caplog.text and "SYN0001" not in caplog.text  # no PHI in logs
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 32])
+def test_batches_equal_the_volume(batch_size: int, tmp_path: Path) -> None:
+    classic = write_series(make_ct_series(5, rows=SIZE, columns=SIZE), tmp_path / "c")
+    enhanced = write_series(
+        make_ct_series(
+            5,
+            rows=SIZE,
+            columns=SIZE,
+            enhanced=True,
+            frame_order=[4, 3, 2, 1, 0],
+            transfer_syntax=JPEGLosslessSV1,
+        ),
+        tmp_path / "e",
+    )
+    for paths in (_shuffled(classic), enhanced):
+        volume = load_series(paths)
+        batches = list(iter_hu_batches(paths, batch_size=batch_size))
+        assert all(b.dtype == np.float32 and len(b) <= batch_size for b, _ in batches)
+        assert np.array_equal(np.concatenate([b for b, _ in batches]), volume.hu)
+        assert [ref for _, refs in batches for ref in refs] == volume.slices
+
+
+def test_full_size_slice(tmp_path: Path) -> None:
+    (path,) = write_series(make_ct_series(1, transfer_syntax=JPEGLosslessSV1), tmp_path)
+    volume = load_image(path)
+    assert volume.hu.shape == (1, 512, 512)
+    assert volume.slices[0].frame_number is None
+    assert volume.slice_spacing_mm is None
+
+
+def test_unreadable_input_raises_decode_error(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.dcm"
+    junk.write_bytes(b"not dicom at all")
+    with pytest.raises(DecodeError, match="junk.dcm") as info:
+        load_image(junk)
+    assert isinstance(info.value, ValueError) and isinstance(info.value, LungnodeError)
+    with pytest.raises(DecodeError):
+        load_series([])
+    with pytest.raises(DecodeError):
+        load_image(tmp_path / "missing.dcm")
+    with pytest.raises(ValueError):
+        list(iter_hu_batches([junk], batch_size=0))
+
+
+def test_mixed_sizes_and_color_are_refused(tmp_path: Path) -> None:
+    small = write_series(make_ct_series(1, rows=16, columns=16), tmp_path / "a")
+    large = write_series(make_ct_series(1, rows=SIZE, columns=SIZE), tmp_path / "b")
+    with pytest.raises(DecodeError, match="differ in size"):
+        load_series(small + large)
+    ds = pydicom.dcmread(small[0])
+    ds.SamplesPerPixel = 3
+    ds.PhotometricInterpretation = "RGB"
+    ds.PlanarConfiguration = 0
+    ds.save_as(small[0])
+    with pytest.raises(DecodeError, match="samples per pixel"):
+        load_image(small[0])
+
+
+def test_corrupt_pixel_data_raises_decode_error(tmp_path: Path) -> None:
+    (ds,) = make_ct_series(1, rows=SIZE, columns=SIZE, transfer_syntax=JPEGLosslessSV1)
+    (path,) = write_series([ds], tmp_path)
+    raw = bytearray(path.read_bytes())
+    start = raw.rfind(b"\xff\xd8")  # the frame's JPEG SOI marker
+    raw[start + 2 : start + 200] = b"\x00" * 198
+    path.write_bytes(bytes(raw))
+    with pytest.raises(DecodeError, match="cannot decode"):
+        load_image(path)
