@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -58,6 +58,8 @@ class ReceivingSeries:
 class NodeRepository:
     def __init__(self, sessions: sessionmaker[Session]) -> None:
         self.sessions = sessions
+        self._series_ids: dict[str, int] = {}
+        self._calling_aes: dict[int, str | None] = {}
 
     # -- associations ------------------------------------------------------------
 
@@ -91,59 +93,65 @@ class NodeRepository:
     def register_instance(
         self, facts: InstanceFacts, path: Path, size_bytes: int, association_id: int | None
     ) -> bool:
-        """Record a stored instance. Returns False for a duplicate SOP Instance UID."""
-        for attempt in range(2):
+        """Record a stored instance. Returns False for a duplicate SOP Instance UID.
+
+        Two statements in one short transaction: insert the instance, touch the
+        series. Series ids and callers' AE titles are cached; ingest is the hot path.
+        """
+        for attempt in range(3):
             try:
                 return self._register_instance(facts, path, size_bytes, association_id)
-            except IntegrityError:
-                # Two associations created the same series at once; the second retries.
-                if attempt:
+            except IntegrityError as exc:
+                if "sop_instance_uid" in str(exc.orig) or "instance.sop" in str(exc.orig):
+                    return False  # duplicate SOP Instance UID: idempotent
+                # Two associations created the same series at once, or a cached
+                # series id went stale: forget the cache and try again.
+                self._series_ids.pop(facts.series_instance_uid, None)
+                if attempt == 2:
                     raise
         return False  # pragma: no cover
+
+    def _series_id(self, session: Session, facts: InstanceFacts, calling_ae: str | None) -> int:
+        cached = self._series_ids.get(facts.series_instance_uid)
+        if cached is not None:
+            return cached
+        series_id = session.scalar(
+            select(Series.id).where(Series.series_instance_uid == facts.series_instance_uid)
+        )
+        if series_id is None:
+            series = Series(
+                study_instance_uid=facts.study_instance_uid,
+                series_instance_uid=facts.series_instance_uid,
+                modality=facts.modality,
+                series_number=facts.series_number,
+                calling_ae=calling_ae,
+                first_received_at=_now(),
+            )
+            session.add(series)
+            session.flush()
+            series_id = series.id
+        self._series_ids[facts.series_instance_uid] = series_id
+        return series_id
+
+    def _calling_ae(self, session: Session, association_id: int | None) -> str | None:
+        if association_id is None:
+            return None
+        if association_id not in self._calling_aes:
+            self._calling_aes[association_id] = session.scalar(
+                select(Association.calling_ae).where(Association.id == association_id)
+            )
+        return self._calling_aes[association_id]
 
     def _register_instance(
         self, facts: InstanceFacts, path: Path, size_bytes: int, association_id: int | None
     ) -> bool:
         now = _now()
         with self.sessions.begin() as session:
-            existing = session.scalar(
-                select(Instance.id).where(Instance.sop_instance_uid == facts.sop_instance_uid)
-            )
-            if existing is not None:
-                return False
-            series = session.scalar(
-                select(Series).where(Series.series_instance_uid == facts.series_instance_uid)
-            )
-            calling_ae = None
-            if association_id is not None:
-                calling_ae = session.scalar(
-                    select(Association.calling_ae).where(Association.id == association_id)
-                )
-            if series is None:
-                series = Series(
-                    study_instance_uid=facts.study_instance_uid,
-                    series_instance_uid=facts.series_instance_uid,
-                    modality=facts.modality,
-                    series_number=facts.series_number,
-                    calling_ae=calling_ae,
-                    first_received_at=now,
-                )
-                session.add(series)
-                session.flush()
-            elif series.state == SeriesState.COMPLETE:
-                # Rule 4: a late instance reopens the series; its next completion
-                # queues a new version of the analysis.
-                logger.info("late instance reopens series %s", series.series_instance_uid)
-                series.state = SeriesState.RECEIVING.value
-                series.completed_at = None
-            if facts.declared_count is not None:
-                series.declared_count = facts.declared_count
-            if calling_ae and not series.calling_ae:
-                series.calling_ae = calling_ae
-            series.last_received_at = now
-            session.add(
-                Instance(
-                    series_id=series.id,
+            calling_ae = self._calling_ae(session, association_id)
+            series_id = self._series_id(session, facts, calling_ae)
+            session.execute(
+                insert(Instance).values(
+                    series_id=series_id,
                     association_id=association_id,
                     sop_instance_uid=facts.sop_instance_uid,
                     sop_class_uid=facts.sop_class_uid,
@@ -157,6 +165,25 @@ class NodeRepository:
                     received_at=now,
                 )
             )
+            values: dict[str, Any] = {"last_received_at": now}
+            if facts.declared_count is not None:
+                values["declared_count"] = facts.declared_count
+            session.execute(update(Series).where(Series.id == series_id).values(**values))
+            # Rule 4: a late instance reopens a complete series; its next completion
+            # queues a new version of the analysis.
+            reopened = session.execute(
+                update(Series)
+                .where(Series.id == series_id, Series.state == SeriesState.COMPLETE.value)
+                .values(state=SeriesState.RECEIVING.value, completed_at=None)
+            )
+            if reopened.rowcount:  # type: ignore[attr-defined]
+                logger.info("late instance reopens series %s", facts.series_instance_uid)
+            if calling_ae:
+                session.execute(
+                    update(Series)
+                    .where(Series.id == series_id, Series.calling_ae.is_(None))
+                    .values(calling_ae=calling_ae)
+                )
             return True
 
     def known_instance_paths(self) -> set[str]:

@@ -58,10 +58,9 @@ def is_valid_uid(value: object) -> bool:
 def parse_instance(encoded: bytes) -> tuple[Dataset, InstanceFacts]:
     """Parse and check a received data set (with file meta); raise IntakeError if unusable."""
     try:
+        # Values stay raw until used: the instance is stored as received, and only the
+        # attributes read below must decode. Truncation shows in the pixel data check.
         dataset = dcmread(BytesIO(encoded), force=False)
-        # Touch every element so a truncated or garbled stream fails here, not later.
-        for _element in dataset.iterall():
-            pass
     except (InvalidDicomError, EOFError, ValueError, TypeError, KeyError, OSError) as exc:
         raise IntakeError(STATUS_CANNOT_UNDERSTAND, f"cannot parse data set: {exc}") from exc
     except Exception as exc:  # a malformed stream can fail anywhere inside the parser
