@@ -224,11 +224,12 @@ class Settings(BaseSettings):
                 text = str(value)
             shown[name] = text
         shown["database_url"] = _mask_url_password(self.effective_database_url)
+        shown["broker_url"] = _mask_url_password(self.broker_url)
         return shown
 
 
 def _mask_url_password(url: str) -> str:
-    return re.sub(r"(://[^:/@]+:)[^@]+@", r"\1********@", url)
+    return re.sub(r"(://[^:/@]*:)[^@]+@", r"\1********@", url)
 
 
 def load_settings(**overrides: Any) -> Settings:

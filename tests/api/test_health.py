@@ -1,0 +1,94 @@
+"""GET /api/v1/health against a fresh app, and inside a running node."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from urllib.error import HTTPError
+
+from lungnode.api import create_app
+from lungnode.config import Settings
+from lungnode.db.migrate import upgrade
+from lungnode.pipeline.node import Node
+
+
+def fake_bundle(root: Path, corrupt: bool = False) -> Path:
+    """A bundle whose manifest matches its weights file; the health check only hashes it."""
+    bundle = root / "tiny"
+    bundle.mkdir(parents=True)
+    weights = b"not a real model, only hashed by the health check"
+    (bundle / "model.keras").write_bytes(weights + (b"!" if corrupt else b""))
+    manifest = {
+        "name": "tiny",
+        "version": "0.0.1",
+        "weights": "model.keras",
+        "sha256": hashlib.sha256(weights).hexdigest(),
+    }
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    return bundle
+
+
+class Listening:
+    def __init__(self, value: bool) -> None:
+        self.scp_listening = value
+
+
+def test_health_ok(make_settings: Callable[..., Settings], tmp_path: Path) -> None:
+    settings = make_settings(model=str(fake_bundle(tmp_path / "models")))
+    upgrade(settings.effective_database_url)
+    client = create_app(settings, node_status=Listening(True)).test_client()
+    response = client.get("/api/v1/health")
+    assert response.status_code == 200, response.json
+    body = response.json
+    assert body["status"] == "ok" and body["failing"] == []
+    assert set(body["checks"]) == {"database", "disk", "scp", "model"}
+    assert body["checks"]["model"]["name"] == "tiny"
+
+
+def test_health_names_each_failing_check(
+    make_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    settings = make_settings(
+        model=str(fake_bundle(tmp_path / "models", corrupt=True)), min_free_disk_mb=2**40
+    )
+    client = create_app(settings, node_status=Listening(False)).test_client()
+    response = client.get("/api/v1/health")
+    assert response.status_code == 503
+    assert set(response.json["failing"]) == {"disk", "scp", "model"}
+    assert "sha256" in response.json["checks"]["model"]["error"]
+
+
+def test_health_without_a_node_probes_the_dicom_port(
+    make_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    settings = make_settings(dicom_port=1, model=str(fake_bundle(tmp_path / "m")))
+    client = create_app(settings).test_client()
+    body = client.get("/api/v1/health").json
+    assert body["failing"] == ["scp"]
+    assert "nothing listens" in body["checks"]["scp"]["error"]
+
+
+def test_unknown_route_is_json_404(settings: Settings) -> None:
+    response = create_app(settings).test_client().get("/api/v1/nope")
+    assert response.status_code == 404
+    assert response.json["error"]["code"] == "not_found"
+
+
+def test_health_inside_a_running_node(
+    make_settings: Callable[..., Settings], start_node: Callable[..., Node], tmp_path: Path
+) -> None:
+    node = start_node(make_settings(model=str(fake_bundle(tmp_path / "models"))))
+    url = f"http://127.0.0.1:{node.http_port}/api/v1/health"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        body = json.load(response)
+    assert response.status == 200 and body["checks"]["scp"]["ok"] is True
+    node.scp.stop()
+    try:
+        urllib.request.urlopen(url, timeout=10)
+        raise AssertionError("expected 503 once the SCP stopped")
+    except HTTPError as exc:
+        assert exc.code == 503
+        assert json.load(exc)["failing"] == ["scp"]

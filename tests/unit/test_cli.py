@@ -1,0 +1,91 @@
+"""The `lungnode` command as a user runs it: a subprocess with its own environment."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lungnode.passwords import verify_password
+
+LUNGNODE = str(Path(sys.executable).with_name("lungnode"))
+
+
+def run(
+    args: list[str], storage: Path, stdin: str = "", **env: str
+) -> subprocess.CompletedProcess[str]:
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("LUNGNODE_")}
+    environment.update({"LUNGNODE_STORAGE_DIR": str(storage), "LUNGNODE_ENV": "testing", **env})
+    return subprocess.run(
+        [LUNGNODE, *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_db_upgrade_creates_every_table(tmp_path: Path) -> None:
+    result = run(["db", "upgrade"], tmp_path / "storage")
+    assert result.returncode == 0, result.stderr
+    with sqlite3.connect(tmp_path / "storage" / "lungnode.db") as db:
+        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert {
+        "user",
+        "prediction",
+        "batch_prediction",
+        "series",
+        "instance",
+        "job",
+        "delivery",
+        "association",
+        "audit_event",
+        "alembic_version",
+    } <= tables
+
+
+def test_user_add_hashes_the_password_and_audits(tmp_path: Path) -> None:
+    storage = tmp_path / "storage"
+    result = run(
+        ["user", "add", "alice", "--role", "radiologist", "--password-stdin"],
+        storage,
+        stdin="correct horse battery\n",
+    )
+    assert result.returncode == 0, result.stderr
+    with sqlite3.connect(storage / "lungnode.db") as db:
+        row = db.execute("SELECT username, role, password_hash FROM user").fetchone()
+        username, role, stored = row
+        audit = db.execute("SELECT action, target FROM audit_event").fetchall()
+    assert (username, role) == ("alice", "radiologist")
+    assert "correct horse" not in stored and verify_password("correct horse battery", stored)
+    assert not verify_password("wrong", stored)
+    assert audit == [("user.add", "alice")]
+    again = run(["user", "add", "alice", "--password-stdin"], storage, stdin="another password\n")
+    assert again.returncode == 1 and "exists" in again.stderr
+    short = run(["user", "add", "bob", "--password-stdin"], storage, stdin="short\n")
+    assert short.returncode == 2 and "8 characters" in short.stderr
+
+
+def test_serve_refuses_default_secret_in_production(tmp_path: Path) -> None:
+    result = run(["serve"], tmp_path / "storage", LUNGNODE_ENV="production")
+    assert result.returncode == 2
+    assert "LUNGNODE_SECRET_KEY" in result.stderr
+
+
+def test_invalid_settings_exit_with_a_clear_message(tmp_path: Path) -> None:
+    result = run(["db", "upgrade"], tmp_path / "storage", LUNGNODE_PEERS="nonsense")
+    assert result.returncode == 2
+    assert "NAME=AE@HOST:PORT" in result.stderr
+
+
+@pytest.mark.parametrize("args", [["--version"], ["serve", "--help"], ["send", "--help"]])
+def test_help_and_version(args: list[str], tmp_path: Path) -> None:
+    result = run(args, tmp_path / "storage")
+    assert result.returncode == 0 and result.stdout

@@ -1,0 +1,95 @@
+"""Settings: precedence, parsing, validation and the production guard."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lungnode.config import Peer, load_settings
+from lungnode.errors import ConfigError
+
+
+@pytest.fixture
+def toml_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    path = tmp_path / "lungnode.toml"
+    monkeypatch.setenv("LUNGNODE_CONFIG", str(path))
+    for name in ("LUNGNODE_AE_TITLE", "LUNGNODE_DICOM_PORT", "LUNGNODE_PEERS", "LUNGNODE_ENV"):
+        monkeypatch.delenv(name, raising=False)
+    return path
+
+
+def test_defaults(toml_file: Path) -> None:
+    settings = load_settings()
+    assert settings.ae_title == "LUNGNODE"
+    assert settings.dicom_port == 11112
+    assert settings.http_host == "127.0.0.1" and settings.http_port == 5000
+    assert settings.series_quiet_seconds == 15 and settings.series_grace_seconds == 2
+    assert settings.queue == "local" and not settings.allow_unknown_callers
+    assert settings.effective_database_url.endswith("storage/lungnode.db")
+
+
+def test_precedence_defaults_toml_environment(
+    toml_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    toml_file.write_text(
+        'ae_title = "FROMTOML"\ndicom_port = 2000\npeers = ["pacs=ORTHANC@127.0.0.1:4242"]\n'
+    )
+    settings = load_settings()
+    assert (settings.ae_title, settings.dicom_port) == ("FROMTOML", 2000)
+    assert settings.peers == [Peer("pacs", "ORTHANC", "127.0.0.1", 4242)]
+    monkeypatch.setenv("LUNGNODE_DICOM_PORT", "3000")
+    monkeypatch.setenv("LUNGNODE_PEERS", "a=AE1@h1:104, b=AE2@h2:105")
+    settings = load_settings()
+    assert (settings.ae_title, settings.dicom_port) == ("FROMTOML", 3000)
+    assert [p.name for p in settings.peers] == ["a", "b"]
+
+
+def test_shipped_toml_is_valid_and_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    shipped = Path(__file__).resolve().parents[2] / "config" / "lungnode.toml"
+    monkeypatch.setenv("LUNGNODE_CONFIG", str(shipped))
+    monkeypatch.delenv("LUNGNODE_PEERS", raising=False)
+    assert load_settings().peers == []
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"peers": "pacs=ORTHANC@host"},  # no port
+        {"peers": "pacs=WAY_TOO_LONG_AE_TITLE@host:104"},
+        {"peers": "a=X@h:1,a=Y@h:2"},  # duplicate names
+        {"peers": "a=X@h:1", "result_destinations": "b"},  # unknown destination
+        {"ae_title": "BACK\\SLASH"},
+        {"dicom_port": 70000},
+        {"queue": "kafka"},
+        {"tls_cert": "cert.pem"},  # without a key
+        {"no_such_setting": 1},
+    ],
+)
+def test_invalid_settings_are_refused_clearly(
+    toml_file: Path, overrides: dict[str, object]
+) -> None:
+    with pytest.raises(ConfigError, match="invalid settings"):
+        load_settings(**overrides)
+
+
+def test_production_refuses_default_or_short_secret(toml_file: Path) -> None:
+    with pytest.raises(ConfigError, match="SECRET_KEY"):
+        load_settings(env="production").check_safe_to_start()
+    with pytest.raises(ConfigError, match="SECRET_KEY"):
+        load_settings(env="production", secret_key="short").check_safe_to_start()
+    load_settings(env="production", secret_key="x" * 32).check_safe_to_start()
+    load_settings(env="development").check_safe_to_start()  # development tolerates it
+
+
+def test_masked_settings_hide_secrets(toml_file: Path) -> None:
+    settings = load_settings(
+        secret_key="s3cret-value-long-enough",
+        admin_password="adminpass",
+        database_url="postgresql+psycopg://lungnode:dbpass@db/lungnode",
+        broker_url="redis://:brokerpass@redis:6379/0",
+    )
+    text = repr(settings.masked())
+    for secret in ("s3cret-value-long-enough", "adminpass", "dbpass", "brokerpass"):
+        assert secret not in text
+    assert settings.masked()["ae_title"] == "LUNGNODE"
