@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from pydicom import Dataset
@@ -10,6 +10,7 @@ from pynetdicom import AE, build_context
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from lungnode.pipeline.node import Node
 from tests.conftest import SENDER_AE
 
 
@@ -58,3 +59,32 @@ def store_files(port: int, paths: Sequence[Path]) -> list[int]:
     finally:
         assoc.release()
     return statuses
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (for servers started as subprocesses)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 15.0, step: float = 0.05) -> bool:
+    """Poll ``predicate`` until it holds or ``timeout`` seconds pass; its last answer."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(step)
+    return predicate()
+
+
+def row_count(node: Node, model: type) -> int:
+    """Rows of one table in the node's database."""
+    from sqlalchemy import func, select
+
+    with node.sessions() as session:
+        return int(session.scalar(select(func.count()).select_from(model)) or 0)
