@@ -8,13 +8,15 @@ DICOM networking or the completion rules: it stores and returns plain facts.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import Engine, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -58,20 +60,45 @@ class ReceivingSeries:
 class NodeRepository:
     def __init__(self, sessions: sessionmaker[Session]) -> None:
         self.sessions = sessions
+        bind = sessions.kw.get("bind")
+        self._sqlite = isinstance(bind, Engine) and bind.dialect.name == "sqlite"
+        # Reads on SQLite need no write lock: a plain (deferred) BEGIN under WAL.
+        self._read_sessions = (
+            sessionmaker(bind=bind.execution_options(sqlite_read_only=True), expire_on_commit=False)
+            if self._sqlite and isinstance(bind, Engine)
+            else sessions
+        )
+        # SQLite has one writer at a time. Taking turns on a lock in this process is
+        # far cheaper than SQLite's busy-wait back-off (sleeps of 1 ms and up).
+        self._write_lock = threading.Lock() if self._sqlite else None
         self._series_ids: dict[str, int] = {}
         self._calling_aes: dict[int, str | None] = {}
+
+    @contextmanager
+    def _write(self) -> Iterator[Session]:
+        if self._write_lock is None:
+            with self.sessions.begin() as session:
+                yield session
+            return
+        with self._write_lock, self.sessions.begin() as session:
+            yield session
+
+    @contextmanager
+    def _read(self) -> Iterator[Session]:
+        with self._read_sessions() as session:
+            yield session
 
     # -- associations ------------------------------------------------------------
 
     def association_started(self, calling_ae: str, peer_address: str | None) -> int:
-        with self.sessions.begin() as session:
+        with self._write() as session:
             row = Association(calling_ae=calling_ae, peer_address=peer_address)
             session.add(row)
             session.flush()
             return row.id
 
     def association_ended(self, association_id: int, outcome: str) -> None:
-        with self.sessions.begin() as session:
+        with self._write() as session:
             session.execute(
                 update(Association)
                 .where(Association.id == association_id, Association.ended_at.is_(None))
@@ -80,7 +107,7 @@ class NodeRepository:
 
     def close_interrupted_associations(self) -> int:
         """At start: associations a crash left open are over. Returns how many."""
-        with self.sessions.begin() as session:
+        with self._write() as session:
             result = session.execute(
                 update(Association)
                 .where(Association.ended_at.is_(None))
@@ -146,7 +173,7 @@ class NodeRepository:
         self, facts: InstanceFacts, path: Path, size_bytes: int, association_id: int | None
     ) -> bool:
         now = _now()
-        with self.sessions.begin() as session:
+        with self._write() as session:
             calling_ae = self._calling_ae(session, association_id)
             series_id = self._series_id(session, facts, calling_ae)
             session.execute(
@@ -187,13 +214,13 @@ class NodeRepository:
             return True
 
     def known_instance_paths(self) -> set[str]:
-        with self.sessions() as session:
+        with self._read() as session:
             return set(session.scalars(select(Instance.path)))
 
     # -- completion ----------------------------------------------------------------
 
     def receiving_series(self) -> list[ReceivingSeries]:
-        with self.sessions() as session:
+        with self._read() as session:
             rows = session.scalars(
                 select(Series).where(Series.state == SeriesState.RECEIVING.value)
             ).all()
@@ -236,7 +263,7 @@ class NodeRepository:
 
         Returns the new job id, or None if the series changed meanwhile.
         """
-        with self.sessions.begin() as session:
+        with self._write() as session:
             series = session.get(Series, series_id)
             if series is None or series.state != SeriesState.RECEIVING:
                 return None
@@ -266,7 +293,7 @@ class NodeRepository:
     # -- jobs ------------------------------------------------------------------------
 
     def queued_job_ids(self) -> list[int]:
-        with self.sessions() as session:
+        with self._read() as session:
             return list(
                 session.scalars(
                     select(Job.id).where(Job.state == JobState.QUEUED.value).order_by(Job.id)
@@ -275,7 +302,7 @@ class NodeRepository:
 
     def claim_job(self, job_id: int) -> bool:
         """queued -> running, for exactly one worker."""
-        with self.sessions.begin() as session:
+        with self._write() as session:
             result = session.execute(
                 update(Job)
                 .where(Job.id == job_id, Job.state == JobState.QUEUED.value)
@@ -290,7 +317,7 @@ class NodeRepository:
         reason: str | None = None,
         details: dict[str, Any] | None = None,
     ) -> None:
-        with self.sessions.begin() as session:
+        with self._write() as session:
             job = session.get(Job, job_id)
             if job is None:
                 return
@@ -302,7 +329,7 @@ class NodeRepository:
 
     def requeue_interrupted_jobs(self) -> list[int]:
         """At start: a job left running by a crash is queued again."""
-        with self.sessions.begin() as session:
+        with self._write() as session:
             ids = list(session.scalars(select(Job.id).where(Job.state == JobState.RUNNING.value)))
             if ids:
                 session.execute(
@@ -319,7 +346,7 @@ class NodeRepository:
         target: str | None = None,
         details: dict[str, Any] | None = None,
     ) -> None:
-        with self.sessions.begin() as session:
+        with self._write() as session:
             session.add(AuditEvent(actor=actor, action=action, target=target, details=details))
 
 

@@ -36,10 +36,14 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
             cursor.close()
 
         @event.listens_for(engine, "begin")
-        def _sqlite_begin_immediate(conn: Any) -> None:
-            # Take the write lock at BEGIN: avoids SQLITE_BUSY on lock upgrade between
-            # concurrent writers (SCP threads and the completion timer).
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        def _sqlite_begin(conn: Any) -> None:
+            # Writers take the write lock at BEGIN: a deferred transaction that later
+            # upgrades can fail at once with SQLITE_BUSY when another writer holds it.
+            # Connections marked read-only (execution option) do not need it.
+            if conn.get_execution_options().get("sqlite_read_only"):
+                conn.exec_driver_sql("BEGIN")
+            else:
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
     kwargs.setdefault("pool_pre_ping", True)
