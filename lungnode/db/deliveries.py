@@ -1,0 +1,133 @@
+"""The outbox's rows: one Delivery per result object per destination.
+
+A delivery is ``pending`` until its destination acknowledged it (``done``) or
+it failed for good (``dead``, the dead letters). Each attempt is recorded:
+the count, the last status and error, and when the next attempt is due.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from lungnode.db.models import Delivery, DeliveryState
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class DueDelivery:
+    id: int
+    destination: str
+    sop_instance_uid: str
+    path: str
+    attempts: int
+
+
+class DeliveryRepository:
+    def __init__(self, sessions: sessionmaker[Session]) -> None:
+        self.sessions = sessions
+
+    def due(self, now: datetime | None = None, limit: int = 500) -> list[DueDelivery]:
+        """Pending deliveries whose next attempt is due, oldest first."""
+        moment = now or _now()
+        with self.sessions() as session:
+            rows = session.execute(
+                select(
+                    Delivery.id,
+                    Delivery.destination,
+                    Delivery.sop_instance_uid,
+                    Delivery.path,
+                    Delivery.attempts,
+                )
+                .where(
+                    Delivery.state == DeliveryState.PENDING.value,
+                    Delivery.next_attempt_at <= moment,
+                )
+                .order_by(Delivery.next_attempt_at, Delivery.id)
+                .limit(limit)
+            ).all()
+        return [DueDelivery(*row) for row in rows]
+
+    def next_due_at(self) -> datetime | None:
+        with self.sessions() as session:
+            return session.scalar(
+                select(func.min(Delivery.next_attempt_at)).where(
+                    Delivery.state == DeliveryState.PENDING.value
+                )
+            )
+
+    def mark_done(self, delivery_id: int, status: int | None) -> None:
+        with self.sessions.begin() as session:
+            session.execute(
+                update(Delivery)
+                .where(Delivery.id == delivery_id)
+                .values(
+                    state=DeliveryState.DONE.value,
+                    attempts=Delivery.attempts + 1,
+                    last_status=status,
+                    last_error=None,
+                    updated_at=_now(),
+                )
+            )
+
+    def mark_retry(
+        self, delivery_id: int, status: int | None, error: str, delay_seconds: float
+    ) -> None:
+        with self.sessions.begin() as session:
+            session.execute(
+                update(Delivery)
+                .where(Delivery.id == delivery_id)
+                .values(
+                    attempts=Delivery.attempts + 1,
+                    last_status=status,
+                    last_error=error,
+                    next_attempt_at=_now() + timedelta(seconds=delay_seconds),
+                    updated_at=_now(),
+                )
+            )
+
+    def mark_dead(self, delivery_id: int, status: int | None, error: str) -> None:
+        with self.sessions.begin() as session:
+            session.execute(
+                update(Delivery)
+                .where(Delivery.id == delivery_id)
+                .values(
+                    state=DeliveryState.DEAD.value,
+                    attempts=Delivery.attempts + 1,
+                    last_status=status,
+                    last_error=error,
+                    updated_at=_now(),
+                )
+            )
+
+    def dead_letters(self) -> list[Delivery]:
+        with self.sessions() as session:
+            return list(
+                session.scalars(
+                    select(Delivery)
+                    .where(Delivery.state == DeliveryState.DEAD.value)
+                    .order_by(Delivery.updated_at.desc())
+                )
+            )
+
+    def retry(self, delivery_ids: list[int] | None = None) -> int:
+        """Put dead letters (all, or these ids) back to pending, due now."""
+        with self.sessions.begin() as session:
+            statement = update(Delivery).where(Delivery.state == DeliveryState.DEAD.value)
+            if delivery_ids is not None:
+                statement = statement.where(Delivery.id.in_(delivery_ids))
+            result = session.execute(
+                statement.values(
+                    state=DeliveryState.PENDING.value,
+                    attempts=0,
+                    next_attempt_at=_now(),
+                    updated_at=_now(),
+                )
+            )
+            return int(result.rowcount or 0)  # type: ignore[attr-defined]

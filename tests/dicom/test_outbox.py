@@ -1,0 +1,229 @@
+"""The outbox against real peers: Orthanc, and pynetdicom SCPs that answer badly."""
+
+from __future__ import annotations
+
+import random
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+from sqlalchemy import select
+
+from lungnode.config import Peer
+from lungnode.db.deliveries import DeliveryRepository
+from lungnode.db.migrate import upgrade
+from lungnode.db.models import Delivery, Job, Series
+from lungnode.db.session import make_engine, make_session_factory
+from lungnode.dicom.synthetic import make_ct_series, write_series
+from lungnode.pipeline.outbox import Outbox, RetryPolicy
+from tests.conftest import require_tool
+from tests.pacs import ORTHANC_AE, Orthanc, free_port
+
+FAST = RetryPolicy(base_seconds=0.2, cap_seconds=1.0, max_attempts=6)
+
+
+@pytest.fixture
+def deliveries(tmp_path: Path) -> Iterator[DeliveryRepository]:
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    upgrade(url)
+    engine = make_engine(url)
+    yield DeliveryRepository(make_session_factory(engine))
+    engine.dispose()
+
+
+def queue_files(repo: DeliveryRepository, paths: list[Path], destinations: list[str]) -> None:
+    """Rows as the job runner leaves them: one per object per destination."""
+    with repo.sessions.begin() as session:
+        series = Series(study_instance_uid="1.2.3", series_instance_uid=f"1.2.3.{time.time_ns()}")
+        session.add(series)
+        session.flush()
+        job = Job(series_id=series.id, state="done")
+        session.add(job)
+        session.flush()
+        for destination in destinations:
+            for path in paths:
+                uid = path.stem
+                session.add(
+                    Delivery(
+                        job_id=job.id,
+                        destination=destination,
+                        path=str(path),
+                        sop_class_uid=str(CTImageStorage),
+                        sop_instance_uid=uid,
+                    )
+                )
+
+
+def rows(repo: DeliveryRepository) -> list[Delivery]:
+    with repo.sessions() as session:
+        return list(session.scalars(select(Delivery).order_by(Delivery.id)))
+
+
+@pytest.fixture
+def result_files(tmp_path: Path) -> list[Path]:
+    return write_series(make_ct_series(4, rows=32, columns=32), tmp_path / "results")
+
+
+class FakePACS:
+    """A pynetdicom Storage SCP that answers every C-STORE with a chosen status."""
+
+    def __init__(self, status: int) -> None:
+        self.status = status
+        self.received: list[str] = []
+        self.ae = AE(ae_title="FAKEPACS")
+        self.ae.add_supported_context(CTImageStorage)
+        self.port = free_port()
+
+    def _on_store(self, event: evt.Event) -> int:
+        self.received.append(str(event.request.AffectedSOPInstanceUID))
+        return self.status
+
+    def __enter__(self) -> FakePACS:
+        self.ae.start_server(
+            ("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)]
+        )
+        return self
+
+    def __exit__(self, *args: object) -> None:
+        self.ae.shutdown()
+
+    @property
+    def peer(self) -> Peer:
+        return Peer("fake", "FAKEPACS", "127.0.0.1", self.port)
+
+
+def test_backoff_is_exponential_with_jitter_and_capped() -> None:
+    policy = RetryPolicy(base_seconds=2.0, cap_seconds=60.0, max_attempts=10)
+    rng = random.Random(1)
+    for attempt, step in [(1, 2.0), (2, 4.0), (3, 8.0), (5, 32.0), (6, 60.0), (9, 60.0)]:
+        delays = {policy.delay(attempt, rng) for _ in range(50)}
+        assert all(step / 2 <= d <= step for d in delays)
+        assert len(delays) > 1  # jitter
+
+
+def test_final_failure_is_dead_lettered_with_reason(
+    deliveries: DeliveryRepository, result_files: list[Path]
+) -> None:
+    with FakePACS(0xA900) as pacs:
+        queue_files(deliveries, result_files, ["fake"])
+        Outbox(deliveries, {"fake": pacs.peer}, "LUNGNODE", FAST).deliver_all_due()
+    assert len(pacs.received) == 4
+    assert {(r.state, r.attempts, r.last_status) for r in rows(deliveries)} == {("dead", 1, 0xA900)}
+    assert all("0xA900" in (r.last_error or "") for r in rows(deliveries))
+    assert len(deliveries.dead_letters()) == 4
+    # An operator retries the dead letters: they are pending again, due now.
+    assert deliveries.retry() == 4
+    assert {r.state for r in rows(deliveries)} == {"pending"}
+
+
+def test_out_of_resources_is_retried_later(
+    deliveries: DeliveryRepository, result_files: list[Path]
+) -> None:
+    with FakePACS(0xA700) as pacs:
+        queue_files(deliveries, result_files[:1], ["fake"])
+        policy = RetryPolicy(base_seconds=60.0, cap_seconds=600.0, max_attempts=5)
+        Outbox(deliveries, {"fake": pacs.peer}, "LUNGNODE", policy).deliver_all_due()
+    (row,) = rows(deliveries)
+    assert (row.state, row.attempts, row.last_status) == ("pending", 1, 0xA700)
+    assert 30 <= (row.next_attempt_at - row.updated_at).total_seconds() <= 60
+
+
+def test_unreachable_destination_does_not_block_the_others(
+    deliveries: DeliveryRepository, result_files: list[Path]
+) -> None:
+    # A "PACS" that accepts TCP and never answers: association set-up hangs until timeout.
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(5)
+    hung = Peer("hung", "HUNG", "127.0.0.1", silent.getsockname()[1])
+    try:
+        with FakePACS(0x0000) as pacs:
+            queue_files(deliveries, result_files, ["hung", "fake"])
+            outbox = Outbox(
+                deliveries, {"hung": hung, "fake": pacs.peer}, "LUNGNODE", FAST, timeout=8
+            )
+            started = time.monotonic()
+            futures = outbox.dispatch()
+            while len(pacs.received) < 4 and time.monotonic() - started < 8:
+                time.sleep(0.05)
+            assert len(pacs.received) == 4
+            assert time.monotonic() - started < 6  # did not wait for the hung destination
+            for future in futures:
+                future.result()
+    finally:
+        silent.close()
+    by_destination = {(r.destination, r.state) for r in rows(deliveries)}
+    assert by_destination == {("fake", "done"), ("hung", "pending")}
+
+
+@pytest.fixture
+def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
+    server = Orthanc(require_tool("Orthanc"), tmp_path / "orthanc", {})
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_orthanc_receives_everything(
+    deliveries: DeliveryRepository, result_files: list[Path], orthanc: Orthanc
+) -> None:
+    peer = Peer("pacs", ORTHANC_AE, "127.0.0.1", orthanc.dicom_port)
+    queue_files(deliveries, result_files, ["pacs"])
+    Outbox(deliveries, {"pacs": peer}, "LUNGNODE", FAST).deliver_all_due()
+    assert {r.state for r in rows(deliveries)} == {"done"}
+    assert orthanc.instance_uids() == {p.stem for p in result_files}
+
+
+# pynetdicom's transport drops, without closing, the socket of a refused connection.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_pacs_down_then_up_everything_arrives(
+    deliveries: DeliveryRepository, result_files: list[Path], orthanc: Orthanc
+) -> None:
+    peer = Peer("pacs", ORTHANC_AE, "127.0.0.1", orthanc.dicom_port)
+    orthanc.stop()
+    queue_files(deliveries, result_files, ["pacs"])
+    outbox = Outbox(deliveries, {"pacs": peer}, "LUNGNODE", FAST, seed=7)
+    schedule = []
+    for _ in range(3):
+        before = time.time()
+        outbox.deliver_all_due()
+        row = rows(deliveries)[0]
+        schedule.append(row.next_attempt_at.timestamp() - before)
+        assert row.state == "pending" and "no association" in (row.last_error or "")
+        time.sleep(max(0.0, row.next_attempt_at.timestamp() - time.time()) + 0.05)
+    # The back-off is visible in the database: attempts counted, delays growing.
+    assert rows(deliveries)[0].attempts == 3
+    assert schedule[0] < schedule[2]
+    orthanc.start()
+    outbox.deliver_all_due()
+    assert {r.state for r in rows(deliveries)} == {"done"}
+    assert orthanc.instance_uids() == {p.stem for p in result_files}
+    # Sending again (as after a crash before recording) keeps one copy per instance.
+    deliveries.retry()
+    with deliveries.sessions.begin() as session:
+        for row in session.scalars(select(Delivery)):
+            row.state = "pending"
+    outbox.deliver_all_due()
+    assert len(orthanc.get("/instances")) == len(result_files)
+
+
+def test_outbox_thread_delivers_when_woken(
+    deliveries: DeliveryRepository, result_files: list[Path]
+) -> None:
+    with FakePACS(0x0000) as pacs:
+        outbox = Outbox(deliveries, {"fake": pacs.peer}, "LUNGNODE", FAST, interval=30)
+        outbox.start()
+        try:
+            queue_files(deliveries, result_files, ["fake"])
+            outbox.wake()
+            deadline = time.monotonic() + 10
+            while {r.state for r in rows(deliveries)} != {"done"}:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        finally:
+            outbox.stop()
+    assert len(pacs.received) == 4
