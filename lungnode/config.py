@@ -124,6 +124,19 @@ class Settings(BaseSettings):
     http_port: int = Field(default=5000, ge=0, lt=65536)
     secret_key: SecretStr = SecretStr(DEFAULT_SECRET)
     admin_password: SecretStr | None = None
+    #: Origins allowed to call the API from a browser (CORS); empty: none.
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    access_token_minutes: int = Field(default=15, ge=1)
+    refresh_token_hours: int = Field(default=168, ge=1)
+    #: Flask-Limiter limits ("N/period", several separated by ";").
+    rate_limit_default: str = "300/minute"
+    rate_limit_login: str = "10/minute"
+    #: Flask-Limiter storage; empty: in memory, or broker_url when queue is celery with Redis.
+    rate_limit_storage_uri: str = ""
+    max_upload_mb: int = Field(default=10, ge=1)
+    max_batch_size: int = Field(default=10, ge=1)
+    #: Uploads no prediction refers to are removed by ``lungnode cleanup`` after this long.
+    upload_retention_hours: float = Field(default=24.0, gt=0)
 
     # -- analysis and queue ----------------------------------------------------
     queue: Literal["local", "celery"] = "local"
@@ -145,7 +158,7 @@ class Settings(BaseSettings):
             return value
         return [Peer.parse(text) for text in _split_list(value)]
 
-    @field_validator("result_destinations", mode="before")
+    @field_validator("result_destinations", "cors_origins", mode="before")
     @classmethod
     def _parse_destinations(cls, value: Any) -> list[str]:
         return _split_list(value)

@@ -46,7 +46,7 @@ class RetryPolicy:
         "Equal jitter": half the step is fixed, half random, so the schedule stays
         visibly exponential while retries from many jobs spread out.
         """
-        step = min(self.cap_seconds, self.base_seconds * 2 ** max(0, attempt - 1))
+        step = min(self.cap_seconds, self.base_seconds * 2.0 ** max(0, attempt - 1))
         return step / 2 + rng.uniform(0, step / 2)
 
 
