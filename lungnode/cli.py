@@ -11,10 +11,16 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from lungnode import __version__
 from lungnode.config import Settings, load_settings
 from lungnode.errors import ConfigError, LungnodeError
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
+
+    from lungnode.db.deliveries import DeliveryRepository
 
 logger = logging.getLogger("lungnode")
 
@@ -136,6 +142,42 @@ def cmd_send(settings: Settings, args: argparse.Namespace) -> int:
     return 0 if not failures else 1
 
 
+def _deliveries(settings: Settings) -> tuple[Engine, DeliveryRepository]:
+    from lungnode.db.deliveries import DeliveryRepository
+    from lungnode.db.migrate import upgrade
+    from lungnode.db.session import make_engine, make_session_factory
+
+    settings.storage_dir.mkdir(parents=True, exist_ok=True)
+    upgrade(settings.effective_database_url)
+    engine = make_engine(settings.effective_database_url)
+    return engine, DeliveryRepository(make_session_factory(engine))
+
+
+def cmd_deliveries_list(settings: Settings, args: argparse.Namespace) -> int:
+    engine, repo = _deliveries(settings)
+    dead = repo.dead_letters()
+    if not dead:
+        print("no dead letters")
+    for row in dead:
+        print(
+            f"{row.id}\t{row.destination}\t{row.sop_instance_uid}\tattempts={row.attempts}"
+            f"\t{row.updated_at:%Y-%m-%d %H:%M:%S}\t{row.last_error or ''}"
+        )
+    engine.dispose()
+    return 0
+
+
+def cmd_deliveries_retry(settings: Settings, args: argparse.Namespace) -> int:
+    if not args.all and not args.ids:
+        print("name delivery ids, or --all", file=sys.stderr)
+        return 2
+    engine, repo = _deliveries(settings)
+    count = repo.retry(None if args.all else list(args.ids))
+    engine.dispose()
+    print(f"{count} dead letter(s) queued again; a running node sends them within seconds")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lungnode", description=__doc__)
     parser.add_argument("--version", action="version", version=f"lungnode {__version__}")
@@ -169,6 +211,15 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--calling-ae", default="LUNGNODE")
     send.add_argument("--quiet", action="store_true", help="no progress bar")
     send.set_defaults(func=cmd_send)
+
+    deliveries = commands.add_parser("deliveries", help="result deliveries (the outbox)")
+    delivery_commands = deliveries.add_subparsers(dest="deliveries_command", required=True)
+    deliveries_list = delivery_commands.add_parser("list", help="list the dead letters")
+    deliveries_list.set_defaults(func=cmd_deliveries_list)
+    deliveries_retry = delivery_commands.add_parser("retry", help="send dead letters again")
+    deliveries_retry.add_argument("ids", nargs="*", type=int, metavar="ID")
+    deliveries_retry.add_argument("--all", action="store_true", help="every dead letter")
+    deliveries_retry.set_defaults(func=cmd_deliveries_retry)
     return parser
 
 

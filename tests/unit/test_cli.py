@@ -89,3 +89,45 @@ def test_invalid_settings_exit_with_a_clear_message(tmp_path: Path) -> None:
 def test_help_and_version(args: list[str], tmp_path: Path) -> None:
     result = run(args, tmp_path / "storage")
     assert result.returncode == 0 and result.stdout
+
+
+def test_deliveries_list_and_retry_dead_letters(tmp_path: Path) -> None:
+    from lungnode.db.migrate import upgrade
+    from lungnode.db.models import Delivery, Job, Series
+    from lungnode.db.session import make_engine, make_session_factory
+
+    storage = tmp_path / "storage"
+    url = f"sqlite:///{storage / 'lungnode.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    with make_session_factory(engine).begin() as session:
+        series = Series(study_instance_uid="1.2", series_instance_uid="1.2.3")
+        session.add(series)
+        session.flush()
+        job = Job(series_id=series.id)
+        session.add(job)
+        session.flush()
+        session.add(
+            Delivery(
+                job_id=job.id,
+                destination="pacs",
+                sop_class_uid="1.2.840.1",
+                sop_instance_uid="1.2.3.4",
+                path="x.dcm",
+                state="dead",
+                attempts=3,
+                last_status=0xA900,
+                last_error="0xA900: refused",
+            )
+        )
+    assert "no dead letters" not in run(["deliveries", "list"], storage).stdout
+    listed = run(["deliveries", "list"], storage).stdout
+    assert "1.2.3.4" in listed and "0xA900: refused" in listed
+    assert run(["deliveries", "retry"], storage).returncode == 2
+    retried = run(["deliveries", "retry", "--all"], storage)
+    assert retried.returncode == 0 and retried.stdout.startswith("1 dead letter")
+    with make_session_factory(engine)() as session:
+        row = session.get(Delivery, 1)
+        assert row is not None and (row.state, row.attempts) == ("pending", 0)
+    assert "no dead letters" in run(["deliveries", "list"], storage).stdout
+    engine.dispose()
