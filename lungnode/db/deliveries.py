@@ -14,6 +14,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from lungnode.db.models import Delivery, DeliveryState
+from lungnode.db.session import read_sessions, write_transaction
 
 
 def _now() -> datetime:
@@ -32,11 +33,12 @@ class DueDelivery:
 class DeliveryRepository:
     def __init__(self, sessions: sessionmaker[Session]) -> None:
         self.sessions = sessions
+        self._reads = read_sessions(sessions)
 
     def due(self, now: datetime | None = None, limit: int = 500) -> list[DueDelivery]:
         """Pending deliveries whose next attempt is due, oldest first."""
         moment = now or _now()
-        with self.sessions() as session:
+        with self._reads() as session:
             rows = session.execute(
                 select(
                     Delivery.id,
@@ -55,7 +57,7 @@ class DeliveryRepository:
         return [DueDelivery(*row) for row in rows]
 
     def next_due_at(self) -> datetime | None:
-        with self.sessions() as session:
+        with self._reads() as session:
             return session.scalar(
                 select(func.min(Delivery.next_attempt_at)).where(
                     Delivery.state == DeliveryState.PENDING.value
@@ -63,7 +65,7 @@ class DeliveryRepository:
             )
 
     def mark_done(self, delivery_id: int, status: int | None) -> None:
-        with self.sessions.begin() as session:
+        with write_transaction(self.sessions) as session:
             session.execute(
                 update(Delivery)
                 .where(Delivery.id == delivery_id)
@@ -79,7 +81,7 @@ class DeliveryRepository:
     def mark_retry(
         self, delivery_id: int, status: int | None, error: str, delay_seconds: float
     ) -> None:
-        with self.sessions.begin() as session:
+        with write_transaction(self.sessions) as session:
             session.execute(
                 update(Delivery)
                 .where(Delivery.id == delivery_id)
@@ -93,7 +95,7 @@ class DeliveryRepository:
             )
 
     def mark_dead(self, delivery_id: int, status: int | None, error: str) -> None:
-        with self.sessions.begin() as session:
+        with write_transaction(self.sessions) as session:
             session.execute(
                 update(Delivery)
                 .where(Delivery.id == delivery_id)
@@ -107,7 +109,7 @@ class DeliveryRepository:
             )
 
     def dead_letters(self) -> list[Delivery]:
-        with self.sessions() as session:
+        with self._reads() as session:
             return list(
                 session.scalars(
                     select(Delivery)
@@ -118,7 +120,7 @@ class DeliveryRepository:
 
     def retry(self, delivery_ids: list[int] | None = None) -> int:
         """Put dead letters (all, or these ids) back to pending, due now."""
-        with self.sessions.begin() as session:
+        with write_transaction(self.sessions) as session:
             statement = update(Delivery).where(Delivery.state == DeliveryState.DEAD.value)
             if delivery_ids is not None:
                 statement = statement.where(Delivery.id.in_(delivery_ids))

@@ -8,15 +8,14 @@ DICOM networking or the completion rules: it stores and returns plain facts.
 from __future__ import annotations
 
 import logging
-import threading
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, func, insert, select, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -29,6 +28,7 @@ from lungnode.db.models import (
     Series,
     SeriesState,
 )
+from lungnode.db.session import read_sessions, write_transaction
 from lungnode.domain import InstanceFacts
 
 logger = logging.getLogger(__name__)
@@ -60,33 +60,15 @@ class ReceivingSeries:
 class NodeRepository:
     def __init__(self, sessions: sessionmaker[Session]) -> None:
         self.sessions = sessions
-        bind = sessions.kw.get("bind")
-        self._sqlite = isinstance(bind, Engine) and bind.dialect.name == "sqlite"
-        # Reads on SQLite need no write lock: a plain (deferred) BEGIN under WAL.
-        self._read_sessions = (
-            sessionmaker(bind=bind.execution_options(sqlite_read_only=True), expire_on_commit=False)
-            if self._sqlite and isinstance(bind, Engine)
-            else sessions
-        )
-        # SQLite has one writer at a time. Taking turns on a lock in this process is
-        # far cheaper than SQLite's busy-wait back-off (sleeps of 1 ms and up).
-        self._write_lock = threading.Lock() if self._sqlite else None
+        self._read_sessions = read_sessions(sessions)
         self._series_ids: dict[str, int] = {}
         self._calling_aes: dict[int, str | None] = {}
 
-    @contextmanager
-    def _write(self) -> Iterator[Session]:
-        if self._write_lock is None:
-            with self.sessions.begin() as session:
-                yield session
-            return
-        with self._write_lock, self.sessions.begin() as session:
-            yield session
+    def _write(self) -> AbstractContextManager[Session]:
+        return write_transaction(self.sessions)
 
-    @contextmanager
-    def _read(self) -> Iterator[Session]:
-        with self._read_sessions() as session:
-            yield session
+    def _read(self) -> Session:
+        return self._read_sessions()
 
     # -- associations ------------------------------------------------------------
 

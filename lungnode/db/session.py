@@ -7,6 +7,10 @@ makes every committed row durable before the SCP answers success.
 
 from __future__ import annotations
 
+import threading
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -52,3 +56,50 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(bind=engine, expire_on_commit=False)
+
+
+_write_locks: weakref.WeakKeyDictionary[Engine, threading.Lock] = weakref.WeakKeyDictionary()
+_write_locks_guard = threading.Lock()
+
+
+def _engine_of(sessions: sessionmaker[Session]) -> Engine | None:
+    bind = sessions.kw.get("bind")
+    return bind if isinstance(bind, Engine) else None
+
+
+def _write_lock(sessions: sessionmaker[Session]) -> threading.Lock | None:
+    engine = _engine_of(sessions)
+    if engine is None or engine.dialect.name != "sqlite":
+        return None
+    with _write_locks_guard:
+        lock = _write_locks.get(engine)
+        if lock is None:
+            lock = _write_locks[engine] = threading.Lock()
+        return lock
+
+
+@contextmanager
+def write_transaction(sessions: sessionmaker[Session]) -> Iterator[Session]:
+    """A committed-or-rolled-back transaction for writing.
+
+    SQLite has one writer at a time. Taking turns on a lock in this process is far
+    cheaper than SQLite's busy-wait back-off (sleeps of 1 ms and more), so every
+    writer of one engine shares one lock; other databases need none.
+    """
+    lock = _write_lock(sessions)
+    if lock is None:
+        with sessions.begin() as session:
+            yield session
+        return
+    with lock, sessions.begin() as session:
+        yield session
+
+
+def read_sessions(sessions: sessionmaker[Session]) -> sessionmaker[Session]:
+    """A factory for read-only work: on SQLite, a plain BEGIN that takes no write lock."""
+    engine = _engine_of(sessions)
+    if engine is None or engine.dialect.name != "sqlite":
+        return sessions
+    return sessionmaker(
+        bind=engine.execution_options(sqlite_read_only=True), expire_on_commit=False
+    )
