@@ -299,9 +299,10 @@ class NodeRepository:
         reason: str | None = None,
         details: dict[str, Any] | None = None,
     ) -> None:
+        """running -> done | failed. A job its handler already finished is left alone."""
         with self._write() as session:
             job = session.get(Job, job_id)
-            if job is None:
+            if job is None or job.state != JobState.RUNNING.value:
                 return
             job.state = state.value
             job.reason = reason

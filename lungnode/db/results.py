@@ -1,0 +1,140 @@
+"""What a job reads before it runs, and what it records when it is done.
+
+A finished job leaves, in ONE transaction: the job ``done`` with its details,
+the Prediction row, and one Delivery per result object per destination. So a
+crash either loses the whole result (the job is re-run at start) or none of it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from lungnode.db.models import Delivery, Instance, Job, JobState, Prediction, Series
+from lungnode.db.session import read_sessions, write_transaction
+
+
+@dataclass(frozen=True)
+class JobInputs:
+    job_id: int
+    version: int
+    study_instance_uid: str
+    series_instance_uid: str
+    calling_ae: str | None
+    instance_paths: list[str]
+
+
+@dataclass(frozen=True)
+class ResultObject:
+    """One written DICOM object waiting to be delivered."""
+
+    kind: str  # "sc", "pdf" or "sr"
+    sop_class_uid: str
+    sop_instance_uid: str
+    path: str
+
+
+@dataclass
+class JobResults:
+    details: dict[str, Any]
+    objects: list[ResultObject] = field(default_factory=list)
+    prediction_class: str | None = None
+    confidence: float | None = None
+    all_scores: dict[str, float] | None = None
+    heatmap_path: str | None = None
+    report_path: str | None = None
+    model_name: str | None = None
+    model_version: str | None = None
+    model_sha256: str | None = None
+    processing_time: float | None = None
+
+
+def job_inputs(sessions: sessionmaker[Session], job_id: int) -> JobInputs:
+    with read_sessions(sessions)() as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            raise LookupError(f"job {job_id} does not exist")
+        series = session.get(Series, job.series_id)
+        assert series is not None
+        paths = list(
+            session.scalars(
+                select(Instance.path)
+                .where(Instance.series_id == series.id)
+                .order_by(Instance.instance_number, Instance.id)
+            )
+        )
+        return JobInputs(
+            job_id=job.id,
+            version=job.version,
+            study_instance_uid=series.study_instance_uid,
+            series_instance_uid=series.series_instance_uid,
+            calling_ae=series.calling_ae,
+            instance_paths=paths,
+        )
+
+
+def record_job_results(
+    sessions: sessionmaker[Session], job_id: int, results: JobResults, destinations: list[str]
+) -> int:
+    """Finish the job with its prediction and deliveries, atomically. Returns the prediction id.
+
+    A re-run (after a crash) replaces nothing already recorded: deliveries are
+    unique per (destination, SOP Instance UID) and output UIDs are deterministic.
+    """
+    now = datetime.now(UTC)
+    with write_transaction(sessions) as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            raise LookupError(f"job {job_id} does not exist")
+        series = session.get(Series, job.series_id)
+        assert series is not None
+        prediction = Prediction(
+            job_id=job_id,
+            source="dicom",
+            study_instance_uid=series.study_instance_uid,
+            series_instance_uid=series.series_instance_uid,
+            prediction_class=results.prediction_class,
+            confidence_score=results.confidence,
+            all_scores=results.all_scores,
+            heatmap_path=results.heatmap_path,
+            report_path=results.report_path,
+            model_name=results.model_name,
+            model_version=results.model_version,
+            model_sha256=results.model_sha256,
+            processing_time=results.processing_time,
+            timestamp=now,
+        )
+        session.add(prediction)
+        known = {
+            (destination, uid)
+            for destination, uid in session.execute(
+                select(Delivery.destination, Delivery.sop_instance_uid).where(
+                    Delivery.sop_instance_uid.in_([o.sop_instance_uid for o in results.objects])
+                )
+            )
+        }
+        for destination in destinations:
+            for result in results.objects:
+                if (destination, result.sop_instance_uid) in known:
+                    continue
+                session.add(
+                    Delivery(
+                        job_id=job_id,
+                        destination=destination,
+                        sop_class_uid=result.sop_class_uid,
+                        sop_instance_uid=result.sop_instance_uid,
+                        path=result.path,
+                        next_attempt_at=now,
+                        created_at=now,
+                    )
+                )
+        job.state = JobState.DONE.value
+        job.finished_at = now
+        job.reason = None
+        job.details = results.details
+        session.flush()
+        return prediction.id

@@ -1,0 +1,293 @@
+"""Secondary Capture images of the Grad-CAM heatmaps, one per key slice.
+
+Each image is the key slice in the lung window with the heatmap blended over
+it and a colour bar (:func:`lungnode.ml.gradcam.overlay`), under a banner with
+burned-in text: "NOT FOR DIAGNOSTIC USE", the class and its scores, the model,
+and the synthetic-model notice for the demo model. A viewer shows it in the
+source study, next to the CT, as a new series "LUNGNODE Grad-CAM".
+
+The object is a Secondary Capture Image (PS3.3 A.8.1) built by highdicom's
+:class:`highdicom.sc.SCImage`, which copies the Patient and General Study
+modules from the source instance and checks what it writes. On top we set:
+
+- Burned In Annotation YES (PS3.3 C.7.6.1.1.11), as the pixels carry text;
+- Conversion Type WSD, "workstation" (PS3.3 C.8.6.1);
+- Source Image Sequence (PS3.3 C.7.6.1, Table C.7-9) to the CT instance of the
+  key slice, with purpose (121322, DCM, "Source image for image processing
+  operation") from CID 7202;
+- Contributing Equipment Sequence (PS3.3 C.12.1) naming the model.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+from collections.abc import Sequence
+
+import cv2
+import highdicom as hd
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.valuerep import DA, TM
+
+from lungnode import __version__
+from lungnode.dicom.uids import OutputSeries
+from lungnode.dicom.writers.common import (
+    MANUFACTURER,
+    NOT_FOR_DIAGNOSTIC_USE,
+    algorithm_equipment,
+    check_result,
+    check_source,
+    model_text,
+    resolve_created,
+    sop_instance_reference,
+)
+from lungnode.domain import AnalysisResult, HUVolume, ModelIdentity, SliceRef
+from lungnode.ml.gradcam import overlay
+
+logger = logging.getLogger(__name__)
+
+SERIES_DESCRIPTION = "LUNGNODE Grad-CAM"
+#: Images narrower than this are enlarged so that the burned-in text is legible.
+MIN_WIDTH = 512
+
+_WHITE = (255, 255, 255)
+_RED = (255, 80, 80)
+_YELLOW = (255, 220, 0)
+
+
+def render_key_image(
+    hu_slice: np.ndarray,
+    heatmap: np.ndarray,
+    *,
+    label: str,
+    series_score: float,
+    slice_score: float | None,
+    model: ModelIdentity,
+    min_width: int = MIN_WIDTH,
+) -> np.ndarray:
+    """The RGB uint8 picture of one key slice: banner of text over the overlay.
+
+    The overlay keeps the slice's aspect ratio; it is enlarged (never shrunk)
+    to ``min_width`` columns so that the text stays legible on small slices.
+    """
+    if hu_slice.ndim != 2:
+        raise ValueError(f"a key slice must be 2D, got shape {hu_slice.shape}")
+    if heatmap.shape != hu_slice.shape:
+        raise ValueError(f"heatmap {heatmap.shape} and slice {hu_slice.shape} differ in size")
+    rows, cols = hu_slice.shape
+    hu: np.ndarray = hu_slice.astype(np.float32)
+    heat: np.ndarray = heatmap.astype(np.float32)
+    if cols < min_width:
+        # Enlarge before blending so that the colour bar is drawn sharp.
+        size = (min_width, max(1, round(rows * min_width / cols)))
+        hu = cv2.resize(hu, size, interpolation=cv2.INTER_LINEAR)
+        heat = np.clip(cv2.resize(heat, size, interpolation=cv2.INTER_LINEAR), 0.0, 1.0)
+    rgb = overlay(hu, heat, legend=True)
+    width = rgb.shape[1]
+    scores = f"series score {series_score:.2f}"
+    if slice_score is not None:
+        scores += f", slice score {slice_score:.2f}"
+    lines: list[tuple[str, tuple[int, int, int]]] = [
+        (NOT_FOR_DIAGNOSTIC_USE, _RED),
+        (f"Grad-CAM: {label} ({scores})", _WHITE),
+        (f"Model: {model_text(model)}", _WHITE),
+    ]
+    if model.synthetic:
+        lines.append(("Synthetic phantom model - trained on synthetic phantoms", _YELLOW))
+    font_scale = max(0.45, width / 1100)
+    line_h = int(28 * font_scale) + 8
+    banner = np.zeros((line_h * len(lines) + 8, width, 3), dtype=np.uint8)
+    for i, (text, colour) in enumerate(lines):
+        cv2.putText(
+            banner,
+            _ascii(text),
+            (8, line_h * (i + 1)),
+            cv2.FONT_HERSHEY_SIMPLEX,
+            font_scale,
+            colour,
+            1,
+            cv2.LINE_AA,
+        )
+    picture: np.ndarray = np.ascontiguousarray(np.vstack([banner, rgb]))
+    return picture
+
+
+def write_sc_image(
+    source: Dataset,
+    result: AnalysisResult,
+    *,
+    hu_slice: np.ndarray,
+    heatmap: np.ndarray,
+    slice_ref: SliceRef,
+    index: int,
+    analysis_version: int,
+    slice_score: float | None = None,
+    created: _dt.datetime | None = None,
+) -> Dataset:
+    """One Secondary Capture image for the ``index``-th key slice; valid or raise.
+
+    ``source`` is any instance of the analysed series (its header is enough);
+    ``slice_ref`` names the CT instance (and frame) the key slice came from.
+
+    Raises:
+        ValueError: the result was not analysed, or an input is inconsistent.
+    """
+    check_source(source)
+    check_result(result)
+    if not result.analysed:
+        raise ValueError("no Grad-CAM image for a series that was not analysed")
+    when = resolve_created(created)
+    output = OutputSeries.for_model(
+        str(source.SeriesInstanceUID), result.model, analysis_version, "sc"
+    )
+    picture = render_key_image(
+        hu_slice,
+        heatmap,
+        label=result.verdict,
+        series_score=result.confidence,
+        slice_score=slice_score,
+        model=result.model,
+    )
+    equipment = algorithm_equipment(
+        result.model, when, f"Grad-CAM heatmap of {result.verdict} burned into the key slice"
+    )
+    try:
+        sc = hd.sc.SCImage.from_ref_dataset(
+            ref_dataset=source,
+            pixel_array=picture,
+            photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
+            bits_allocated=8,
+            coordinate_system=hd.CoordinateSystemNames.PATIENT,
+            series_instance_uid=output.series_instance_uid,
+            series_number=output.series_number,
+            sop_instance_uid=output.sop_instance_uid(index),
+            instance_number=index + 1,
+            manufacturer=MANUFACTURER,
+            patient_orientation=patient_orientation(source),
+            transfer_syntax_uid=ExplicitVRLittleEndian,
+            contributing_equipment=[equipment],
+            series_description=SERIES_DESCRIPTION,
+            manufacturer_model_name="lungnode",
+            software_versions=__version__,
+            content_date=when.date(),
+            content_time=when.time(),
+            series_date=when.date(),
+            series_time=when.time(),
+        )
+    except (TypeError, AttributeError) as exc:  # highdicom's way to reject an input
+        raise ValueError(f"cannot build the Secondary Capture image: {exc}") from exc
+    sc.BurnedInAnnotation = "YES"
+    # General Series: a lung CT shows the chest, which is not a paired body
+    # part, so Laterality (type 2C, PS3.3 C.7.3.1) stays absent.
+    sc.BodyPartExamined = source.get("BodyPartExamined") or "CHEST"
+    sc.ConversionType = "WSD"
+    sc.DateOfSecondaryCapture = DA(when.date())
+    sc.TimeOfSecondaryCapture = TM(when.time())
+    sc.DerivationDescription = (
+        f"Grad-CAM of {result.verdict} by {model_text(result.model)} over the lung window"
+    )[:1024]
+    reference = sop_instance_reference(source, slice_ref)
+    reference.PurposeOfReferenceCodeSequence = [
+        hd.sr.CodedConcept.from_code(codes.DCM.SourceImageForImageProcessingOperation)
+    ]
+    sc.SourceImageSequence = [reference]
+    sc.ImageComments = f"{NOT_FOR_DIAGNOSTIC_USE}. Key slice {index + 1}: {result.verdict}"
+    if result.model.synthetic:
+        sc.ImageComments += ". Synthetic phantom model, trained on synthetic phantoms"
+    return sc
+
+
+def write_sc_images(
+    source: Dataset,
+    result: AnalysisResult,
+    volume: HUVolume,
+    *,
+    analysis_version: int,
+    created: _dt.datetime | None = None,
+) -> list[Dataset]:
+    """One Secondary Capture image per key slice, most suspicious first.
+
+    ``volume`` is the analysed volume; ``result.key_slices`` index into it and
+    ``result.heatmaps`` line up with them.
+
+    Raises:
+        ValueError: not analysed, or key slices, references and heatmaps disagree.
+    """
+    check_result(result)
+    if not result.analysed:
+        raise ValueError("no Grad-CAM images for a series that was not analysed")
+    if len(result.heatmaps) != len(result.key_slices):
+        raise ValueError(f"{len(result.key_slices)} key slices but {len(result.heatmaps)} heatmaps")
+    when = resolve_created(created)
+    column = result.labels.index(result.verdict)
+    images = []
+    for index, (slice_index, ref, heatmap) in enumerate(
+        zip(result.key_slices, result.key_slice_refs, result.heatmaps, strict=True)
+    ):
+        if not 0 <= slice_index < volume.hu.shape[0]:
+            raise ValueError(f"key slice {slice_index} is outside the volume")
+        images.append(
+            write_sc_image(
+                source,
+                result,
+                hu_slice=volume.hu[slice_index],
+                heatmap=heatmap,
+                slice_ref=ref,
+                index=index,
+                analysis_version=analysis_version,
+                slice_score=_slice_score(result, slice_index, column),
+                created=when,
+            )
+        )
+    logger.debug("wrote %d Grad-CAM images for series %s", len(images), source.SeriesInstanceUID)
+    return images
+
+
+def patient_orientation(source: Dataset) -> tuple[str, str]:
+    """Patient Orientation (PS3.3 C.7.6.1.1.1) of the rows and columns of the slice.
+
+    From Image Orientation (Patient) of the source, classic or in the shared
+    functional groups of an enhanced instance; an axial slice in the usual
+    orientation gives ("L", "P"). Without geometry we assume that one, since
+    only axial series are analysed.
+    """
+    iop = _image_orientation(source)
+    if iop is None:
+        return ("L", "P")
+    return (_direction_letters(iop[:3]), _direction_letters(iop[3:]))
+
+
+def _image_orientation(source: Dataset) -> list[float] | None:
+    if "ImageOrientationPatient" in source:
+        return [float(v) for v in source.ImageOrientationPatient]
+    try:
+        shared = source.SharedFunctionalGroupsSequence[0]
+        return [float(v) for v in shared.PlaneOrientationSequence[0].ImageOrientationPatient]
+    except (AttributeError, IndexError, KeyError):
+        return None
+
+
+def _direction_letters(cosines: Sequence[float]) -> str:
+    """The letter of the strongest axis of a direction (PS3.3 C.7.6.1.1.1).
+
+    The standard allows several letters for oblique directions; highdicom
+    accepts one, so an oblique slice is named by its main axis.
+    """
+    letters = [("L", "R"), ("P", "A"), ("H", "F")]
+    axis = max(range(3), key=lambda a: abs(cosines[a]))
+    return letters[axis][0 if cosines[axis] > 0 else 1]
+
+
+def _slice_score(result: AnalysisResult, slice_index: int, column: int) -> float | None:
+    scores = result.slice_scores
+    if scores.ndim == 2 and slice_index < scores.shape[0] and column < scores.shape[1]:
+        return float(scores[slice_index, column])
+    return None
+
+
+def _ascii(text: str) -> str:
+    """OpenCV's Hershey fonts draw ASCII only."""
+    return text.encode("ascii", "replace").decode("ascii")

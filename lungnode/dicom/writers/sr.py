@@ -1,0 +1,295 @@
+"""The classification as a Structured Report: TID 1500 Measurement Report.
+
+Built with highdicom's TID 1500 (PS3.16 A.35.1) in a Comprehensive SR
+(PS3.3 A.35.3), so that a machine can read what the PDF tells a person. The
+content tree is::
+
+    Imaging Measurement Report (126000, DCM)                       TID 1500
+    +- Language, Device Observer "lungnode" (model name)         TID 1204, 1004
+    +- Procedure Reported: CT unspecified body region (25045-6, LN)  CID 100
+    +- Imaging Measurements
+       +- Measurement Group "Series classification"              TID 1501
+       |  +- Finding: the verdict's class code, Finding Site: Lung
+       |  +- Algorithm Identification: name, version, SHA-256    TID 4019
+       |  +- Source: the CT instances of the key slices
+       |  +- Certainty of Finding (111012, DCM) = confidence, in %
+       |  +- Impression (121073, DCM) = the verdict's class code
+       |  +- CAD Processing and Findings Summary (111017, DCM) =
+       |     "All algorithms succeeded; with[out] findings" (CID 6047)
+       +- Measurement Group "Class score: <label>", one per class
+          +- Finding: the class code, Finding Site: Lung, Algorithm
+          +- Certainty of Finding = that class's probability, in %
+
+A series that was not analysed gets one group whose CAD Processing and
+Findings Summary is (111245, DCM, "No algorithms succeeded; without
+findings"), with a Comment (121106, DCM) TEXT saying why; the demo model's
+verdict group carries the synthetic-model notice as a Comment too. TID 1501
+is extensible, which admits these TEXT items.
+
+Codes (SNOMED CT codes are those of PS3.16 CID 638/639 "Neoplasm"):
+
+=======================  ===========================================
+Adenocarcinoma           (254626006, SCT, "Adenocarcinoma of lung")
+Large Cell Carcinoma     (22687000, SCT, "Large cell carcinoma") with
+                         Finding Site (39607008, SCT, "Lung")
+Squamous Cell Carcinoma  (254634000, SCT, "Squamous cell carcinoma of lung")
+Normal                   (17621005, SCT, "Normal"), CID 222
+=======================  ===========================================
+
+A label with no standard code (a future model's class) is coded in the
+private scheme ``99LUNGNODE`` (PS3.16 8.2: private schemes start with "99"),
+declared in the Coding Scheme Identification Sequence (PS3.3 C.12.1): its
+code value is the label in upper case with non-alphanumerics as "-", its
+meaning is the label.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import re
+
+import highdicom as hd
+from highdicom.coding_schemes import CodingSchemeIdentificationItem
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+from pydicom.valuerep import DA, TM
+
+from lungnode import __version__
+from lungnode.dicom.uids import OutputSeries, uuid_derived_uid
+from lungnode.dicom.writers.common import (
+    MANUFACTURER,
+    SYNTHETIC_NOTICE,
+    algorithm_equipment,
+    check_result,
+    check_source,
+    key_slice_refs,
+    resolve_created,
+)
+from lungnode.domain import AnalysisResult, ModelIdentity, SliceRef
+
+SERIES_DESCRIPTION = "LUNGNODE Classification SR"
+PRIVATE_SCHEME = "99LUNGNODE"
+
+#: Standard codes of the demo model's classes (see the module docstring).
+CLASS_CODES: dict[str, Code] = {
+    "Adenocarcinoma": codes.SCT.AdenocarcinomaOfLung,
+    "Large Cell Carcinoma": codes.SCT.LargeCellCarcinoma,
+    "Normal": codes.SCT.Normal,
+    "Squamous Cell Carcinoma": codes.SCT.SquamousCellCarcinomaOfLung,
+}
+_NORMAL_LABELS = frozenset({"Normal"})
+
+_CERTAINTY = codes.DCM.CertaintyOfFinding
+_PERCENT = codes.UCUM.Percent
+_CAD_SUMMARY = codes.DCM.CADProcessingAndFindingsSummary
+
+
+def class_code(label: str) -> Code:
+    """The code of a class label: standard where one exists, else ``99LUNGNODE``."""
+    if label in CLASS_CODES:
+        return CLASS_CODES[label]
+    value = re.sub(r"[^A-Z0-9]+", "-", label.upper()).strip("-")[:16]
+    if not value:
+        raise ValueError(f"class label {label!r} has no letters or digits to code")
+    return Code(value, PRIVATE_SCHEME, label[:64])
+
+
+def write_sr(
+    source: Dataset,
+    result: AnalysisResult,
+    *,
+    analysis_version: int,
+    created: _dt.datetime | None = None,
+) -> Dataset:
+    """A Comprehensive SR holding the TID 1500 report of ``result``; valid or raise.
+
+    ``source`` is any instance of the analysed series (its header is enough);
+    its Patient and Study are copied, and its SOP Class names the key slices'.
+
+    Raises:
+        ValueError: an input is inconsistent, or highdicom rejects the content.
+    """
+    check_source(source)
+    check_result(result)
+    when = resolve_created(created)
+    output = OutputSeries.for_model(
+        str(source.SeriesInstanceUID), result.model, analysis_version, "sr"
+    )
+    refs = key_slice_refs(result)
+    try:
+        groups = _groups(source, result, refs, output)
+        report = hd.sr.MeasurementReport(
+            observation_context=_observation_context(result.model),
+            procedure_reported=codes.cid100.CTUnspecifiedBodyRegion,
+            imaging_measurements=groups,
+        )
+        private = [class_code(label) for label in result.labels if label not in CLASS_CODES]
+        sr = hd.sr.ComprehensiveSR(
+            evidence=_evidence(source, refs),
+            content=report,
+            series_instance_uid=output.series_instance_uid,
+            series_number=output.series_number,
+            sop_instance_uid=output.sop_instance_uid(0),
+            instance_number=1,
+            manufacturer=MANUFACTURER,
+            is_complete=True,
+            is_final=False,
+            series_description=SERIES_DESCRIPTION,
+            manufacturer_model_name="lungnode",
+            software_versions=__version__,
+            content_date=when.date(),
+            content_time=when.time(),
+            series_date=when.date(),
+            series_time=when.time(),
+            coding_schemes=[_private_scheme()] if private else None,
+            contributing_equipment=[
+                algorithm_equipment(result.model, when, "Classification of the series")
+            ],
+        )
+    except TypeError as exc:  # highdicom's way to reject an input
+        raise ValueError(f"cannot build the Structured Report: {exc}") from exc
+    sr.InstanceCreationDate = DA(when.date())
+    sr.InstanceCreationTime = TM(when.time())
+    return sr
+
+
+def _groups(
+    source: Dataset,
+    result: AnalysisResult,
+    refs: list[SliceRef],
+    output: OutputSeries,
+) -> list[hd.sr.MeasurementsAndQualitativeEvaluations]:
+    algorithm = hd.sr.AlgorithmIdentification(
+        name=result.model.name,
+        version=result.model.version,
+        parameters=[f"SHA-256 {result.model.sha256}"] if result.model.sha256 else None,
+        manufacturer=MANUFACTURER,
+    )
+    lung = [hd.sr.FindingSite(anatomic_location=codes.SCT.Lung)]
+
+    def tracking(text: str) -> hd.sr.TrackingIdentifier:
+        # Deterministic, like every UID of the output (see lungnode.dicom.uids).
+        uid = uuid_derived_uid(output.sop_instance_uid(0), "tracking", text)
+        return hd.sr.TrackingIdentifier(uid=uid, identifier=text[:64])
+
+    if not result.analysed:
+        group = hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=tracking("Series classification"),
+            algorithm_id=algorithm,
+            finding_sites=lung,
+            qualitative_evaluations=[
+                hd.sr.QualitativeEvaluation(
+                    _CAD_SUMMARY, codes.DCM.NoAlgorithmsSucceededWithoutFindings
+                )
+            ],
+            source_images=[_source_image(source, None)],
+        )
+        group[0].ContentSequence.append(
+            _comment(f"Not analysed, because {result.not_analysed_reason}")
+        )
+        return [group]
+
+    verdict_code = class_code(result.verdict)
+    summary = (
+        codes.DCM.AllAlgorithmsSucceededWithoutFindings
+        if result.verdict in _NORMAL_LABELS
+        else codes.DCM.AllAlgorithmsSucceededWithFindings
+    )
+    groups = [
+        hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=tracking("Series classification"),
+            finding_type=verdict_code,
+            algorithm_id=algorithm,
+            finding_sites=lung,
+            measurements=[_certainty(result.confidence)],
+            qualitative_evaluations=[
+                hd.sr.QualitativeEvaluation(codes.DCM.Impression, verdict_code),
+                hd.sr.QualitativeEvaluation(_CAD_SUMMARY, summary),
+            ],
+            source_images=[_source_image(source, ref) for ref in refs] or None,
+        )
+    ]
+    if result.model.synthetic:
+        groups[0][0].ContentSequence.append(_comment(SYNTHETIC_NOTICE))
+    for label in result.labels:
+        if label not in result.class_scores:
+            continue
+        groups.append(
+            hd.sr.MeasurementsAndQualitativeEvaluations(
+                tracking_identifier=tracking(f"Class score: {label}"),
+                finding_type=class_code(label),
+                algorithm_id=algorithm,
+                finding_sites=lung,
+                measurements=[_certainty(result.class_scores[label])],
+            )
+        )
+    return groups
+
+
+def _comment(text: str) -> hd.sr.TextContentItem:
+    """A Comment (121106, DCM) TEXT item; TID 1501 is extensible."""
+    return hd.sr.TextContentItem(
+        name=codes.DCM.Comment,
+        value=text[:1024],
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+    )
+
+
+def _certainty(probability: float) -> hd.sr.Measurement:
+    """Certainty of Finding (111012, DCM) in percent (UCUM "%"), 0 to 100."""
+    return hd.sr.Measurement(name=_CERTAINTY, value=round(100.0 * probability, 3), unit=_PERCENT)
+
+
+def _source_image(source: Dataset, ref: SliceRef | None) -> hd.sr.SourceImageForMeasurementGroup:
+    if ref is None:
+        return hd.sr.SourceImageForMeasurementGroup(
+            referenced_sop_class_uid=source.SOPClassUID,
+            referenced_sop_instance_uid=source.SOPInstanceUID,
+        )
+    return hd.sr.SourceImageForMeasurementGroup(
+        referenced_sop_class_uid=source.SOPClassUID,
+        referenced_sop_instance_uid=ref.sop_instance_uid,
+        referenced_frame_numbers=[ref.frame_number] if ref.frame_number is not None else None,
+    )
+
+
+def _observation_context(model: ModelIdentity) -> hd.sr.ObservationContext:
+    """The device observer (TID 1004): lungnode running the model."""
+    device = hd.sr.DeviceObserverIdentifyingAttributes(
+        uid=uuid_derived_uid("lungnode-device-observer", model.name, model.version),
+        name="lungnode",
+        manufacturer_name=MANUFACTURER,
+        model_name=f"{model.name} {model.version}"[:64],
+    )
+    return hd.sr.ObservationContext(
+        observer_device_context=hd.sr.ObserverContext(
+            observer_type=codes.DCM.Device,
+            observer_identifying_attributes=device,
+        )
+    )
+
+
+def _evidence(source: Dataset, refs: list[SliceRef]) -> list[Dataset]:
+    """The source first (patient and study come from it), then each key slice's instance."""
+    evidence = [source]
+    seen = {str(source.SOPInstanceUID)}
+    for ref in refs:
+        if ref.sop_instance_uid in seen:
+            continue
+        seen.add(ref.sop_instance_uid)
+        item = Dataset()
+        item.StudyInstanceUID = source.StudyInstanceUID
+        item.SeriesInstanceUID = source.SeriesInstanceUID
+        item.SOPClassUID = source.SOPClassUID
+        item.SOPInstanceUID = ref.sop_instance_uid
+        evidence.append(item)
+    return evidence
+
+
+def _private_scheme() -> CodingSchemeIdentificationItem:
+    return CodingSchemeIdentificationItem(
+        designator=PRIVATE_SCHEME,
+        name="lungnode class labels",
+        responsible_organization="lungnode",
+    )
