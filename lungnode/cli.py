@@ -46,7 +46,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
 
     settings.check_safe_to_start()
     _log_settings(settings)
-    node = Node(settings)
+    node = Node(settings, analyse=True)
     stop = threading.Event()
 
     def _on_signal(signum: int, _frame: FrameType | None) -> None:

@@ -145,6 +145,17 @@ class Settings(BaseSettings):
     model: str = "lung-ct-demo"
     models_dir: Path = Path("models")
     trust_pickle: bool = False
+    #: A series with fewer slices is answered "not analysed" instead of classified.
+    min_series_slices: int = Field(default=5, ge=1)
+
+    # -- result delivery (the outbox) -------------------------------------------
+    #: Back-off after the n-th failed attempt: base * 2^(n-1), capped, with jitter.
+    delivery_retry_base_seconds: float = Field(default=2.0, gt=0)
+    delivery_retry_cap_seconds: float = Field(default=300.0, gt=0)
+    #: Transient failures after which a delivery is dead-lettered.
+    delivery_max_attempts: int = Field(default=12, ge=1)
+    delivery_timeout: float = Field(default=30.0, gt=0)
+    delivery_check_interval: float = Field(default=1.0, gt=0)
 
     @field_validator("ae_title")
     @classmethod

@@ -16,6 +16,7 @@ from werkzeug.serving import BaseWSGIServer, make_server
 
 from lungnode.api import create_app
 from lungnode.config import Settings
+from lungnode.db.deliveries import DeliveryRepository
 from lungnode.db.migrate import upgrade
 from lungnode.db.repo import NodeRepository
 from lungnode.db.session import make_engine, make_session_factory
@@ -23,6 +24,7 @@ from lungnode.dicom.intake import Intake, reconcile
 from lungnode.dicom.scp import SCPConfig, StorageSCP
 from lungnode.pipeline.completion import CompletionWatcher
 from lungnode.pipeline.jobs import JobHandler, LocalJobQueue
+from lungnode.pipeline.outbox import Outbox, RetryPolicy
 from lungnode.series.assembler import CompletionRules
 
 logger = logging.getLogger(__name__)
@@ -43,12 +45,31 @@ class Node:
         settings: Settings,
         job_handler: JobHandler | None = None,
         *,
+        analyse: bool = False,
         serve_http: bool = True,
     ) -> None:
+        """``analyse=True`` runs the series job (model, writers, outbox) on completed
+        series; otherwise ``job_handler`` runs, and with neither, jobs stay queued."""
         self.settings = settings
         self.engine = make_engine(settings.effective_database_url)
         self.sessions = make_session_factory(self.engine)
         self.repo = NodeRepository(self.sessions)
+        self.outbox = Outbox(
+            DeliveryRepository(self.sessions),
+            {peer.name: peer for peer in settings.peers},
+            settings.ae_title,
+            RetryPolicy(
+                base_seconds=settings.delivery_retry_base_seconds,
+                cap_seconds=settings.delivery_retry_cap_seconds,
+                max_attempts=settings.delivery_max_attempts,
+            ),
+            interval=settings.delivery_check_interval,
+            timeout=settings.delivery_timeout,
+        )
+        if analyse and job_handler is None:
+            from lungnode.pipeline.series_job import make_series_job
+
+            job_handler = make_series_job(settings, self.sessions, on_recorded=self.outbox.wake)
         self.intake = Intake(
             settings.incoming_dir,
             self.repo.register_instance,
@@ -104,6 +125,7 @@ class Node:
             )
         self.jobs.start()
         self.watcher.start()
+        self.outbox.start()
         self.scp.start()
         if self.serve_http:
             app = create_app(settings, node_status=_Status(self))
@@ -127,5 +149,6 @@ class Node:
             self._http = None
         self.watcher.stop()
         self.jobs.stop()
+        self.outbox.stop()
         self.engine.dispose()
         logger.info("stopped")

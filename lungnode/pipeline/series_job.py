@@ -1,0 +1,246 @@
+"""One queued series in, results recorded and queued for delivery: the job handler.
+
+The stages: load the series (``dicom.decode``), check it is analysable, run
+the analysis (``pipeline.analyze``), write the Secondary Capture heatmaps, the
+PDF report (also saved for the API), the Encapsulated PDF and the SR, then
+record the prediction, the deliveries and the job's completion in one
+transaction (``db.results``). A series that cannot be analysed still gets a
+PDF and an SR that say why, so the radiologist is never left wondering.
+
+Files are written atomically and named by their deterministic UIDs, so a job
+re-run after a crash overwrites identical files and queues no duplicates.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydicom import Dataset, dcmread
+
+from lungnode.config import Settings
+from lungnode.db.results import JobInputs, JobResults, ResultObject, job_inputs, record_job_results
+from lungnode.dicom.intake import write_atomically
+from lungnode.domain import AnalysisResult, HUVolume
+from lungnode.errors import LungnodeError
+from lungnode.ml.bundle import ModelBundle, load_bundle
+from lungnode.pipeline.jobs import JobHandler
+
+logger = logging.getLogger(__name__)
+
+#: |normal · z| below this means the slices are not axial (tilted gantry passes).
+_AXIAL_MIN_COSINE = 0.9
+
+
+class NotAnalysable(LungnodeError):
+    """The series is not something the model can judge; the reason is for people."""
+
+
+def check_analysable(source: Dataset, volume: HUVolume, min_slices: int) -> None:
+    """Raise NotAnalysable unless the series is an axial stack of enough slices."""
+    count = volume.hu.shape[0]
+    if count < min_slices:
+        raise NotAnalysable(f"only {count} slice(s); at least {min_slices} are needed")
+    orientation = _orientation(source)
+    if orientation is not None:
+        row, column = np.asarray(orientation[:3]), np.asarray(orientation[3:])
+        normal = np.cross(row, column)
+        if abs(float(normal[2])) < _AXIAL_MIN_COSINE:
+            raise NotAnalysable("the slices are not axial")
+
+
+def _orientation(source: Dataset) -> list[float] | None:
+    """ImageOrientationPatient, top level or in the shared functional groups (PS3.3 C.7.6.2)."""
+    value = source.get("ImageOrientationPatient")
+    if value is None and "SharedFunctionalGroupsSequence" in source:
+        shared = source.SharedFunctionalGroupsSequence[0]
+        if "PlaneOrientationSequence" in shared:
+            value = shared.PlaneOrientationSequence[0].get("ImageOrientationPatient")
+    try:
+        return [float(v) for v in value] if value is not None and len(value) == 6 else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _dataset_bytes(dataset: Dataset) -> bytes:
+    buffer = BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+class SeriesJob:
+    """The job handler of the embedded node (and of Celery workers)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        sessions: Any,
+        destinations_for: Callable[[str | None], list[str]],
+        on_recorded: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.settings = settings
+        self.sessions = sessions
+        self.destinations_for = destinations_for
+        self.on_recorded = on_recorded
+        self._bundle: ModelBundle | None = None
+        self._bundle_lock = threading.Lock()
+
+    @property
+    def bundle(self) -> ModelBundle:
+        with self._bundle_lock:
+            if self._bundle is None:
+                self._bundle = load_bundle(
+                    self.settings.model,
+                    self.settings.models_dir,
+                    trust_pickle=self.settings.trust_pickle,
+                )
+            return self._bundle
+
+    def __call__(self, job_id: int) -> dict[str, Any] | None:
+        started = time.perf_counter()
+        inputs = job_inputs(self.sessions, job_id)
+        paths = [Path(p) for p in inputs.instance_paths]
+        if not paths:
+            raise NotAnalysable("the series has no stored instance")
+        source = dcmread(paths[0], stop_before_pixels=True)
+        bundle = self.bundle
+        volume, result = self._analyse(source, paths, bundle)
+        results = self._write_outputs(inputs, source, volume, result)
+        results.processing_time = time.perf_counter() - started
+        results.details["timings_s"]["job"] = results.processing_time
+        destinations = self.destinations_for(inputs.calling_ae)
+        if not destinations:
+            logger.warning("job %d: no destination for results (caller not a peer)", job_id)
+        prediction_id = record_job_results(self.sessions, job_id, results, destinations)
+        logger.info(
+            "job %d: %s, %d object(s) for %s, prediction %d",
+            job_id,
+            result.verdict or "not analysed",
+            len(results.objects),
+            destinations or "nobody",
+            prediction_id,
+        )
+        self.on_recorded()
+        return results.details
+
+    def _analyse(
+        self, source: Dataset, paths: Sequence[Path], bundle: ModelBundle
+    ) -> tuple[HUVolume | None, AnalysisResult]:
+        from lungnode.dicom.decode import load_series
+        from lungnode.pipeline.analyze import analyze_volume
+
+        try:
+            t0 = time.perf_counter()
+            volume = load_series(paths)
+            decode_s = time.perf_counter() - t0
+            check_analysable(source, volume, self.settings.min_series_slices)
+        except (NotAnalysable, ValueError) as exc:
+            # DecodeError is a ValueError: unreadable pixel data is a reason, not a crash.
+            logger.warning("series not analysed: %s", exc)
+            return None, AnalysisResult.not_analysed(str(exc), bundle.identity)
+        result = analyze_volume(volume, bundle)
+        result.timings_s["decode"] = decode_s
+        result.timings_s["total"] = result.timings_s.get("total", 0.0) + decode_s
+        return volume, result
+
+    def _write_outputs(
+        self, inputs: JobInputs, source: Dataset, volume: HUVolume | None, result: AnalysisResult
+    ) -> JobResults:
+        from lungnode.dicom.writers.pdf import write_pdf_document
+        from lungnode.dicom.writers.sc import render_key_image, write_sc_images
+        from lungnode.dicom.writers.sr import write_sr
+        from lungnode.ml.gradcam import save_png
+        from lungnode.report.pdf import KeyImage, ReportInput, StudyFacts, build_report
+
+        version = inputs.version
+        storage = self.settings.storage_dir
+        datasets: list[tuple[str, Dataset]] = []
+        key_images: list[KeyImage] = []
+        heatmap_dir: Path | None = None
+        if result.analysed and volume is not None:
+            datasets += [
+                ("sc", ds)
+                for ds in write_sc_images(source, result, volume, analysis_version=version)
+            ]
+            heatmap_dir = storage / "heatmaps" / f"job-{inputs.job_id}"
+            heatmap_dir.mkdir(parents=True, exist_ok=True)
+            for n, (index, heatmap) in enumerate(
+                zip(result.key_slices, result.heatmaps, strict=False)
+            ):
+                picture = render_key_image(
+                    volume.hu[index],
+                    heatmap,
+                    label=result.verdict,
+                    series_score=result.confidence,
+                    slice_score=float(result.slice_scores[index].max()),
+                    model=result.model,
+                )
+                save_png(heatmap_dir / f"{n}.png", picture)
+                key_images.append(KeyImage(picture, f"slice {index + 1}"))
+        pdf = build_report(
+            ReportInput(result=result, facts=StudyFacts.from_dataset(source), key_images=key_images)
+        )
+        report_path = (
+            storage
+            / "reports"
+            / inputs.study_instance_uid
+            / f"{inputs.series_instance_uid}_v{version}.pdf"
+        )
+        write_atomically(report_path, pdf)
+        datasets.append(("pdf", write_pdf_document(source, result, pdf, analysis_version=version)))
+        datasets.append(("sr", write_sr(source, result, analysis_version=version)))
+
+        objects = []
+        for kind, dataset in datasets:
+            path = (
+                storage
+                / "results"
+                / inputs.study_instance_uid
+                / str(dataset.SeriesInstanceUID)
+                / f"{dataset.SOPInstanceUID}.dcm"
+            )
+            write_atomically(path, _dataset_bytes(dataset))
+            objects.append(
+                ResultObject(kind, str(dataset.SOPClassUID), str(dataset.SOPInstanceUID), str(path))
+            )
+        model = result.model
+        return JobResults(
+            details={
+                "analysed": result.analysed,
+                "not_analysed_reason": result.not_analysed_reason,
+                "timings_s": dict(result.timings_s),
+                "model": {"name": model.name, "version": model.version, "sha256": model.sha256},
+                "key_slices": list(result.key_slices),
+                "objects": len(objects),
+            },
+            objects=objects,
+            prediction_class=result.verdict or None,
+            confidence=result.confidence if result.analysed else None,
+            all_scores=dict(result.class_scores) if result.analysed else None,
+            heatmap_path=str(heatmap_dir) if heatmap_dir else None,
+            report_path=str(report_path),
+            model_name=model.name,
+            model_version=model.version,
+            model_sha256=model.sha256,
+        )
+
+
+def make_series_job(
+    settings: Settings, sessions: Any, on_recorded: Callable[[], None] = lambda: None
+) -> JobHandler:
+    """The handler for ``LocalJobQueue``: results go to the configured destinations,
+    or back to the peer that sent the series."""
+
+    def destinations_for(calling_ae: str | None) -> list[str]:
+        if settings.result_destinations:
+            return list(settings.result_destinations)
+        peer = settings.peer_by_ae(calling_ae) if calling_ae else None
+        return [peer.name] if peer else []
+
+    return SeriesJob(settings, sessions, destinations_for, on_recorded)
