@@ -135,7 +135,12 @@ def cmd_send(settings: Settings, args: argparse.Namespace) -> int:
             bar.update(1)
 
         send_files(paths, destination, calling_ae=args.calling_ae, on_sent=_on_sent)
-    for failure in failures[:20]:
+    if failures and len(failures) == len(paths) and len({f.error for f in failures}) == 1:
+        print(f"FAILED: {failures[0].error}", file=sys.stderr)
+        failures_shown: list[SendResult] = []
+    else:
+        failures_shown = failures[:20]
+    for failure in failures_shown:
         status = f"0x{failure.status:04X}" if failure.status is not None else "no status"
         print(f"FAILED {failure.path}: {status} {failure.error or ''}", file=sys.stderr)
     print(f"sent {len(paths) - len(failures)} of {len(paths)} to {args.to}")
@@ -175,6 +180,23 @@ def cmd_deliveries_retry(settings: Settings, args: argparse.Namespace) -> int:
     count = repo.retry(None if args.all else list(args.ids))
     engine.dispose()
     print(f"{count} dead letter(s) queued again; a running node sends them within seconds")
+    return 0
+
+
+def cmd_cleanup(settings: Settings, args: argparse.Namespace) -> int:
+    from lungnode.api import delete_stale_uploads
+    from lungnode.db.migrate import upgrade
+    from lungnode.db.session import make_engine, make_session_factory
+
+    settings.storage_dir.mkdir(parents=True, exist_ok=True)
+    upgrade(settings.effective_database_url)
+    engine = make_engine(settings.effective_database_url)
+    deleted = delete_stale_uploads(settings, make_session_factory(engine))
+    engine.dispose()
+    print(
+        f"deleted {len(deleted)} upload(s) older than {settings.upload_retention_hours:g} h "
+        "that no prediction refers to"
+    )
     return 0
 
 
@@ -220,6 +242,11 @@ def build_parser() -> argparse.ArgumentParser:
     deliveries_retry.add_argument("ids", nargs="*", type=int, metavar="ID")
     deliveries_retry.add_argument("--all", action="store_true", help="every dead letter")
     deliveries_retry.set_defaults(func=cmd_deliveries_retry)
+
+    cleanup = commands.add_parser(
+        "cleanup", help="delete old uploads that no prediction refers to (upload_retention_hours)"
+    )
+    cleanup.set_defaults(func=cmd_cleanup)
     return parser
 
 

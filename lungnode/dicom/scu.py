@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import enum
 import logging
+import socket
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom import dcmread
 from pynetdicom import AE, build_context
+from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext
 
 logger = logging.getLogger(__name__)
@@ -91,15 +93,14 @@ def send_files(
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.requested_contexts = _contexts_for(paths)
     results: list[SendResult] = []
+    unreachable = _unreachable(destination, timeout)
+    if unreachable is not None:
+        return _all_failed(paths, unreachable, on_sent)
     assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
     if not assoc.is_established:
+        _close_dropped(assoc)
         reason = "association rejected" if assoc.is_rejected else "no association"
-        for path in paths:
-            result = SendResult(path, None, Outcome.RETRY, reason)
-            results.append(result)
-            if on_sent:
-                on_sent(result)
-        return results
+        return _all_failed(paths, reason, on_sent)
     try:
         for path in paths:
             result = _send_one(assoc, path)
@@ -111,6 +112,8 @@ def send_files(
     finally:
         if assoc.is_established:
             assoc.release()
+        else:
+            _close_dropped(assoc)
     for path in paths[len(results) :]:
         result = SendResult(path, None, Outcome.RETRY, "association lost")
         results.append(result)
@@ -119,8 +122,45 @@ def send_files(
     return results
 
 
-def _send_one(assoc: object, path: Path) -> SendResult:
-    status_ds = assoc.send_c_store(path)  # type: ignore[attr-defined]
+def _unreachable(destination: Destination, timeout: float) -> str | None:
+    """Why nothing listens at the destination, or None if a TCP connection opens.
+
+    Checked before pynetdicom tries: its transport does not close the socket of a
+    refused connection, and "connection refused" is the usual state of a PACS
+    that is down.
+    """
+    try:
+        with socket.create_connection((destination.host, destination.port), timeout=timeout):
+            return None
+    except OSError as exc:
+        return f"no association: cannot connect to {destination.host}:{destination.port}: {exc}"
+
+
+def _all_failed(
+    paths: Sequence[Path], reason: str, on_sent: Callable[[SendResult], None] | None
+) -> list[SendResult]:
+    results = [SendResult(path, None, Outcome.RETRY, reason) for path in paths]
+    if on_sent:
+        for result in results:
+            on_sent(result)
+    return results
+
+
+def _close_dropped(assoc: Association) -> None:
+    """Close our socket of an association the peer refused or dropped.
+
+    pynetdicom closes its socket only after a release or an abort it sent itself;
+    otherwise the descriptor stays open until garbage collection. A sender that
+    retries an unreachable PACS for hours must not leak one per attempt.
+    """
+    assoc.kill()
+    transport = assoc.dul.socket
+    if transport is not None and transport.socket is not None:
+        transport.socket.close()
+
+
+def _send_one(assoc: Association, path: Path) -> SendResult:
+    status_ds = assoc.send_c_store(path)
     if status_ds is None or "Status" not in status_ds:
         return SendResult(path, None, Outcome.RETRY, "no response (timeout or abort)")
     status = int(status_ds.Status)

@@ -1,11 +1,14 @@
 """The completion timer: applies the series rules and queues jobs (embedded mode).
 
 State lives in the database, so a restart re-derives everything: a series still
-``receiving`` after a crash is judged again on the next tick.
+``receiving`` after a crash is judged again on the next tick. Its quiet timer
+counts only time the node was running: while the node was down no sender could
+send, so a series cut by a stop gets the whole quiet time again to be resent.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections.abc import Callable
@@ -63,8 +66,11 @@ class CompletionWatcher:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.last_decisions: dict[str, Decision] = {}
+        #: When this watcher started (epoch seconds); quiet time before it is not counted.
+        self.started_at = 0.0
 
     def start(self) -> None:
+        self.started_at = datetime.now(UTC).timestamp()
         self._thread = threading.Thread(target=self._run, name="series-completion", daemon=True)
         self._thread.start()
 
@@ -92,7 +98,10 @@ class CompletionWatcher:
         moment = datetime.now(UTC).timestamp() if now is None else now
         decisions: dict[str, Decision] = {}
         for series in self.repo.receiving_series():
-            decision = decide(snapshot_of(series), moment, self.rules)
+            snapshot = snapshot_of(series)
+            if snapshot.last_received_at < self.started_at:
+                snapshot = dataclasses.replace(snapshot, last_received_at=self.started_at)
+            decision = decide(snapshot, moment, self.rules)
             decisions[series.series_instance_uid] = decision
             if not decision.complete or decision.rule is None:
                 continue

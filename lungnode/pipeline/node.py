@@ -22,6 +22,7 @@ from lungnode.db.repo import NodeRepository
 from lungnode.db.session import make_engine, make_session_factory
 from lungnode.dicom.intake import Intake, reconcile
 from lungnode.dicom.scp import SCPConfig, StorageSCP
+from lungnode.errors import BundleError
 from lungnode.pipeline.completion import CompletionWatcher
 from lungnode.pipeline.jobs import JobHandler, LocalJobQueue
 from lungnode.pipeline.outbox import Outbox, RetryPolicy
@@ -66,6 +67,7 @@ class Node:
             interval=settings.delivery_check_interval,
             timeout=settings.delivery_timeout,
         )
+        self.analyse = analyse
         if analyse and job_handler is None:
             from lungnode.pipeline.series_job import make_series_job
 
@@ -123,6 +125,8 @@ class Node:
             logger.info(
                 "reconciled storage: %d file(s) registered, %d unreadable", registered, unreadable
             )
+        if self.analyse and settings.workers > 0:
+            self._check_model_bundle()
         self.jobs.start()
         self.watcher.start()
         self.outbox.start()
@@ -135,6 +139,20 @@ class Node:
             )
             self._http_thread.start()
             logger.info("API listening on http://%s:%d/api/v1", settings.http_host, self.http_port)
+
+    def _check_model_bundle(self) -> None:
+        """Refuse to start analysing with a bundle that is missing or does not verify.
+
+        Reads the manifest and hashes the weights; TensorFlow loads later, in a worker.
+        """
+        from lungnode.ml.bundle import read_manifest, resolve_bundle_path, sha256_file
+
+        settings = self.settings
+        bundle_dir = resolve_bundle_path(settings.model, settings.models_dir)
+        manifest = read_manifest(bundle_dir, trust_pickle=settings.trust_pickle)
+        if sha256_file(bundle_dir / manifest.weights) != manifest.sha256:
+            raise BundleError(f"model bundle {bundle_dir}: weights do not match the manifest")
+        logger.info("model bundle %s %s at %s", manifest.name, manifest.version, bundle_dir)
 
     @property
     def http_port(self) -> int:

@@ -88,3 +88,16 @@ def row_count(node: Node, model: type) -> int:
 
     with node.sessions() as session:
         return int(session.scalar(select(func.count()).select_from(model)) or 0)
+
+
+def close_dropped(assoc: Association) -> None:
+    """Close the SCU side of an association the peer dropped (refused, killed, reset).
+
+    pynetdicom 3.0 closes its socket only on a release or an abort it sends
+    itself; when the peer goes away first the socket stays open until garbage
+    collection, which surfaces as a ResourceWarning in a later test.
+    """
+    assoc.kill()  # stops the DUL thread; nothing else uses the socket then
+    transport = assoc.dul.socket
+    if transport is not None and transport.socket is not None:
+        transport.socket.close()

@@ -178,8 +178,6 @@ def test_orthanc_receives_everything(
     assert orthanc.instance_uids() == {p.stem for p in result_files}
 
 
-# pynetdicom's transport drops, without closing, the socket of a refused connection.
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_pacs_down_then_up_everything_arrives(
     deliveries: DeliveryRepository, result_files: list[Path], orthanc: Orthanc
 ) -> None:

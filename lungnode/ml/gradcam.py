@@ -1,0 +1,217 @@
+"""Grad-CAM heatmaps and their overlay on the lung-window slice.
+
+Grad-CAM (Selvaraju et al., 2017) weights each channel of a convolutional
+feature map by the spatially averaged gradient of a class score, sums them,
+and keeps the positive part: the regions that raised that class. We take the
+gradient of the class *logit* (the input of the final softmax) because the
+softmax saturates on confident slices and its gradient then vanishes.
+
+All key slices go through one batched ``tf.GradientTape`` pass. Heatmaps are
+float32 in [0, 1] at the source slice's size.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from lungnode.imaging.windowing import window_to_uint8
+
+logger = logging.getLogger(__name__)
+
+
+def find_gradcam_layer(model: Any) -> str:
+    """Name of the last top-level layer whose output is a 4D map larger than 1x1.
+
+    Works for flat functional models, which include the ``keras.applications``
+    families (ResNet, VGG, DenseNet, EfficientNet, MobileNet). Layers nested
+    inside a sub-model are not searched: their outputs are not connected to
+    the outer model's input, so name such a layer's parent model explicitly.
+    """
+    import keras
+
+    for layer in reversed(model.layers):
+        if isinstance(layer, keras.layers.InputLayer):
+            continue
+        try:
+            shape = layer.output.shape
+        except (AttributeError, ValueError):
+            continue
+        # A 1x1 map (MobileNetV3's head after keepdims pooling) localises nothing.
+        spatial = [dim for dim in shape[1:3] if dim is not None]
+        if len(shape) == 4 and not (spatial and max(spatial) <= 1):
+            return str(layer.name)
+    raise ValueError(f"model {model.name!r} has no layer with a 4D output for Grad-CAM")
+
+
+def _logit_model(model: Any, layer_name: str) -> tuple[Any, Any]:
+    """A model returning (feature map, pre-softmax input of the head) and a head function.
+
+    If the last layer is a softmax ``Activation`` or a ``Dense`` with softmax,
+    the head recomputes the logits from its input; otherwise the model output
+    itself is used.
+    """
+    import keras
+    import tensorflow as tf
+
+    target = model.get_layer(layer_name)
+    last = model.layers[-1]
+    activation = getattr(last, "activation", None)
+    is_softmax = (
+        activation is keras.activations.softmax or getattr(activation, "__name__", "") == "softmax"
+    )
+    if is_softmax and isinstance(last, keras.layers.Dense):
+        head_input = last.input
+
+        def head(features: Any) -> Any:
+            logits = tf.matmul(features, last.kernel)
+            return logits + last.bias if last.use_bias else logits
+
+    elif is_softmax and isinstance(last, keras.layers.Activation):
+        head_input = last.input
+
+        def head(features: Any) -> Any:
+            return features
+
+    else:
+        head_input = model.output
+
+        def head(features: Any) -> Any:
+            return features
+
+    inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs
+    grad_model = keras.Model(inputs, [target.output, head_input])
+    return grad_model, head
+
+
+def gradcam_batch(
+    model: Any,
+    batch: np.ndarray,
+    class_indices: Sequence[int],
+    layer_name: str | None = None,
+) -> np.ndarray:
+    """Grad-CAM maps (n, fh, fw) float32 in [0, 1] at the feature map's resolution.
+
+    ``class_indices[i]`` is the class explained for ``batch[i]``. A map with no
+    positive evidence is all zeros.
+    """
+    import tensorflow as tf
+
+    if len(class_indices) != batch.shape[0]:
+        raise ValueError("need one class index per slice")
+    if batch.shape[0] == 0:
+        return np.zeros((0, 0, 0), dtype=np.float32)
+    name = layer_name or find_gradcam_layer(model)
+    grad_model, head = _logit_model(model, name)
+    inputs = tf.convert_to_tensor(batch, dtype=tf.float32)
+    picks = tf.constant(list(enumerate(int(c) for c in class_indices)), dtype=tf.int32)
+    with tf.GradientTape() as tape:
+        features, head_input = grad_model(inputs, training=False)
+        tape.watch(features)
+        logits = head(head_input)
+        # Slices are independent in inference mode, so the gradient of the sum
+        # holds each slice's own gradient in its own batch row.
+        chosen = tf.reduce_sum(tf.gather_nd(logits, picks))
+    grads = tape.gradient(chosen, features)
+    if grads is None:
+        raise ValueError(f"layer {name!r} does not feed the model output")
+    weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
+    summed = tf.nn.relu(tf.reduce_sum(weights * features, axis=-1))
+    cams: np.ndarray = summed.numpy().astype(np.float32)
+    peaks = cams.reshape(cams.shape[0], -1).max(axis=1)
+    peaks[peaks <= 0] = 1.0
+    cams /= peaks[:, None, None]
+    return cams
+
+
+def upsample(cam: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Resize one map to (rows, cols) with bilinear interpolation, clipped to [0, 1]."""
+    resized = cv2.resize(
+        cam.astype(np.float32), (shape[1], shape[0]), interpolation=cv2.INTER_LINEAR
+    )
+    return np.clip(resized, 0.0, 1.0, out=resized)
+
+
+def overlay(
+    hu_slice: np.ndarray,
+    heatmap: np.ndarray,
+    alpha: float = 0.4,
+    legend: bool = True,
+) -> np.ndarray:
+    """An RGB uint8 image: the lung-window slice with the heatmap in JET colours.
+
+    The heatmap (values in [0, 1], same size as the slice) is blended with
+    weight ``alpha``, scaled by the heatmap so that cold regions keep the
+    grey anatomy. A vertical colour bar labelled 0 to 1 is drawn at the
+    right edge so a reader can read the scale without the report.
+    """
+    if heatmap.shape != hu_slice.shape:
+        raise ValueError(f"heatmap {heatmap.shape} and slice {hu_slice.shape} differ in size")
+    grey = window_to_uint8(hu_slice, "lung")
+    base = cv2.cvtColor(grey, cv2.COLOR_GRAY2BGR).astype(np.float32)
+    heat8 = np.clip(heatmap * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    colour = cv2.applyColorMap(heat8, cv2.COLORMAP_JET).astype(np.float32)
+    weight = (alpha * np.clip(heatmap, 0.0, 1.0))[..., None].astype(np.float32)
+    bgr = (base * (1.0 - weight) + colour * weight).astype(np.uint8)
+    if legend:
+        _draw_legend(bgr)
+    rgb: np.ndarray = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    return rgb
+
+
+def _draw_legend(bgr: np.ndarray) -> None:
+    """Draw a JET colour bar (1 at the top, 0 at the bottom) with labels, in place."""
+    rows, cols = bgr.shape[:2]
+    bar_w = max(6, cols // 40)
+    bar_h = max(20, rows // 3)
+    x0 = cols - bar_w - max(4, cols // 64) - max(10, cols // 25)
+    y0 = (rows - bar_h) // 2
+    ramp = np.linspace(255, 0, bar_h).astype(np.uint8)[:, None].repeat(bar_w, axis=1)
+    bgr[y0 : y0 + bar_h, x0 : x0 + bar_w] = cv2.applyColorMap(ramp, cv2.COLORMAP_JET)
+    cv2.rectangle(bgr, (x0 - 1, y0 - 1), (x0 + bar_w, y0 + bar_h), (255, 255, 255), 1)
+    scale = max(0.3, rows / 1024)
+    for text, y in (("1", y0 + int(10 * scale * 2)), ("0", y0 + bar_h)):
+        cv2.putText(
+            bgr,
+            text,
+            (x0 + bar_w + 3, y),
+            cv2.FONT_HERSHEY_SIMPLEX,
+            scale,
+            (255, 255, 255),
+            1,
+            cv2.LINE_AA,
+        )
+
+
+def save_png(path: Path, rgb: np.ndarray) -> Path:
+    """Write an RGB uint8 image as PNG; raise ``OSError`` if OpenCV cannot."""
+    if not cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
+        raise OSError(f"cannot write PNG {path}")
+    return path
+
+
+def heatmaps_for_slices(
+    bundle: Any,
+    hu_slices: np.ndarray,
+    class_indices: Sequence[int],
+) -> list[np.ndarray]:
+    """Grad-CAM maps for key slices of a bundle, at each slice's own size.
+
+    ``hu_slices`` is (n, rows, cols) HU; the bundle's windows and input size
+    build the model input, exactly as for scoring.
+    """
+    from lungnode.imaging.windowing import build_model_input
+
+    if hu_slices.shape[0] == 0:
+        return []
+    manifest = bundle.manifest
+    batch = build_model_input(hu_slices, manifest.windows, manifest.input_size)
+    with bundle.lock:
+        cams = gradcam_batch(bundle.model, batch, class_indices, manifest.gradcam_layer)
+    shape = (hu_slices.shape[1], hu_slices.shape[2])
+    return [upsample(cam, shape) for cam in cams]

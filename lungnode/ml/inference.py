@@ -1,0 +1,162 @@
+"""Slice scoring and the series verdict.
+
+A series is scored one batch of slices at a time (windowing, resizing and
+the model all work on the batch), so memory stays bounded by the batch and
+not by the series length. The verdict comes from the manifest's aggregation
+rule; the only rule today is ``lesion_slices``:
+
+- a slice is a *lesion slice* when its highest lesion-class score (any class
+  but ``normal_label``) is at least ``threshold``;
+- the series is ``normal_label`` unless at least ``min_slices`` slices are
+  lesion slices (for inputs with fewer slices than ``min_slices``, all of
+  them must be: a single image needs one);
+- otherwise the verdict is the lesion class with the highest mean score over
+  the ``top_n`` most suspicious slices.
+
+One lesion slice is not enough because a real lesion spans several
+contiguous slices, while an isolated false positive (a vessel seen end-on)
+does not.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from lungnode.imaging.windowing import build_model_input
+from lungnode.ml.bundle import ModelBundle
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BATCH_SIZE = 32
+
+
+@dataclass
+class SeriesVerdict:
+    """The outcome of the aggregation rule over slice scores."""
+
+    verdict: str
+    confidence: float
+    class_scores: dict[str, float]
+    key_slices: list[int]
+    lesion_slices: list[int]
+    rule: dict[str, Any] = field(default_factory=dict)
+
+
+def score_slices(
+    bundle: ModelBundle,
+    hu: np.ndarray,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    timings: dict[str, float] | None = None,
+) -> np.ndarray:
+    """Softmax scores (slices, classes) float32 for a HU stack (slices, rows, cols).
+
+    ``timings`` (if given) accumulates seconds under ``preprocess`` and
+    ``inference``.
+    """
+    if hu.ndim != 3:
+        raise ValueError(f"expected HU of shape (slices, rows, cols), got {hu.shape}")
+    if batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
+    manifest = bundle.manifest
+    n = hu.shape[0]
+    scores = np.empty((n, len(manifest.labels)), dtype=np.float32)
+    spent = {"preprocess": 0.0, "inference": 0.0}
+    for start in range(0, n, batch_size):
+        t0 = time.perf_counter()
+        batch = build_model_input(
+            hu[start : start + batch_size], manifest.windows, manifest.input_size
+        )
+        t1 = time.perf_counter()
+        scores[start : start + batch.shape[0]] = bundle.predict(batch)
+        t2 = time.perf_counter()
+        spent["preprocess"] += t1 - t0
+        spent["inference"] += t2 - t1
+    if timings is not None:
+        for key, value in spent.items():
+            timings[key] = timings.get(key, 0.0) + value
+    logger.debug("scored %d slices: %s", n, spent)
+    return scores
+
+
+def aggregate(
+    slice_scores: np.ndarray,
+    labels: tuple[str, ...],
+    rule: Mapping[str, Any],
+) -> SeriesVerdict:
+    """Apply the ``lesion_slices`` rule (module docstring) to slice scores.
+
+    ``class_scores`` is the mean softmax vector over the slices that decide:
+    the ``top_n`` most suspicious slices for a lesion verdict, every slice for
+    a Normal verdict. Both are means of probability vectors, so they sum to 1.
+    ``confidence`` is the verdict's class score.
+
+    ``key_slices`` are always the ``top_n`` slices with the highest lesion
+    score, most suspicious first, also for a Normal verdict: a reader checking
+    a negative result wants to see what came closest to positive.
+    """
+    if rule.get("rule", "lesion_slices") != "lesion_slices":
+        raise ValueError(f"unsupported aggregation rule {rule.get('rule')!r}")
+    n, k = slice_scores.shape if slice_scores.ndim == 2 else (0, 0)
+    if n == 0 or k != len(labels):
+        raise ValueError(
+            f"need scores of shape (slices>0, {len(labels)}), got {slice_scores.shape}"
+        )
+    normal_label = str(rule.get("normal_label", "Normal"))
+    threshold = float(rule.get("threshold", 0.5))
+    min_slices = max(1, int(rule.get("min_slices", 1)))
+    top_n = max(1, int(rule.get("top_n", 4)))
+    normal_index = labels.index(normal_label)
+    lesion_columns = [i for i in range(k) if i != normal_index]
+
+    lesion_score = slice_scores[:, lesion_columns].max(axis=1)
+    lesion_slices = np.flatnonzero(lesion_score >= threshold)
+    # Stable sort, so ties keep slice order and results are reproducible.
+    ranked = np.argsort(-lesion_score, kind="stable")[:top_n]
+    needed = min(min_slices, n)
+    applied = {
+        "rule": "lesion_slices",
+        "normal_label": normal_label,
+        "threshold": threshold,
+        "min_slices": min_slices,
+        "min_slices_applied": needed,
+        "top_n": top_n,
+        "lesion_slice_count": int(lesion_slices.size),
+    }
+    if lesion_slices.size >= needed:
+        mean = slice_scores[ranked].mean(axis=0, dtype=np.float64)
+        verdict_index = lesion_columns[int(np.argmax(mean[lesion_columns]))]
+    else:
+        mean = slice_scores.mean(axis=0, dtype=np.float64)
+        verdict_index = normal_index
+    mean = mean / mean.sum()
+    class_scores = {label: float(mean[i]) for i, label in enumerate(labels)}
+    return SeriesVerdict(
+        verdict=labels[verdict_index],
+        confidence=float(mean[verdict_index]),
+        class_scores=class_scores,
+        key_slices=[int(i) for i in ranked],
+        lesion_slices=[int(i) for i in lesion_slices],
+        rule=applied,
+    )
+
+
+def classify(
+    bundle: ModelBundle,
+    hu: np.ndarray,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    rule_overrides: Mapping[str, Any] | None = None,
+) -> tuple[np.ndarray, SeriesVerdict, dict[str, float]]:
+    """Score a HU stack and aggregate: (slice scores, verdict, timings in seconds)."""
+    timings: dict[str, float] = {}
+    scores = score_slices(bundle, hu, batch_size, timings)
+    t0 = time.perf_counter()
+    rule = {**bundle.manifest.aggregation, **(rule_overrides or {})}
+    verdict = aggregate(scores, bundle.manifest.labels, rule)
+    timings["aggregate"] = time.perf_counter() - t0
+    return scores, verdict, timings

@@ -1,0 +1,161 @@
+"""Slice scoring in batches and the lesion_slices series rule."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import pytest
+
+from lungnode.domain import CLASS_LABELS
+from lungnode.imaging.windowing import build_model_input
+from lungnode.ml.bundle import ModelBundle, load_bundle
+from lungnode.ml.inference import aggregate, classify, score_slices
+from lungnode.ml.train import build_small_cnn, write_bundle
+
+ADENO, LARGE, NORMAL, SQUAMOUS = range(4)
+RULE = {
+    "rule": "lesion_slices",
+    "normal_label": "Normal",
+    "min_slices": 3,
+    "threshold": 0.8,
+    "top_n": 4,
+}
+
+
+def _scores(rows: list[list[float]]) -> np.ndarray:
+    return np.asarray(rows, dtype=np.float32)
+
+
+def _normal_rows(n: int) -> list[list[float]]:
+    return [[0.02, 0.02, 0.94, 0.02]] * n
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> ModelBundle:
+    keras.utils.set_random_seed(1)
+    model = build_small_cnn((32, 32), 2, 4)
+    out = tmp_path_factory.mktemp("bundle") / "tiny"
+    write_bundle(
+        model,
+        out,
+        name="tiny",
+        version="1",
+        labels=CLASS_LABELS,
+        input_size=(32, 32),
+        windows=("lung", "mediastinal"),
+        gradcam_layer="gradcam_conv",
+    )
+    return load_bundle(out)
+
+
+def test_normal_unless_enough_lesion_slices() -> None:
+    # Two confident adenocarcinoma slices are not enough for min_slices=3.
+    scores = _scores(_normal_rows(10) + [[0.9, 0.03, 0.05, 0.02]] * 2)
+    verdict = aggregate(scores, CLASS_LABELS, RULE)
+    assert verdict.verdict == "Normal"
+    assert verdict.lesion_slices == [10, 11]
+    # Key slices are still the most suspicious ones, most suspicious first.
+    assert verdict.key_slices[:2] == [10, 11]
+    assert verdict.class_scores["Normal"] == pytest.approx(verdict.confidence)
+    assert sum(verdict.class_scores.values()) == pytest.approx(1.0)
+
+
+def test_lesion_class_with_highest_mean_over_top_slices_wins() -> None:
+    rows = _normal_rows(20)
+    rows[5] = [0.85, 0.0, 0.05, 0.10]
+    rows[6] = [0.10, 0.0, 0.05, 0.85]
+    rows[7] = [0.05, 0.0, 0.05, 0.90]
+    rows[8] = [0.02, 0.0, 0.08, 0.90]
+    verdict = aggregate(_scores(rows), CLASS_LABELS, RULE)
+    assert verdict.verdict == "Squamous Cell Carcinoma"
+    assert sorted(verdict.key_slices) == [5, 6, 7, 8]
+    expected = np.mean([rows[i] for i in (5, 6, 7, 8)], axis=0)
+    assert verdict.confidence == pytest.approx(expected[SQUAMOUS], rel=1e-5)
+    assert sum(verdict.class_scores.values()) == pytest.approx(1.0)
+    assert verdict.rule["lesion_slice_count"] == 4
+
+
+def test_threshold_is_inclusive_and_applies_to_any_lesion_class() -> None:
+    rows = _normal_rows(5) + [
+        [0.8, 0.1, 0.05, 0.05],
+        [0.1, 0.8, 0.05, 0.05],
+        [0.05, 0.8, 0.1, 0.05],
+    ]
+    verdict = aggregate(_scores(rows), CLASS_LABELS, RULE)
+    assert verdict.lesion_slices == [5, 6, 7]
+    assert verdict.verdict == "Large Cell Carcinoma"
+
+
+def test_short_inputs_need_only_as_many_lesion_slices_as_they_have() -> None:
+    one = aggregate(_scores([[0.95, 0.01, 0.02, 0.02]]), CLASS_LABELS, RULE)
+    assert one.verdict == "Adenocarcinoma" and one.rule["min_slices_applied"] == 1
+    weak = aggregate(_scores([[0.6, 0.01, 0.37, 0.02]]), CLASS_LABELS, RULE)
+    assert weak.verdict == "Normal"
+
+
+def test_rule_validation() -> None:
+    with pytest.raises(ValueError, match="unsupported"):
+        aggregate(_scores(_normal_rows(2)), CLASS_LABELS, {"rule": "vote"})
+    with pytest.raises(ValueError, match="shape"):
+        aggregate(np.zeros((0, 4), np.float32), CLASS_LABELS, RULE)
+
+
+def test_score_slices_batches_match_one_big_call(tiny_bundle: ModelBundle) -> None:
+    rng = np.random.default_rng(3)
+    hu = rng.uniform(-1000, 300, (70, 48, 48)).astype(np.float32)
+    timings: dict[str, float] = {}
+    scores = score_slices(tiny_bundle, hu, batch_size=32, timings=timings)
+    assert scores.shape == (70, 4) and scores.dtype == np.float32
+    np.testing.assert_allclose(scores.sum(axis=1), 1.0, rtol=1e-5)
+    reference = tiny_bundle.model.predict_on_batch(
+        build_model_input(hu, ("lung", "mediastinal"), (32, 32))
+    )
+    np.testing.assert_allclose(scores, reference, rtol=1e-4, atol=1e-5)
+    assert timings["preprocess"] > 0 and timings["inference"] > 0
+
+
+def test_classify_uses_manifest_rule_and_reports_timings(tiny_bundle: ModelBundle) -> None:
+    hu = np.full((6, 32, 32), -850.0, dtype=np.float32)
+    scores, verdict, timings = classify(tiny_bundle, hu, rule_overrides={"threshold": 0.0})
+    # With threshold 0 every slice is a lesion slice: the verdict must be a lesion class.
+    assert verdict.verdict != "Normal"
+    assert len(verdict.lesion_slices) == 6
+    assert set(timings) >= {"preprocess", "inference", "aggregate"}
+    assert scores.shape == (6, 4)
+
+
+def test_predict_is_thread_safe(tiny_bundle: ModelBundle) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    x = np.random.default_rng(0).random((8, 32, 32, 2), dtype=np.float32)
+    expected = tiny_bundle.predict(x)
+    with ThreadPoolExecutor(4) as pool:
+        results: list[Any] = list(pool.map(lambda _: tiny_bundle.predict(x), range(8)))
+    for result in results:
+        np.testing.assert_allclose(result, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_input_shapes(tiny_bundle: ModelBundle) -> None:
+    with pytest.raises(ValueError, match="slices, rows, cols"):
+        score_slices(tiny_bundle, np.zeros((32, 32), np.float32))
+    with pytest.raises(ValueError, match="batch_size"):
+        score_slices(tiny_bundle, np.zeros((1, 32, 32), np.float32), batch_size=0)
+
+
+def test_demo_bundle_classifies_held_out_phantoms() -> None:
+    from lungnode.ml.phantoms import generate_dataset
+
+    root = Path(__file__).resolve().parents[2]
+    demo = load_bundle(root / "models" / "lung-ct-demo")
+    assert demo.identity.synthetic and "NOT FOR DIAGNOSTIC USE" in demo.identity.intended_use
+    # Seeds far from the training seeds: these phantoms were never seen.
+    for size in (256, 512):
+        hu, y = generate_dataset(987_654 + size, 30, size=size)
+        predicted = score_slices(demo, hu).argmax(axis=1)
+        accuracy = float((predicted == y).mean())
+        assert accuracy >= 0.95, f"held-out accuracy {accuracy:.3f} at {size}x{size}"
+        for index in range(4):  # every class, not just the easy ones
+            assert (predicted[y == index] == index).mean() >= 0.85
