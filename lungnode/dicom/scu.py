@@ -66,7 +66,7 @@ class SendResult:
 
 
 def _contexts_for(paths: Sequence[Path]) -> list[PresentationContext]:
-    """One context per (SOP class, transfer syntax) present, plus uncompressed fallbacks."""
+    """One context per (SOP class, transfer syntax) found in the files, no more."""
     pairs: dict[str, set[str]] = {}
     for path in paths:
         meta = dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
