@@ -1,44 +1,183 @@
-"""The REST API: ``create_app()``, one blueprint per resource.
+"""The REST API: ``create_app()``, one blueprint per resource, all under ``/api/v1``.
 
-Importing this package must not import TensorFlow: the model loads lazily in
-the workers.
+Built on APIFlask rather than flask-smorest: it is a thin Flask subclass, so
+views stay plain Flask views, and one decorator each declares a view's input
+(validated before the view runs, 422 on mismatch), its output (serialised
+through the schema) and its documented responses. The OpenAPI 3.1 document
+at ``/api/v1/openapi.json`` and Swagger UI at ``/api/v1/docs`` come from those
+same declarations, so the document cannot drift from the code; schemathesis
+checks the running server against it.
+
+Importing this package must not import TensorFlow: the model loads lazily on
+the first prediction.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from apiflask import APIFlask
 from flask import Flask
+from sqlalchemy import Engine
+from werkzeug.routing import IntegerConverter, Map
 
+from lungnode import __version__
+from lungnode.api.auth import (
+    auth_blueprint,
+    ensure_first_admin,
+    init_auth,
+    login,
+    login_username_key,
+)
 from lungnode.api.context import NodeStatus
 from lungnode.api.errors import register_error_handlers
-from lungnode.api.health import health_blueprint
+from lungnode.api.health import health, health_blueprint
+from lungnode.api.history import history_blueprint
+from lungnode.api.metrics import metrics, metrics_blueprint
+from lungnode.api.middleware import (
+    init_cors,
+    init_limiter,
+    init_request_logging,
+    init_security_headers,
+)
+from lungnode.api.node import node_blueprint
+from lungnode.api.predict import predict_blueprint
+from lungnode.api.reports import reports_blueprint
+from lungnode.api.stats import stats_blueprint
+from lungnode.api.uploads import delete_stale_uploads, uploads_blueprint
+from lungnode.api.users import users_blueprint
 from lungnode.config import Settings, load_settings
-from lungnode.db.session import make_engine, make_session_factory
+from lungnode.db.session import make_engine, make_session_factory, read_sessions
+
+__all__ = ["create_app", "delete_stale_uploads", "ensure_first_admin"]
+
+PREFIX = "/api/v1"
+DOCS_PATH = f"{PREFIX}/docs"
+
+#: multipart/form-data is what APIFlask documents for these; a JSON body is accepted too.
+_JSON_ALTERNATIVES: dict[str, dict[str, Any]] = {
+    f"{PREFIX}/predict": {
+        "type": "object",
+        "properties": {"file_id": {"type": "string", "minLength": 1, "maxLength": 64}},
+        "required": ["file_id"],
+        "additionalProperties": False,
+    },
+    f"{PREFIX}/batch-predict": {
+        "type": "object",
+        "properties": {
+            "file_ids": {
+                "type": "array",
+                "items": {"type": "string", "minLength": 1, "maxLength": 64},
+            },
+            "batch_name": {"type": "string", "minLength": 1, "maxLength": 200},
+        },
+        "required": ["file_ids"],
+        "additionalProperties": False,
+    },
+}
+
+
+def _complete_spec(spec: dict[str, Any] | str) -> dict[str, Any] | str:
+    """Document what the decorators cannot say: JSON alternatives, and 400 for bad bodies."""
+    if not isinstance(spec, dict):
+        return spec
+    for path, schema in _JSON_ALTERNATIVES.items():
+        operation = spec.get("paths", {}).get(path, {}).get("post")
+        if operation and "requestBody" in operation:
+            operation["requestBody"]["content"]["application/json"] = {"schema": schema}
+    error = {"$ref": "#/components/schemas/HTTPError"}
+    for operations in spec.get("paths", {}).values():
+        for operation in operations.values():
+            if isinstance(operation, dict) and "requestBody" in operation:
+                operation["responses"].setdefault(
+                    "400",
+                    {
+                        "description": "Malformed body (unparseable JSON or multipart)",
+                        "content": {"application/json": {"schema": error}},
+                    },
+                )
+    return spec
+
+
+class RowIdConverter(IntegerConverter):
+    """``<int:...>`` in routes: at most a 64-bit row id; a larger number matches nothing (404)."""
+
+    def __init__(self, url_map: Map, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("max", 2**63 - 1)
+        super().__init__(url_map, *args, **kwargs)
 
 
 def create_app(
     settings: Settings | None = None,
     node_status: NodeStatus | None = None,
     test_config: dict[str, Any] | None = None,
+    engine: Engine | None = None,
 ) -> Flask:
-    """Build the Flask app. ``node_status`` is given when the SCP runs in this process."""
+    """Build the app. ``node_status`` is given when the SCP runs in this process.
+
+    ``engine``: the node's own engine when it runs in the same process, so that
+    the API's writers and the node's take turns on one SQLite write lock.
+
+    The database must already be migrated (``lungnode serve`` and ``wsgi.py`` do it).
+    """
     settings = settings or load_settings()
-    app = Flask("lungnode")
+    app = APIFlask(
+        "lungnode",
+        title="lungnode API",
+        version=__version__,
+        spec_path=f"{PREFIX}/openapi.json",
+        docs_path=DOCS_PATH,
+        docs_oauth2_redirect_path=None,
+    )
+    max_file = settings.max_upload_mb * 2**20
     app.config.update(
         SECRET_KEY=settings.secret_key.get_secret_value(),
-        MAX_CONTENT_LENGTH=10 * 1024 * 1024,
+        # A batch carries up to max_batch_size files; each file is checked on its own.
+        MAX_CONTENT_LENGTH=max_file * settings.max_batch_size + 2**20,
         JSON_SORT_KEYS=False,
+        AUTO_SERVERS=False,
+        DESCRIPTION="REST API of lungnode, a DICOM node for lung CT. For research use only.",
     )
     if test_config:
         app.config.update(test_config)
-    engine = make_engine(settings.effective_database_url)
+    engine = engine or make_engine(settings.effective_database_url)
+    sessions = make_session_factory(engine)
     app.extensions["lungnode"] = {
         "settings": settings,
         "engine": engine,
-        "sessions": make_session_factory(engine),
+        "sessions": sessions,
+        "read_sessions": read_sessions(sessions),
         "node_status": node_status,
+        "bundle": None,
     }
+    app.url_map.converters["int"] = RowIdConverter
     register_error_handlers(app)
-    app.register_blueprint(health_blueprint, url_prefix="/api/v1")
+    init_auth(app, settings)
+    init_request_logging(app)
+    init_security_headers(app, DOCS_PATH)
+    init_cors(app, settings)
+    for blueprint in (
+        health_blueprint,
+        metrics_blueprint,
+        auth_blueprint,
+        users_blueprint,
+        uploads_blueprint,
+        predict_blueprint,
+        history_blueprint,
+        reports_blueprint,
+        stats_blueprint,
+        node_blueprint,
+    ):
+        app.register_blueprint(blueprint, url_prefix=PREFIX)
+    app.spec_processor(_complete_spec)
+
+    limiter = init_limiter(app, settings)
+    limiter.exempt(health)
+    limiter.exempt(metrics)
+    # Login: counted per client address and per user name, whichever runs out first.
+    login_limited = limiter.limit(lambda: settings.rate_limit_login)(login)
+    login_limited = limiter.limit(lambda: settings.rate_limit_login, key_func=login_username_key)(
+        login_limited
+    )
+    app.view_functions["auth.login"] = login_limited
     return app

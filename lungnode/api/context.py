@@ -1,14 +1,22 @@
-"""What the API may ask of the node it runs in."""
+"""What the API may ask of the node it runs in: settings, database, model, paths."""
 
 from __future__ import annotations
 
-from typing import Any, Protocol, cast
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from flask import current_app
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from lungnode.config import Settings
+from lungnode.db.session import write_transaction
+
+if TYPE_CHECKING:  # the model bundle loads TensorFlow: only ever imported lazily
+    from lungnode.ml.bundle import ModelBundle
 
 
 class NodeStatus(Protocol):
@@ -34,5 +42,53 @@ def sessions() -> sessionmaker[Session]:
     return cast(sessionmaker[Session], _extension()["sessions"])
 
 
+def reading() -> Session:
+    """A session for reads only (on SQLite: a plain BEGIN, no write lock). Use ``with``."""
+    return cast(sessionmaker[Session], _extension()["read_sessions"])()
+
+
+@contextmanager
+def writing() -> Iterator[Session]:
+    """A write transaction, committed on success; writers of one engine take turns."""
+    with write_transaction(sessions()) as session:
+        yield session
+
+
 def node_status() -> NodeStatus | None:
     return cast("NodeStatus | None", _extension()["node_status"])
+
+
+def uploads_dir() -> Path:
+    return settings().storage_dir / "uploads"
+
+
+def heatmaps_dir() -> Path:
+    return settings().storage_dir / "heatmaps"
+
+
+def reports_dir() -> Path:
+    return settings().storage_dir / "reports"
+
+
+_bundle_lock = threading.Lock()
+
+
+def model_bundle() -> ModelBundle:
+    """The configured model bundle, loaded (with TensorFlow) on first use.
+
+    Raises ``BundleError`` when the bundle is missing or does not verify.
+    """
+    extension = _extension()
+    bundle = extension.get("bundle")
+    if bundle is None:
+        with _bundle_lock:
+            bundle = extension.get("bundle")
+            if bundle is None:
+                from lungnode.ml.bundle import load_bundle
+
+                config = settings()
+                bundle = load_bundle(
+                    config.model, config.models_dir, trust_pickle=config.trust_pickle
+                )
+                extension["bundle"] = bundle
+    return cast("ModelBundle", bundle)

@@ -10,13 +10,14 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from flask import Blueprint, jsonify
+from apiflask import APIBlueprint
+from flask import jsonify
 from flask.typing import ResponseReturnValue
 from sqlalchemy import text
 
 from lungnode.api import context
 
-health_blueprint = Blueprint("health", __name__)
+health_blueprint = APIBlueprint("health", __name__, tag="health")
 
 _hash_cache: dict[tuple[str, float, int], str] = {}
 _hash_lock = threading.Lock()
@@ -95,8 +96,32 @@ CHECKS = {
 }
 
 
+_HEALTH_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "status": {"type": "string", "enum": ["ok", "failing"]},
+        "failing": {"type": "array", "items": {"type": "string"}},
+        "checks": {"type": "object", "additionalProperties": {"type": "object"}},
+    },
+    "required": ["status", "failing", "checks"],
+}
+
+
 @health_blueprint.get("/health")
+@health_blueprint.doc(
+    responses={  # type: ignore[arg-type]  # APIFlask accepts this shape
+        200: {
+            "description": "Every check passes",
+            "content": {"application/json": {"schema": _HEALTH_SCHEMA}},
+        },
+        503: {
+            "description": "A check fails; failing names it",
+            "content": {"application/json": {"schema": _HEALTH_SCHEMA}},
+        },
+    }
+)
 def health() -> ResponseReturnValue:
+    """Unauthenticated: 200 when the database, disk, SCP and model checks pass, else 503."""
     results: dict[str, Any] = {}
     for name, check in CHECKS.items():
         try:

@@ -1,0 +1,151 @@
+"""``GET /metrics`` in the Prometheus text format.
+
+Two kinds of series:
+- counts read from the database at each scrape (instances received, series
+  by state and completed, jobs and deliveries by state, predictions by
+  source), so every process sharing the database reports the same numbers;
+- histograms observed in this process: HTTP request durations, and analysis
+  stage latencies (decode, preprocess, inference, aggregate, gradcam, total)
+  of every analysis that reports them through :func:`observe_stages`.
+
+Unauthenticated, like ``/health``: the numbers carry no patient data.
+Under gunicorn with several workers each worker keeps its own histograms.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from apiflask import APIBlueprint
+from flask import Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from lungnode.api import context
+from lungnode.db.models import (
+    Delivery,
+    DeliveryState,
+    Instance,
+    Job,
+    JobState,
+    Prediction,
+    Series,
+    SeriesState,
+)
+from lungnode.db.session import read_sessions
+
+metrics_blueprint = APIBlueprint("metrics", __name__, tag="health")
+
+#: In-process histograms; one registry per process, shared by every app in it.
+REGISTRY = CollectorRegistry(auto_describe=True)
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+STAGE_SECONDS = Histogram(
+    "lungnode_stage_seconds",
+    "Analysis stage latency",
+    ["stage"],
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+HTTP_SECONDS = Histogram(
+    "lungnode_http_request_duration_seconds",
+    "HTTP request duration by route",
+    ["method", "route", "status"],
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+PREDICTION_SECONDS = Histogram(
+    "lungnode_prediction_seconds",
+    "Wall time of one API prediction (decode, analysis, heatmaps, database)",
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+
+
+def observe_stages(timings_s: Mapping[str, float]) -> None:
+    """Record an analysis's per-stage timings (``AnalysisResult.timings_s``)."""
+    for stage, seconds in timings_s.items():
+        STAGE_SECONDS.labels(stage=stage).observe(float(seconds))
+
+
+def observe_analysis(timings_s: Mapping[str, float], wall_s: float) -> None:
+    observe_stages(timings_s)
+    PREDICTION_SECONDS.observe(wall_s)
+
+
+class DatabaseCollector(Collector):
+    """Counts read from the database at scrape time."""
+
+    def __init__(self, sessions: sessionmaker[Session]) -> None:
+        self.sessions = sessions
+
+    def collect(self) -> Iterator[Any]:
+        with self.sessions() as session:
+            instances = session.scalar(select(func.count()).select_from(Instance)) or 0
+            series = dict(
+                session.execute(select(Series.state, func.count()).group_by(Series.state)).all()
+            )
+            completed = session.scalar(
+                select(func.count()).select_from(Series).where(Series.completed_at.is_not(None))
+            )
+            jobs = dict(session.execute(select(Job.state, func.count()).group_by(Job.state)).all())
+            deliveries = dict(
+                session.execute(select(Delivery.state, func.count()).group_by(Delivery.state)).all()
+            )
+            predictions = dict(
+                session.execute(
+                    select(Prediction.source, func.count()).group_by(Prediction.source)
+                ).all()
+            )
+        yield CounterMetricFamily(
+            "lungnode_instances_received", "DICOM instances received and stored", int(instances)
+        )
+        yield CounterMetricFamily(
+            "lungnode_series_completed", "Series found complete", int(completed or 0)
+        )
+        yield _by_label(
+            "lungnode_series", "Series by state", "state", series, [s.value for s in SeriesState]
+        )
+        yield _by_label(
+            "lungnode_jobs", "Jobs by state", "state", jobs, [s.value for s in JobState]
+        )
+        yield _by_label(
+            "lungnode_deliveries",
+            "Deliveries by state",
+            "state",
+            deliveries,
+            [s.value for s in DeliveryState],
+        )
+        yield _by_label(
+            "lungnode_predictions",
+            "Predictions by source",
+            "source",
+            predictions,
+            ["upload", "dicom"],
+        )
+
+
+def _by_label(
+    name: str, documentation: str, label: str, counts: Mapping[Any, Any], known: list[str]
+) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, documentation, labels=[label])
+    for value in sorted({*known, *(str(k) for k in counts)}):
+        family.add_metric([value], int(counts.get(value, 0)))
+    return family
+
+
+@metrics_blueprint.get("/metrics")
+@metrics_blueprint.doc(
+    responses={  # type: ignore[arg-type]  # APIFlask accepts this shape
+        200: {"description": "Prometheus text format", "content": {"text/plain": {}}}
+    }
+)
+def metrics() -> Response:
+    """Counters, gauges and latency histograms for Prometheus."""
+    scrape = CollectorRegistry(auto_describe=False)
+    scrape.register(DatabaseCollector(read_sessions(context.sessions())))
+    body = generate_latest(scrape) + generate_latest(REGISTRY)
+    return Response(body, content_type=CONTENT_TYPE_LATEST)

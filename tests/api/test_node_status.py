@@ -1,0 +1,135 @@
+"""Admin node status: series, jobs, deliveries (and retry), peers; the role matrix."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+
+from lungnode.db.models import AuditEvent, Delivery, Instance, Job, Series
+from tests.api.conftest import API
+
+
+@pytest.fixture
+def node_rows(api: API) -> API:
+    with api.app.extensions["lungnode"]["sessions"].begin() as session:
+        series = Series(study_instance_uid="1.2", series_instance_uid="1.2.3", state="complete")
+        session.add(series)
+        session.flush()
+        session.add_all(
+            Instance(
+                series_id=series.id,
+                sop_instance_uid=f"1.2.3.{i}",
+                sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+                transfer_syntax_uid="1.2.840.10008.1.2.1",
+                path=f"/x/{i}.dcm",
+                size_bytes=10,
+            )
+            for i in range(3)
+        )
+        session.add(Series(study_instance_uid="1.2", series_instance_uid="1.2.4"))
+        job = Job(series_id=series.id, state="done", details={"total": 1.5})
+        session.add(job)
+        session.flush()
+        for i, state in enumerate(("dead", "pending")):
+            session.add(
+                Delivery(
+                    job_id=job.id,
+                    destination="pacs",
+                    sop_class_uid="1.2.840.10008.5.1.4.1.1.7",
+                    sop_instance_uid=f"9.9.{i}",
+                    path=f"/r/{i}.dcm",
+                    state=state,
+                    attempts=5,
+                    last_error="refused" if state == "dead" else None,
+                    next_attempt_at=datetime(2026, 1, 1, tzinfo=UTC),
+                )
+            )
+    return api
+
+
+def test_series_jobs_deliveries(node_rows: API) -> None:
+    api = node_rows
+    admin = api.headers("admin")
+    series = api.client.get("/api/v1/series", headers=admin).json
+    assert series["total"] == 2
+    complete = api.client.get("/api/v1/series?state=complete", headers=admin).json["items"]
+    assert [(s["series_instance_uid"], s["instance_count"]) for s in complete] == [("1.2.3", 3)]
+    jobs = api.client.get("/api/v1/jobs?state=done", headers=admin).json
+    assert jobs["total"] == 1 and jobs["items"][0]["details"] == {"total": 1.5}
+    dead = api.client.get("/api/v1/deliveries?state=dead", headers=admin).json["items"]
+    assert [d["last_error"] for d in dead] == ["refused"]
+    assert api.client.get("/api/v1/deliveries?state=lost", headers=admin).status_code == 422
+    assert api.client.get("/api/v1/series?per_page=1&page=2", headers=admin).json["pages"] == 2
+
+
+def test_retry_a_dead_delivery(node_rows: API) -> None:
+    api = node_rows
+    admin = api.headers("admin")
+    dead, pending = (
+        api.client.get(f"/api/v1/deliveries?state={s}", headers=admin).json["items"][0]["id"]
+        for s in ("dead", "pending")
+    )
+    retried = api.client.post(f"/api/v1/deliveries/{dead}/retry", headers=admin)
+    assert retried.status_code == 200, retried.json
+    assert retried.json["state"] == "pending" and retried.json["attempts"] == 0
+    again = api.client.post(f"/api/v1/deliveries/{pending}/retry", headers=admin)
+    assert again.status_code == 409 and again.json["error"]["code"] == "conflict"
+    assert api.client.post("/api/v1/deliveries/999/retry", headers=admin).status_code == 404
+    with api.app.extensions["lungnode"]["sessions"]() as session:
+        assert session.query(AuditEvent).filter_by(action="delivery.retry").count() == 1
+
+
+def test_peers(make_api: object) -> None:
+    api = make_api(  # type: ignore[operator]
+        peers="pacs=ORTHANC@10.0.0.5:4242,ws=WS@10.0.0.9:104", result_destinations="pacs"
+    )
+    body = api.client.get("/api/v1/peers", headers=api.headers("admin")).json
+    assert body["result_destinations"] == ["pacs"]
+    assert [(p["name"], p["result_destination"]) for p in body["items"]] == [
+        ("pacs", True),
+        ("ws", False),
+    ]
+
+
+EVERYONE = {"admin", "radiologist", "viewer"}
+UPLOADERS = {"admin", "radiologist"}
+ADMINS = {"admin"}
+
+MATRIX = [
+    ("GET", "/api/v1/auth/me", EVERYONE),
+    ("GET", "/api/v1/users", ADMINS),
+    ("POST", "/api/v1/users", ADMINS),
+    ("PATCH", "/api/v1/users/2", ADMINS),
+    ("POST", "/api/v1/upload", UPLOADERS),
+    ("POST", "/api/v1/predict", UPLOADERS),
+    ("POST", "/api/v1/batch-predict", UPLOADERS),
+    ("GET", "/api/v1/history", EVERYONE),
+    ("GET", "/api/v1/history/1", EVERYONE),
+    ("DELETE", "/api/v1/history/1", UPLOADERS),
+    ("GET", "/api/v1/download/1", EVERYONE),
+    ("GET", "/api/v1/heatmaps/1/0.png", EVERYONE),
+    ("GET", "/api/v1/stats", EVERYONE),
+    ("GET", "/api/v1/series", ADMINS),
+    ("GET", "/api/v1/jobs", ADMINS),
+    ("GET", "/api/v1/deliveries", ADMINS),
+    ("POST", "/api/v1/deliveries/1/retry", ADMINS),
+    ("GET", "/api/v1/peers", ADMINS),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "allowed"), MATRIX)
+def test_role_matrix(api: API, method: str, path: str, allowed: set[str]) -> None:
+    assert api.client.open(path, method=method).status_code == 401
+    for role in ("admin", "radiologist", "viewer"):
+        response = api.client.open(path, method=method, headers=api.headers(role), json={})
+        if role in allowed:
+            assert response.status_code != 403, (role, response.json)
+        else:
+            assert response.status_code == 403, (role, response.status_code)
+            assert response.json["error"]["code"] == "forbidden"
+
+
+@pytest.mark.parametrize("path", ["/api/v1/health", "/api/v1/metrics", "/api/v1/openapi.json"])
+def test_public_routes_need_no_token(api: API, path: str) -> None:
+    assert api.client.get(path).status_code in (200, 503)
