@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from werkzeug.serving import BaseWSGIServer, make_server
 
-from lungnode.api import create_app
+from lungnode.api import create_app, delete_stale_uploads, ensure_first_admin
 from lungnode.config import Settings
 from lungnode.db.deliveries import DeliveryRepository
 from lungnode.db.migrate import upgrade
@@ -29,6 +29,8 @@ from lungnode.pipeline.outbox import Outbox, RetryPolicy
 from lungnode.series.assembler import CompletionRules
 
 logger = logging.getLogger(__name__)
+
+HOUSEKEEPING_SECONDS = 3600.0
 
 
 @dataclass
@@ -107,6 +109,9 @@ class Node:
             on_association_ended=self.watcher.wake,
         )
         self.serve_http = serve_http
+        self._stopping = threading.Event()
+        self._housekept = False
+        self._housekeeping: threading.Thread | None = None
         self._http: BaseWSGIServer | None = None
         self._http_thread: threading.Thread | None = None
 
@@ -115,6 +120,15 @@ class Node:
         settings.storage_dir.mkdir(parents=True, exist_ok=True)
         settings.incoming_dir.mkdir(parents=True, exist_ok=True)
         upgrade(settings.effective_database_url)
+        password = ensure_first_admin(self.sessions, settings)
+        if password is not None:
+            # Shown once, on the console only: it is never logged or stored in clear.
+            print(
+                f"\nCreated the API user 'admin' with the password: {password}\n"
+                "Store it now; it will not be shown again. "
+                "(Set LUNGNODE_ADMIN_PASSWORD to choose it.)\n",
+                flush=True,
+            )
         closed = self.repo.close_interrupted_associations()
         if closed:
             logger.info("closed %d association(s) interrupted by a stop", closed)
@@ -130,15 +144,30 @@ class Node:
         self.jobs.start()
         self.watcher.start()
         self.outbox.start()
+        self._housekeeping = threading.Thread(
+            target=self._housekeep, name="housekeeping", daemon=True
+        )
+        self._housekeeping.start()
         self.scp.start()
         if self.serve_http:
-            app = create_app(settings, node_status=_Status(self))
+            app = create_app(settings, node_status=_Status(self), engine=self.engine)
             self._http = make_server(settings.http_host, settings.http_port, app, threaded=True)
             self._http_thread = threading.Thread(
                 target=self._http.serve_forever, name="http", daemon=True
             )
             self._http_thread.start()
             logger.info("API listening on http://%s:%d/api/v1", settings.http_host, self.http_port)
+
+    def _housekeep(self) -> None:
+        """Hourly: delete uploads older than ``upload_retention_hours`` (original plan 4.3)."""
+        while not self._stopping.wait(0 if not self._housekept else HOUSEKEEPING_SECONDS):
+            self._housekept = True
+            try:
+                removed = delete_stale_uploads(self.settings, self.sessions)
+                if removed:
+                    logger.info("removed %d stale upload(s)", len(removed))
+            except Exception:
+                logger.exception("housekeeping failed; will try again")
 
     def _check_model_bundle(self) -> None:
         """Refuse to start analysing with a bundle that is missing or does not verify.
@@ -161,6 +190,7 @@ class Node:
     def stop(self) -> None:
         """Stop listening first, then let the timer and workers finish."""
         logger.info("stopping")
+        self._stopping.set()
         self.scp.stop()
         if self._http is not None:
             self._http.shutdown()

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 from pydicom import Dataset, dcmread
 
+from lungnode.api.metrics import observe_stages
 from lungnode.config import Settings
 from lungnode.db.results import JobInputs, JobResults, ResultObject, job_inputs, record_job_results
 from lungnode.dicom.intake import write_atomically
@@ -147,6 +148,7 @@ class SeriesJob:
         result = analyze_volume(volume, bundle)
         result.timings_s["decode"] = decode_s
         result.timings_s["total"] = result.timings_s.get("total", 0.0) + decode_s
+        observe_stages(result.timings_s)
         return volume, result
 
     def _write_outputs(
