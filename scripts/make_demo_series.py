@@ -5,6 +5,11 @@ Example::
     python scripts/make_demo_series.py --out demo/ --slices 40 --transfer-syntax JPEGLosslessSV1
 
 Then send it to the node with DCMTK: ``storescu -aec <AE title> <host> <port> demo/``.
+
+``--lesion CLASS`` draws the slices with the synthetic lung phantoms the demo model
+was trained on (``lungnode.ml.phantoms``), with a lesion of that class spanning a
+few slices, so the demo model has something to find. Without it, the series
+shows a plain chest-like phantom. Both are synthetic stand-ins, not patient data.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from pathlib import Path
 
 from lungnode.dicom.synthetic import make_ct_series, write_series
 from lungnode.dicom.synthetic_codecs import SUPPORTED_TRANSFER_SYNTAXES, resolve_transfer_syntax
+from lungnode.domain import CLASS_LABELS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,7 +37,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--seed", type=int, default=0, help="phantom noise seed")
     parser.add_argument("--enhanced", action="store_true", help="one Enhanced CT multi-frame")
+    parser.add_argument(
+        "--lesion",
+        choices=[label for label in CLASS_LABELS],
+        help="draw the demo model's phantoms with a lesion of this class (Normal: none)",
+    )
     args = parser.parse_args(argv)
+    slice_hu = None
+    if args.lesion:
+        if args.rows != args.columns:
+            parser.error("--lesion needs square slices (--rows equal to --columns)")
+        from lungnode.ml.phantoms import generate_volume
+
+        volume, _mask = generate_volume(args.seed, args.lesion, args.slices, args.rows)
+        slice_hu = volume.__getitem__
     try:
         tsyntax = resolve_transfer_syntax(args.transfer_syntax)
         datasets = make_ct_series(
@@ -41,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             transfer_syntax=tsyntax,
             seed=args.seed,
             enhanced=args.enhanced,
+            slice_hu=slice_hu,
         )
     except (ValueError, RuntimeError) as exc:
         parser.error(str(exc))
