@@ -268,7 +268,12 @@ def read_image_hu(path: Path) -> np.ndarray:
     return np.asarray(apply_rescale(pixels, dataset), dtype=np.float32)
 
 
-def _scan_class_folders(root: Path) -> dict[str, list[Path]]:
+def scan_class_folders(root: Path) -> dict[str, list[Path]]:
+    """Image files per label, from one folder per class under ``root`` (see :func:`folder_label`).
+
+    Files are found recursively; hidden files and other suffixes are skipped.
+    Folders that map to the same label are merged.
+    """
     files: dict[str, list[Path]] = {}
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
         images = sorted(
@@ -326,9 +331,9 @@ def train_from_folder(
 
     data_dir = Path(data_dir)
     train_root = data_dir / "train" if (data_dir / "train").is_dir() else data_dir
-    train_files = _scan_class_folders(train_root)
+    train_files = scan_class_folders(train_root)
     valid_root = data_dir / "valid" if (data_dir / "valid").is_dir() else None
-    valid_files = _scan_class_folders(valid_root) if valid_root else {}
+    valid_files = scan_class_folders(valid_root) if valid_root else {}
     labels = tuple(sorted(set(train_files) | set(valid_files)))
     if len(labels) < 2:
         raise ValueError(f"{data_dir} needs at least two class folders with images, found {labels}")

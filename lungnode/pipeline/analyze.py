@@ -12,17 +12,22 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
 
 from lungnode.domain import AnalysisResult, HUVolume, SliceRef
+from lungnode.errors import DecodeError
 from lungnode.imaging.windowing import picture_to_hu
 from lungnode.ml.bundle import ModelBundle
 from lungnode.ml.gradcam import heatmaps_for_slices
 from lungnode.ml.inference import DEFAULT_BATCH_SIZE, classify
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
 
 logger = logging.getLogger(__name__)
 
@@ -173,3 +178,155 @@ def analyze_series(
     result.timings_s["decode"] = decode_s
     result.timings_s["total"] = result.timings_s.get("total", 0.0) + decode_s
     return result
+
+
+@dataclass
+class PathAnalysis:
+    """What ``analyze_path`` found and concluded, for the CLI's summary and report."""
+
+    result: AnalysisResult
+    volume: HUVolume
+    #: Header of one DICOM instance of the input (patient and study facts); None for pictures.
+    source: Dataset | None
+    #: The files analysed (one for an image, every instance for a series folder).
+    files: list[Path]
+
+
+def series_files(folder: Path) -> list[Path]:
+    """The DICOM files of the one series in ``folder`` (searched recursively).
+
+    Files that are not DICOM Part 10 (no "DICM" marker and no .dcm suffix) are
+    skipped, so a DICOMDIR export or notes beside the images do no harm.
+
+    Raises:
+        DecodeError: no DICOM file, or files of more than one series (the
+            Series Instance UIDs are named, so the user can split them).
+    """
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    by_series: dict[str, list[Path]] = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        if path.name == "DICOMDIR" or not _is_dicom(path):
+            continue
+        try:
+            header = pydicom.dcmread(
+                path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"]
+            )
+        except (InvalidDicomError, OSError, EOFError, ValueError) as exc:
+            raise DecodeError(f"{path.name}: not a readable DICOM file: {exc}") from exc
+        by_series.setdefault(str(header.get("SeriesInstanceUID", "")), []).append(path)
+    if not by_series:
+        raise DecodeError(f"{folder} holds no DICOM file")
+    if len(by_series) > 1:
+        listed = ", ".join(
+            f"{uid or '(none)'} ({len(files)} files)" for uid, files in by_series.items()
+        )
+        raise DecodeError(
+            f"{folder} holds {len(by_series)} series; give one series folder or file: {listed}"
+        )
+    return next(iter(by_series.values()))
+
+
+def analyze_path(path: Path, bundle: ModelBundle, *, with_heatmaps: bool = True) -> PathAnalysis:
+    """Analyse what a user points at: a DICOM file, a folder of one series, a PNG or a JPEG.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        DecodeError: unreadable input, or a folder of several series.
+        ValueError: a file that is neither a picture nor DICOM.
+    """
+    import pydicom
+
+    from lungnode.dicom.decode import load_series
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    t0 = time.perf_counter()
+    source = None
+    if path.is_dir():
+        files = series_files(path)
+        volume = load_series(files)
+    elif path.suffix.lower() in PICTURE_SUFFIXES:
+        files = [path]
+        volume = load_picture(path)
+    elif _is_dicom(path):
+        files = [path]
+        volume = load_series(files)
+    else:
+        raise ValueError(f"{path.name}: expected a PNG, JPEG or DICOM file, or a series folder")
+    if path.is_dir() or path.suffix.lower() not in PICTURE_SUFFIXES:
+        source = pydicom.dcmread(files[0], stop_before_pixels=True)
+    decode_s = time.perf_counter() - t0
+    result = analyze_volume(volume, bundle, with_heatmaps=with_heatmaps)
+    stages = {k: v for k, v in result.timings_s.items() if k != "total"}
+    total = result.timings_s.get("total", 0.0) + decode_s
+    result.timings_s = {"decode": decode_s, **stages, "total": total}
+    return PathAnalysis(result=result, volume=volume, source=source, files=files)
+
+
+def result_json(result: AnalysisResult) -> dict[str, Any]:
+    """The JSON form of a result, as ``lungnode predict --json`` prints it.
+
+    ``confidence_scores`` maps every label to its probability (they sum to 1);
+    ``key_slices`` name each key slice by index and SOP Instance UID (empty
+    for a picture), so a reader can find it in the PACS.
+    """
+    model = result.model
+    return {
+        "analysed": result.analysed,
+        "not_analysed_reason": result.not_analysed_reason,
+        "prediction": result.verdict,
+        "confidence": result.confidence,
+        "confidence_scores": {
+            label: float(result.class_scores.get(label, 0.0)) for label in result.labels
+        }
+        if result.analysed
+        else {},
+        "key_slices": [
+            {
+                "index": int(index),
+                "sop_instance_uid": ref.sop_instance_uid,
+                "frame_number": ref.frame_number,
+                "slice_score": float(result.slice_scores[index].max()),
+            }
+            for index, ref in zip(result.key_slices, result.key_slice_refs, strict=True)
+        ],
+        "lesion_slices": list(result.lesion_slices),
+        "slices": int(result.slice_scores.shape[0]),
+        "model": {
+            "name": model.name,
+            "version": model.version,
+            "sha256": model.sha256,
+            "intended_use": model.intended_use,
+            "trained_on": model.trained_on,
+        },
+        "synthetic_model": model.synthetic,
+        "timings_s": {
+            stage: round(float(seconds), 4) for stage, seconds in result.timings_s.items()
+        },
+    }
+
+
+def report_pdf(analysis: PathAnalysis) -> bytes:
+    """The PDF report of an analysis, with the key-slice heatmaps as the series job draws them."""
+    from lungnode.dicom.writers.sc import render_key_image
+    from lungnode.report.pdf import KeyImage, ReportInput, StudyFacts, build_report
+
+    result = analysis.result
+    key_images = []
+    for index, heatmap in zip(result.key_slices, result.heatmaps, strict=False):
+        picture = render_key_image(
+            analysis.volume.hu[index],
+            heatmap,
+            label=result.verdict,
+            series_score=result.confidence,
+            slice_score=float(result.slice_scores[index].max()),
+            model=result.model,
+        )
+        key_images.append(KeyImage(picture, f"slice {index + 1}"))
+    facts = (
+        StudyFacts.from_dataset(analysis.source) if analysis.source is not None else StudyFacts()
+    )
+    return build_report(ReportInput(result=result, facts=facts, key_images=key_images))

@@ -1,0 +1,118 @@
+"""Time the whole analysis of one series, as the series job runs it.
+
+    python scripts/bench_analysis.py [--slices 300] [--size 512] [--repeat 3]
+        [--bundle models/lung-ct-demo] [--dir DIR] [--profile]
+
+A synthetic axial series (phantom anatomy with an Adenocarcinoma lesion over a
+few slices, ``lungnode.ml.phantoms``; no patient data) is written to disk as
+single-frame 16-bit CT instances. Each repeat then runs the job's stages:
+decode (``dicom.decode.load_series``), windowing and resizing, the model,
+aggregation and Grad-CAM on the key slices (``pipeline.analyze.analyze_volume``).
+
+Printed: the median total seconds (target: at most 4 s for 300 slices of
+512x512 on 2 CPU cores), model forward time divided by the total (target: at
+least 0.8), the median of every stage, and the peak RSS of the process. One
+warm-up run (not counted) traces the model first, as a long-running worker
+would have done before its first series. ``--profile`` prints the 25 most
+expensive functions of one extra decode under cProfile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import os
+import pstats
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from lungnode.dicom.decode import load_series
+from lungnode.dicom.synthetic import make_ct_series, write_series
+from lungnode.ml import phantoms
+from lungnode.ml.bundle import load_bundle
+from lungnode.pipeline.analyze import analyze_volume
+
+STAGES = ("decode", "preprocess", "inference", "aggregate", "gradcam", "total")
+
+
+def write_phantom_series(directory: Path, slices: int, size: int, seed: int) -> list[Path]:
+    """Write the benchmark series; reuse it when ``directory`` already holds it."""
+    existing = sorted(directory.glob("*.dcm"))
+    if len(existing) == slices:
+        return existing
+    hu, mask = phantoms.generate_volume(seed, phantoms.ADENOCARCINOMA, slices, size, 3)
+    lesion_slices = int(mask.any(axis=(1, 2)).sum())
+    print(
+        f"writing {slices} slices of {size}x{size}, {lesion_slices} with a lesion, to {directory}"
+    )
+    return write_series(
+        make_ct_series(slices, rows=size, columns=size, slice_hu=hu.__getitem__), directory
+    )
+
+
+def run_once(paths: list[Path], bundle_path: Path) -> dict[str, float]:
+    bundle = load_bundle(bundle_path)
+    t0 = time.perf_counter()
+    volume = load_series(paths)
+    decode_s = time.perf_counter() - t0
+    result = analyze_volume(volume, bundle)
+    timings = dict(result.timings_s)
+    timings["decode"] = decode_s
+    timings["total"] = time.perf_counter() - t0
+    timings["verdict"] = float(result.analysed)
+    print(
+        f"  {result.verdict} ({result.confidence:.3f}), key slices {result.key_slices}: "
+        f"total {timings['total']:.2f} s"
+    )
+    return timings
+
+
+def main(argv: list[str] | None = None) -> int:
+    root = Path(__file__).resolve().parents[1]
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--bundle", type=Path, default=root / "models" / "lung-ct-demo")
+    parser.add_argument("--slices", type=int, default=300)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--repeat", type=int, default=3, help="timed runs; the median is shown")
+    parser.add_argument("--seed", type=int, default=31)
+    parser.add_argument("--dir", type=Path, help="where to write (and reuse) the series")
+    parser.add_argument("--profile", action="store_true", help="profile one decode")
+    args = parser.parse_args(argv)
+
+    with tempfile.TemporaryDirectory(prefix="lungnode-bench-") as tmp:
+        directory = args.dir or Path(tmp)
+        directory.mkdir(parents=True, exist_ok=True)
+        paths = write_phantom_series(directory, args.slices, args.size, args.seed)
+        print(f"CPU cores available: {len(os.sched_getaffinity(0))}")
+        print("warm-up run:")
+        run_once(paths, args.bundle)
+        runs = []
+        for k in range(args.repeat):
+            print(f"run {k + 1}/{args.repeat}:")
+            runs.append(run_once(paths, args.bundle))
+        if args.profile:
+            profiler = cProfile.Profile()
+            profiler.runcall(load_series, paths)
+            pstats.Stats(profiler, stream=sys.stdout).sort_stats("cumulative").print_stats(25)
+
+    median = {s: statistics.median(r.get(s, 0.0) for r in runs) for s in STAGES}
+    forward = statistics.median(r["inference"] / r["total"] for r in runs)
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"\n{args.slices} slices of {args.size}x{args.size}, median of {len(runs)} run(s):")
+    for stage in STAGES:
+        share = median[stage] / median["total"] if median["total"] else 0.0
+        print(f"  {stage:<10} {median[stage]:7.3f} s  {share:6.1%}")
+    print(f"total analysis: {median['total']:.2f} s (target <= 4 s)")
+    print(f"model forward / total: {forward:.2f} (target >= 0.8)")
+    print(f"peak RSS: {peak_mib:.0f} MiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
