@@ -13,9 +13,9 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import Integer, String, Table, bindparam, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -55,6 +55,32 @@ class ReceivingSeries:
     #: (position, orientation, number_of_frames) per instance.
     geometry: list[tuple[list[float] | None, list[float] | None, int]]
     senders: list[SenderState]
+
+
+# The ingest hot path runs plain Core statements on the tables: no ORM unit of
+# work, and the compiled forms are cached.
+_instance_table = cast(Table, Instance.__table__)
+_series_table = cast(Table, Series.__table__)
+_INSERT_INSTANCE = insert(_instance_table)
+_TOUCH_SERIES = (
+    update(_series_table)
+    .where(_series_table.c.id == bindparam("sid"))
+    .values(
+        last_received_at=bindparam("now"),
+        declared_count=func.coalesce(
+            bindparam("declared", type_=Integer), _series_table.c.declared_count
+        ),
+        calling_ae=func.coalesce(_series_table.c.calling_ae, bindparam("ae", type_=String)),
+    )
+)
+_REOPEN_SERIES = (
+    update(_series_table)
+    .where(
+        _series_table.c.id == bindparam("sid"),
+        _series_table.c.state == SeriesState.COMPLETE.value,
+    )
+    .values(state=SeriesState.RECEIVING.value, completed_at=None)
+)
 
 
 class NodeRepository:
@@ -159,40 +185,31 @@ class NodeRepository:
             calling_ae = self._calling_ae(session, association_id)
             series_id = self._series_id(session, facts, calling_ae)
             session.execute(
-                insert(Instance).values(
-                    series_id=series_id,
-                    association_id=association_id,
-                    sop_instance_uid=facts.sop_instance_uid,
-                    sop_class_uid=facts.sop_class_uid,
-                    transfer_syntax_uid=facts.transfer_syntax_uid,
-                    instance_number=facts.instance_number,
-                    number_of_frames=facts.number_of_frames,
-                    position=facts.position,
-                    orientation=facts.orientation,
-                    path=str(path),
-                    size_bytes=size_bytes,
-                    received_at=now,
-                )
+                _INSERT_INSTANCE,
+                {
+                    "series_id": series_id,
+                    "association_id": association_id,
+                    "sop_instance_uid": facts.sop_instance_uid,
+                    "sop_class_uid": facts.sop_class_uid,
+                    "transfer_syntax_uid": facts.transfer_syntax_uid,
+                    "instance_number": facts.instance_number,
+                    "number_of_frames": facts.number_of_frames,
+                    "position": facts.position,
+                    "orientation": facts.orientation,
+                    "path": str(path),
+                    "size_bytes": size_bytes,
+                    "received_at": now,
+                },
             )
-            values: dict[str, Any] = {"last_received_at": now}
-            if facts.declared_count is not None:
-                values["declared_count"] = facts.declared_count
-            session.execute(update(Series).where(Series.id == series_id).values(**values))
+            session.execute(
+                _TOUCH_SERIES,
+                {"sid": series_id, "now": now, "declared": facts.declared_count, "ae": calling_ae},
+            )
             # Rule 4: a late instance reopens a complete series; its next completion
             # queues a new version of the analysis.
-            reopened = session.execute(
-                update(Series)
-                .where(Series.id == series_id, Series.state == SeriesState.COMPLETE.value)
-                .values(state=SeriesState.RECEIVING.value, completed_at=None)
-            )
+            reopened = session.execute(_REOPEN_SERIES, {"sid": series_id})
             if reopened.rowcount:  # type: ignore[attr-defined]
                 logger.info("late instance reopens series %s", facts.series_instance_uid)
-            if calling_ae:
-                session.execute(
-                    update(Series)
-                    .where(Series.id == series_id, Series.calling_ae.is_(None))
-                    .values(calling_ae=calling_ae)
-                )
             return True
 
     def known_instance_paths(self) -> set[str]:
