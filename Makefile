@@ -4,8 +4,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 # Debian packages the test suite uses as real peers and validators.
-SYSTEM_PACKAGES := dcmtk dicom3tools orthanc poppler-utils
-SYSTEM_TOOLS    := storescu echoscu dcmcjpeg dciodvfy Orthanc pdftotext
+SYSTEM_PACKAGES := dcmtk dicom3tools orthanc poppler-utils chromium
+SYSTEM_TOOLS    := storescu echoscu dcmcjpeg dciodvfy Orthanc pdftotext chromium
 
 .PHONY: install run test lint system-deps clean
 
@@ -21,7 +21,8 @@ install: $(STAMP)
 run: install
 	$(BIN)/lungnode serve
 
-# Installs DCMTK, dicom3tools, Orthanc and poppler-utils with apt-get when running as root and
+# Installs DCMTK, dicom3tools, Orthanc, poppler-utils and Chromium (headless, for
+# the docs page test) with apt-get when running as root and
 # one of their tools is missing; otherwise says what is missing and goes on
 # (under CI=true the tests that need a missing tool then fail).
 system-deps:

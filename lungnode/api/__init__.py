@@ -30,6 +30,7 @@ from lungnode.api.auth import (
     login_username_key,
 )
 from lungnode.api.context import NodeStatus
+from lungnode.api.docs_assets import init_docs_assets
 from lungnode.api.errors import register_error_handlers
 from lungnode.api.health import health, health_blueprint
 from lungnode.api.history import history_blueprint
@@ -136,6 +137,8 @@ def create_app(
         MAX_CONTENT_LENGTH=max_file * settings.max_batch_size + 2**20,
         JSON_SORT_KEYS=False,
         AUTO_SERVERS=False,
+        # OpenAPI 3.0: what the bundled Swagger UI (and most client generators) read.
+        OPENAPI_VERSION="3.0.3",
         DESCRIPTION="REST API of lungnode, a DICOM node for lung CT. For research use only.",
     )
     if test_config:
@@ -156,6 +159,7 @@ def create_app(
     init_request_logging(app)
     init_security_headers(app, DOCS_PATH)
     init_cors(app, settings)
+    init_docs_assets(app, PREFIX)
     for blueprint in (
         health_blueprint,
         metrics_blueprint,
