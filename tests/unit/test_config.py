@@ -93,3 +93,8 @@ def test_masked_settings_hide_secrets(toml_file: Path) -> None:
     for secret in ("s3cret-value-long-enough", "adminpass", "dbpass", "brokerpass"):
         assert secret not in text
     assert settings.masked()["ae_title"] == "LUNGNODE"
+
+
+def test_celery_queue_is_refused_until_it_exists(toml_file: Path) -> None:
+    with pytest.raises(ConfigError, match="celery"):
+        load_settings(queue="celery").check_safe_to_start()
