@@ -85,11 +85,19 @@ class CompletionWatcher:
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            wait = self.interval
             try:
                 self.check_once()
+                # Wake exactly when a grace period or quiet timer runs out, not up to
+                # one interval later.
+                due = [
+                    d.recheck_in for d in self.last_decisions.values() if d.recheck_in is not None
+                ]
+                if due:
+                    wait = max(0.01, min(wait, min(due)))
             except Exception:
                 logger.exception("series completion check failed; retrying")
-            self._wake.wait(self.interval)
+            self._wake.wait(wait)
             self._wake.clear()
 
     def check_once(self, now: float | None = None) -> list[int]:
