@@ -101,7 +101,9 @@ def test_security_headers(api: API) -> None:
     assert "Access-Control-Allow-Origin" not in headers  # no CORS unless configured
     docs = api.client.get("/api/v1/docs")
     assert docs.status_code == 200 and b"swagger" in docs.data.lower()
-    assert "cdn.jsdelivr.net" in docs.headers["Content-Security-Policy"]
+    # Swagger UI is served by the node itself: no third-party origin is allowed.
+    assert "script-src 'self'" in docs.headers["Content-Security-Policy"]
+    assert "http" not in docs.headers["Content-Security-Policy"]
 
 
 def test_cors_only_for_configured_origins(make_api: Callable[..., API]) -> None:
