@@ -226,9 +226,7 @@ class Settings(BaseSettings):
     def check_safe_to_start(self) -> None:
         """Refuse unsafe settings. In production, a missing or default secret is fatal."""
         if self.queue == "celery":
-            raise ConfigError(
-                "LUNGNODE_QUEUE=celery is not available in this version; use 'local'"
-            )
+            raise ConfigError("LUNGNODE_QUEUE=celery is not available in this version; use 'local'")
         if self.env == "production":
             secret = self.secret_key.get_secret_value()
             if not secret or secret == DEFAULT_SECRET or len(secret) < 16:

@@ -110,7 +110,6 @@ class Node:
         )
         self.serve_http = serve_http
         self._stopping = threading.Event()
-        self._housekept = False
         self._housekeeping: threading.Thread | None = None
         self._http: BaseWSGIServer | None = None
         self._http_thread: threading.Thread | None = None
@@ -159,15 +158,16 @@ class Node:
             logger.info("API listening on http://%s:%d/api/v1", settings.http_host, self.http_port)
 
     def _housekeep(self) -> None:
-        """Hourly: delete uploads older than ``upload_retention_hours`` (original plan 4.3)."""
-        while not self._stopping.wait(0 if not self._housekept else HOUSEKEEPING_SECONDS):
-            self._housekept = True
+        """At start, then hourly: delete uploads older than ``upload_retention_hours``."""
+        while True:
             try:
                 removed = delete_stale_uploads(self.settings, self.sessions)
                 if removed:
                     logger.info("removed %d stale upload(s)", len(removed))
             except Exception:
                 logger.exception("housekeeping failed; will try again")
+            if self._stopping.wait(HOUSEKEEPING_SECONDS):
+                return
 
     def _check_model_bundle(self) -> None:
         """Refuse to start analysing with a bundle that is missing or does not verify.
