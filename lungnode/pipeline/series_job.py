@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 from pydicom import Dataset, dcmread
+from sqlalchemy.orm import Session, sessionmaker
 
 from lungnode.api.metrics import observe_stages
 from lungnode.config import Settings
@@ -81,7 +82,7 @@ class SeriesJob:
     def __init__(
         self,
         settings: Settings,
-        sessions: Any,
+        sessions: sessionmaker[Session],
         destinations_for: Callable[[str | None], list[str]],
         on_recorded: Callable[[], None] = lambda: None,
     ) -> None:
@@ -234,7 +235,9 @@ class SeriesJob:
 
 
 def make_series_job(
-    settings: Settings, sessions: Any, on_recorded: Callable[[], None] = lambda: None
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    on_recorded: Callable[[], None] = lambda: None,
 ) -> JobHandler:
     """The handler for ``LocalJobQueue``: results go to the configured destinations,
     or back to the peer that sent the series."""
