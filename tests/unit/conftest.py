@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +12,7 @@ import pytest
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from lungnode.dicom.synthetic import chest_phantom_hu
+from tests.conftest import require_tool
 
 PhantomFactory = Callable[[int, int, int], Callable[[int], np.ndarray]]
 
@@ -43,17 +42,13 @@ def dciodvfy(tmp_path: Path) -> Callable[[Path], list[str]]:
     dciodvfy cannot read the deflated transfer syntax, so a deflated file is
     first inflated with DCMTK's dcmconv; the data set is the same.
     """
-    if shutil.which("dciodvfy") is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("dciodvfy (dicom3tools) is required in CI")
-        pytest.skip("dciodvfy (dicom3tools) not installed")
+    require_tool("dciodvfy")
 
     def run(path: Path) -> list[str]:
         if pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID == (
             DeflatedExplicitVRLittleEndian
         ):
-            if shutil.which("dcmconv") is None:
-                pytest.skip("dcmconv (DCMTK) needed to inflate for dciodvfy")
+            require_tool("dcmconv")
             inflated = tmp_path / f"inflated-{path.name}"
             subprocess.run(["dcmconv", "+te", str(path), str(inflated)], check=True)
             path = inflated

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +14,7 @@ from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 
 from lungnode.domain import CLASS_LABELS, AnalysisResult, HUVolume, ModelIdentity, SliceRef
+from tests.conftest import require_tool
 
 DEMO_MODEL = ModelIdentity(
     name="lungnode-demo-cnn",
@@ -30,13 +29,7 @@ REAL_MODEL = ModelIdentity(name="site-cnn", version="3.1", sha256="f" * 64)
 
 def require(tool: str) -> str:
     """Path of ``tool``; missing fails under CI=true and skips elsewhere."""
-    path = shutil.which(tool)
-    if path is None:
-        message = f"{tool} is not installed (Debian: dicom3tools, poppler-utils)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
+    return require_tool(tool)
 
 
 def dciodvfy(ds: Dataset, directory: Path) -> tuple[list[str], list[str]]:

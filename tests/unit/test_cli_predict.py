@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ from lungnode import cli
 from lungnode.dicom.synthetic import make_ct_series, write_series
 from lungnode.imaging.windowing import window_to_uint8
 from lungnode.ml import phantoms
+from tests.conftest import require_tool
 
 LUNGNODE = str(Path(sys.executable).with_name("lungnode"))
 MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
@@ -63,9 +63,9 @@ def in_process(
     return invoke
 
 
-@pytest.mark.skipif(shutil.which("pdftotext") is None, reason="needs poppler's pdftotext")
 def test_predict_real_ct_file_json_and_report(tmp_path: Path) -> None:
     """pydicom's CT_small.dcm (a real CT slice) through the installed command."""
+    pdftotext = require_tool("pdftotext")
     source = Path(examples.get_path("ct"))
     report = tmp_path / "out" / "report.pdf"
     result = run(["predict", str(source), "--json", "--report", str(report)], tmp_path)
@@ -93,7 +93,7 @@ def test_predict_real_ct_file_json_and_report(tmp_path: Path) -> None:
     assert answer["report"] == str(report)
 
     text = subprocess.run(
-        ["pdftotext", str(report), "-"], capture_output=True, text=True, check=True
+        [pdftotext, str(report), "-"], capture_output=True, text=True, check=True
     ).stdout
     assert "For Research Use Only" in text
     assert answer["prediction"] in text
