@@ -50,13 +50,16 @@ _FOLDER_LABELS = (
 
 
 def build_small_cnn(input_size: tuple[int, int], channels: int, n_classes: int) -> Any:
-    """A small separable-conv CNN ending in global average pooling and softmax.
+    """A small separable-conv CNN built so that plain Grad-CAM localises.
 
-    The last block keeps a 16x16 map at 128x128 input (dilation instead of
-    pooling) so Grad-CAM stays reasonably sharp; its layer is named
-    ``gradcam_conv``. Batch normalisation makes it learn in a few epochs,
-    but its moving averages lag while the weights still change fast, so the
-    trainers recalibrate them after fitting (:func:`recalibrate_batchnorm`).
+    The last conv block (``gradcam_conv``) keeps a (H/4)x(W/4) map, 32x32 at
+    128x128 input, with no dilation: coarser maps put the heatmap peak a whole
+    cell away from small lesions. Global max pooling and a softmax layer whose
+    weights are constrained to be non-negative keep class evidence where the
+    lesion is: a negative weight would subtract evidence at the lesion itself.
+    Batch normalisation makes it learn in a few epochs, but its moving averages
+    lag while the weights still change fast, so the trainers recalibrate them
+    after fitting (:func:`recalibrate_batchnorm`).
     """
     import keras
     from keras import layers
@@ -68,24 +71,29 @@ def build_small_cnn(input_size: tuple[int, int], channels: int, n_classes: int) 
         "depthwise_initializer": keras.initializers.VarianceScaling(2.0, "fan_out"),
         "pointwise_initializer": "he_normal",
     }
+
+    def separable(x: Any, filters: int, name: str | None = None) -> Any:
+        x = layers.SeparableConv2D(filters, 3, padding="same", use_bias=False, **he)(x)
+        x = layers.BatchNormalization()(x)
+        return layers.ReLU(name=name)(x)
+
     inputs = keras.Input((*input_size, channels), name="windows")
     x = layers.Conv2D(16, 3, strides=2, padding="same", use_bias=False)(inputs)
     x = layers.BatchNormalization()(x)
     x = layers.ReLU()(x)
-    for filters in (32, 64):
-        x = layers.SeparableConv2D(filters, 3, padding="same", use_bias=False, **he)(x)
-        x = layers.BatchNormalization()(x)
-        x = layers.ReLU()(x)
-        x = layers.MaxPooling2D()(x)
-    x = layers.SeparableConv2D(96, 3, padding="same", use_bias=False, **he)(x)
-    x = layers.BatchNormalization()(x)
-    x = layers.ReLU()(x)
-    x = layers.SeparableConv2D(128, 3, dilation_rate=2, padding="same", use_bias=False, **he)(x)
-    x = layers.BatchNormalization()(x)
-    x = layers.ReLU(name=GRADCAM_LAYER)(x)
-    x = layers.GlobalAveragePooling2D()(x)
+    x = separable(x, 32)
+    x = layers.MaxPooling2D()(x)
+    x = separable(x, 64)
+    x = separable(x, 96)
+    x = separable(x, 128, name=GRADCAM_LAYER)
+    x = layers.GlobalMaxPooling2D()(x)
     x = layers.Dropout(0.2)(x)
-    outputs = layers.Dense(n_classes, activation="softmax", name="scores")(x)
+    outputs = layers.Dense(
+        n_classes,
+        activation="softmax",
+        name="scores",
+        kernel_constraint=keras.constraints.NonNeg(),
+    )(x)
     return keras.Model(inputs, outputs, name="lungnode_small_cnn")
 
 
@@ -171,7 +179,7 @@ def train_demo(
     batch_size: int = 64,
     input_size: tuple[int, int] = DEMO_INPUT_SIZE,
     windows: Sequence[str] = DEMO_WINDOWS,
-    version: str = "1.0.0",
+    version: str = "1.1.0",
     verbose: int = 1,
 ) -> Path:
     """Train the demo model on phantoms, reproducibly, and write its bundle to ``out_dir``.
