@@ -8,7 +8,6 @@ DICOM networking or the completion rules: it stores and returns plain facts.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -348,8 +347,3 @@ class NodeRepository:
     ) -> None:
         with self._write() as session:
             session.add(AuditEvent(actor=actor, action=action, target=target, details=details))
-
-
-def series_instance_paths(sessions: sessionmaker[Session], series_id: int) -> Sequence[str]:
-    with sessions() as session:
-        return list(session.scalars(select(Instance.path).where(Instance.series_id == series_id)))
