@@ -9,9 +9,13 @@ single-frame 16-bit CT instances. Each repeat then runs the job's stages:
 decode (``dicom.decode.load_series``), windowing and resizing, the model,
 aggregation and Grad-CAM on the key slices (``pipeline.analyze.analyze_volume``).
 
-Printed: the median total seconds (target: at most 4 s for 300 slices of
-512x512 on 2 CPU cores), model forward time divided by the total (target: at
-least 0.8), the median of every stage, and the peak RSS of the process. One
+The job decodes on one thread while the model scores the slices already
+decoded on another (``pipeline.analyze.analyze_series``), so stage times
+overlap. Printed: the median total seconds (target: at most 4 s for 300
+slices of 512x512 on 2 CPU cores), model forward time divided by the total
+(target: at least 0.8), both as measured inside the run and for the same
+forward passes run alone afterwards, the median of every stage, and the peak
+RSS of the process. One
 warm-up run (not counted) traces the model first, as a long-running worker
 would have done before its first series. ``--profile`` prints the 25 most
 expensive functions of one extra decode under cProfile.
@@ -30,11 +34,15 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 from lungnode.dicom.decode import load_series
 from lungnode.dicom.synthetic import make_ct_series, write_series
+from lungnode.imaging.windowing import build_model_input
 from lungnode.ml import phantoms
-from lungnode.ml.bundle import load_bundle
-from lungnode.pipeline.analyze import analyze_volume
+from lungnode.ml.bundle import ModelBundle, load_bundle
+from lungnode.ml.inference import DEFAULT_BATCH_SIZE
+from lungnode.pipeline.analyze import analyze_series
 
 STAGES = ("decode", "preprocess", "inference", "aggregate", "gradcam", "total")
 
@@ -57,18 +65,35 @@ def write_phantom_series(directory: Path, slices: int, size: int, seed: int) -> 
 def run_once(paths: list[Path], bundle_path: Path) -> dict[str, float]:
     bundle = load_bundle(bundle_path)
     t0 = time.perf_counter()
-    volume = load_series(paths)
-    decode_s = time.perf_counter() - t0
-    result = analyze_volume(volume, bundle)
+    volume, result = analyze_series(paths, bundle)
+    total = time.perf_counter() - t0
     timings = dict(result.timings_s)
-    timings["decode"] = decode_s
-    timings["total"] = time.perf_counter() - t0
-    timings["verdict"] = float(result.analysed)
+    timings["total"] = total
+    timings["forward_alone"] = forward_alone(bundle, volume.hu)
     print(
         f"  {result.verdict} ({result.confidence:.3f}), key slices {result.key_slices}: "
-        f"total {timings['total']:.2f} s"
+        f"total {total:.2f} s, model alone {timings['forward_alone']:.2f} s"
     )
     return timings
+
+
+def forward_alone(bundle: ModelBundle, hu: np.ndarray) -> float:
+    """Seconds the model takes on the same slices with nothing else running.
+
+    The model inputs are prepared first, untimed; this is the floor that the
+    overlapped analysis is compared with.
+    """
+    manifest = bundle.manifest
+    batches = [
+        build_model_input(
+            hu[start : start + DEFAULT_BATCH_SIZE], manifest.windows, manifest.input_size
+        )
+        for start in range(0, hu.shape[0], DEFAULT_BATCH_SIZE)
+    ]
+    t0 = time.perf_counter()
+    for batch in batches:
+        bundle.predict(batch)
+    return time.perf_counter() - t0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,14 +127,20 @@ def main(argv: list[str] | None = None) -> int:
             pstats.Stats(profiler, stream=sys.stdout).sort_stats("cumulative").print_stats(25)
 
     median = {s: statistics.median(r.get(s, 0.0) for r in runs) for s in STAGES}
-    forward = statistics.median(r["inference"] / r["total"] for r in runs)
-    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    in_run = statistics.median(r["inference"] / r["total"] for r in runs)
+    alone = statistics.median(r["forward_alone"] / r["total"] for r in runs)
     print(f"\n{args.slices} slices of {args.size}x{args.size}, median of {len(runs)} run(s):")
     for stage in STAGES:
         share = median[stage] / median["total"] if median["total"] else 0.0
         print(f"  {stage:<10} {median[stage]:7.3f} s  {share:6.1%}")
+    print("  (decode, preprocess and inference overlap: their shares add up to more than 100%)")
     print(f"total analysis: {median['total']:.2f} s (target <= 4 s)")
-    print(f"model forward / total: {forward:.2f} (target >= 0.8)")
+    print(f"model forward / total: {in_run:.2f} (target >= 0.8); the model's time inside the run")
+    print(
+        f"model alone / total: {alone:.2f}; the same forward passes with nothing else "
+        f"running ({statistics.median(r['forward_alone'] for r in runs):.3f} s)"
+    )
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak RSS: {peak_mib:.0f} MiB")
     return 0
 

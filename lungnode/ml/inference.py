@@ -21,6 +21,8 @@ does not.
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -82,6 +84,86 @@ def score_slices(
             timings[key] = timings.get(key, 0.0) + value
     logger.debug("scored %d slices: %s", n, spent)
     return scores
+
+
+class BackgroundScorer:
+    """Scores HU batches on a worker thread while the caller produces the next ones.
+
+    The caller (the decoder) hands over HU slices with ``submit(first, hu)``:
+    they are windowed and resized at once, in the caller's thread, so ``hu``
+    may be a view that changes afterwards; the model then runs on the worker
+    thread. TensorFlow releases the GIL while it computes, so reading and
+    decoding the next files overlaps with the model on a multi-core machine.
+    At most ``depth`` batches wait, which bounds memory when the model is
+    the slower side. ``finish()`` returns every score, in ``first`` order.
+
+    Use as a context manager, or call ``finish()`` (or ``close()`` on error)
+    exactly once: the worker thread lives until then.
+    """
+
+    def __init__(self, bundle: ModelBundle, depth: int = 2) -> None:
+        self._bundle = bundle
+        self._pending: queue.Queue[tuple[int, np.ndarray] | None] = queue.Queue(maxsize=depth)
+        self._scores: dict[int, np.ndarray] = {}
+        self._error: BaseException | None = None
+        self.timings: dict[str, float] = {"preprocess": 0.0, "inference": 0.0}
+        self._closed = False
+        self._worker = threading.Thread(target=self._run, name="lungnode-scorer", daemon=True)
+        self._worker.start()
+
+    def __enter__(self) -> BackgroundScorer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def submit(self, first: int, hu: np.ndarray) -> None:
+        """Window and resize ``hu`` (slices, rows, cols) now, and queue it for the model.
+
+        A later batch with the same ``first`` replaces the earlier one.
+
+        Raises:
+            RuntimeError: the model failed on an earlier batch (the cause is chained).
+        """
+        if self._closed:
+            raise RuntimeError("submit() after finish() or close()")
+        self._raise_if_failed()
+        manifest = self._bundle.manifest
+        t0 = time.perf_counter()
+        batch = build_model_input(hu, manifest.windows, manifest.input_size)
+        self.timings["preprocess"] += time.perf_counter() - t0
+        self._pending.put((first, batch))
+
+    def finish(self) -> np.ndarray:
+        """Wait for the model and return the scores (slices, classes), in ``first`` order."""
+        self.close()
+        self._raise_if_failed()
+        if not self._scores:
+            return np.empty((0, len(self._bundle.manifest.labels)), dtype=np.float32)
+        return np.concatenate([self._scores[k] for k in sorted(self._scores)])
+
+    def close(self) -> None:
+        """Stop the worker after the batches already queued; idempotent."""
+        if not self._closed:
+            self._closed = True
+            self._pending.put(None)
+            self._worker.join()
+
+    def _run(self) -> None:
+        while (item := self._pending.get()) is not None:
+            if self._error is not None:
+                continue  # drain, so that submit() never blocks on a dead worker
+            first, batch = item
+            try:
+                t0 = time.perf_counter()
+                self._scores[first] = self._bundle.predict(batch)
+                self.timings["inference"] += time.perf_counter() - t0
+            except BaseException as exc:  # handed to the caller's thread
+                self._error = exc
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise RuntimeError(f"the model failed: {self._error}") from self._error
 
 
 def aggregate(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,7 +24,12 @@ from lungnode.errors import DecodeError
 from lungnode.imaging.windowing import picture_to_hu
 from lungnode.ml.bundle import ModelBundle
 from lungnode.ml.gradcam import heatmaps_for_slices
-from lungnode.ml.inference import DEFAULT_BATCH_SIZE, classify
+from lungnode.ml.inference import (
+    DEFAULT_BATCH_SIZE,
+    BackgroundScorer,
+    aggregate,
+    score_slices,
+)
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
@@ -53,7 +58,32 @@ def analyze_volume(
     started = time.perf_counter()
     if volume.hu.shape[0] == 0:
         return AnalysisResult.not_analysed("the volume has no slices", bundle.identity)
-    scores, verdict, timings = classify(bundle, volume.hu, batch_size, rule_overrides)
+    timings: dict[str, float] = {}
+    scores = score_slices(bundle, volume.hu, batch_size, timings)
+    result = conclude(
+        volume, bundle, scores, with_heatmaps=with_heatmaps, rule_overrides=rule_overrides
+    )
+    result.timings_s = {**timings, **result.timings_s}
+    result.timings_s["total"] = time.perf_counter() - started
+    return result
+
+
+def conclude(
+    volume: HUVolume,
+    bundle: ModelBundle,
+    scores: np.ndarray,
+    *,
+    with_heatmaps: bool = True,
+    rule_overrides: Mapping[str, Any] | None = None,
+) -> AnalysisResult:
+    """Aggregate slice ``scores`` of ``volume`` into a verdict, with Grad-CAM on the key slices.
+
+    ``timings_s`` holds ``aggregate``, ``gradcam`` and their ``total``.
+    """
+    started = time.perf_counter()
+    rule = {**bundle.manifest.aggregation, **(rule_overrides or {})}
+    verdict = aggregate(scores, bundle.manifest.labels, rule)
+    timings = {"aggregate": time.perf_counter() - started}
     labels = bundle.manifest.labels
     heatmaps: list[np.ndarray] = []
     if with_heatmaps and verdict.key_slices:
@@ -72,13 +102,12 @@ def analyze_volume(
         timings["gradcam"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - started
     logger.info(
-        "analysed %d slices: %s (%.3f) with %s %s in %.2f s",
+        "analysed %d slices: %s (%.3f) with %s %s",
         volume.hu.shape[0],
         verdict.verdict,
         verdict.confidence,
         bundle.identity.name,
         bundle.identity.version,
-        timings["total"],
     )
     return AnalysisResult(
         verdict=verdict.verdict,
@@ -167,17 +196,41 @@ def analyze_series(
     bundle: ModelBundle,
     *,
     with_heatmaps: bool = True,
-) -> AnalysisResult:
-    """Decode the instances of one series with ``dicom.decode.load_series`` and analyse them."""
-    from lungnode.dicom.decode import load_series
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    check: Callable[[HUVolume], None] | None = None,
+) -> tuple[HUVolume, AnalysisResult]:
+    """Decode a series and analyse it, the model overlapping with decoding.
 
-    t0 = time.perf_counter()
-    volume = load_series(paths)
-    decode_s = time.perf_counter() - t0
-    result = analyze_volume(volume, bundle, with_heatmaps=with_heatmaps)
-    result.timings_s["decode"] = decode_s
-    result.timings_s["total"] = result.timings_s.get("total", 0.0) + decode_s
-    return result
+    Slices go to the model (``ml.inference.BackgroundScorer``) a batch at a
+    time while later files are still being read, so the wall time is close
+    to the slower of the two rather than their sum. ``check`` (optional)
+    sees the decoded volume before the verdict; whatever it raises
+    propagates, as do ``DecodeError`` and model failures.
+
+    Timings: ``decode`` is the decoding thread's own time (reading, pixel
+    decoding, HU; not windowing), ``preprocess`` the windowing and resizing,
+    ``inference`` the model's (on its own thread, overlapping ``decode``),
+    and ``total`` the wall time of the whole analysis.
+    """
+    from lungnode.dicom.decode import stream_series
+
+    started = time.perf_counter()
+    with BackgroundScorer(bundle) as scorer:
+        volume, decode_index = stream_series(paths, scorer.submit, batch_size)
+        decoded = time.perf_counter()
+        in_decode_order = scorer.finish()
+    if check is not None:
+        check(volume)
+    # Score rows follow decode order; the volume is sorted along the normal.
+    scores = in_decode_order[np.asarray(decode_index, dtype=np.intp)]
+    result = conclude(volume, bundle, scores, with_heatmaps=with_heatmaps)
+    result.timings_s = {
+        "decode": decoded - started - scorer.timings["preprocess"],
+        **scorer.timings,
+        **result.timings_s,
+        "total": time.perf_counter() - started,
+    }
+    return volume, result
 
 
 @dataclass
@@ -238,31 +291,29 @@ def analyze_path(path: Path, bundle: ModelBundle, *, with_heatmaps: bool = True)
     """
     import pydicom
 
-    from lungnode.dicom.decode import load_series
-
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
-    t0 = time.perf_counter()
-    source = None
+    if path.suffix.lower() in PICTURE_SUFFIXES and not path.is_dir():
+        t0 = time.perf_counter()
+        volume = load_picture(path)
+        decode_s = time.perf_counter() - t0
+        result = analyze_volume(volume, bundle, with_heatmaps=with_heatmaps)
+        result.timings_s = {
+            "decode": decode_s,
+            **{k: v for k, v in result.timings_s.items() if k != "total"},
+            "total": result.timings_s.get("total", 0.0) + decode_s,
+        }
+        return PathAnalysis(result=result, volume=volume, source=None, files=[path])
     if path.is_dir():
         files = series_files(path)
-        volume = load_series(files)
-    elif path.suffix.lower() in PICTURE_SUFFIXES:
-        files = [path]
-        volume = load_picture(path)
     elif _is_dicom(path):
         files = [path]
-        volume = load_series(files)
     else:
         raise ValueError(f"{path.name}: expected a PNG, JPEG or DICOM file, or a series folder")
-    if path.is_dir() or path.suffix.lower() not in PICTURE_SUFFIXES:
-        source = pydicom.dcmread(files[0], stop_before_pixels=True)
-    decode_s = time.perf_counter() - t0
-    result = analyze_volume(volume, bundle, with_heatmaps=with_heatmaps)
-    stages = {k: v for k, v in result.timings_s.items() if k != "total"}
-    total = result.timings_s.get("total", 0.0) + decode_s
-    result.timings_s = {"decode": decode_s, **stages, "total": total}
+    volume, result = analyze_series(files, bundle, with_heatmaps=with_heatmaps)
+    # Read only now: analyze_series has turned an unreadable file into a DecodeError.
+    source = pydicom.dcmread(files[0], stop_before_pixels=True)
     return PathAnalysis(result=result, volume=volume, source=source, files=files)
 
 

@@ -134,21 +134,17 @@ class SeriesJob:
     def _analyse(
         self, source: Dataset, paths: Sequence[Path], bundle: ModelBundle
     ) -> tuple[HUVolume | None, AnalysisResult]:
-        from lungnode.dicom.decode import load_series
-        from lungnode.pipeline.analyze import analyze_volume
+        from lungnode.pipeline.analyze import analyze_series
+
+        def analysable(volume: HUVolume) -> None:
+            check_analysable(source, volume, self.settings.min_series_slices)
 
         try:
-            t0 = time.perf_counter()
-            volume = load_series(paths)
-            decode_s = time.perf_counter() - t0
-            check_analysable(source, volume, self.settings.min_series_slices)
+            volume, result = analyze_series(paths, bundle, check=analysable)
         except (NotAnalysable, ValueError) as exc:
             # DecodeError is a ValueError: unreadable pixel data is a reason, not a crash.
             logger.warning("series not analysed: %s", exc)
             return None, AnalysisResult.not_analysed(str(exc), bundle.identity)
-        result = analyze_volume(volume, bundle)
-        result.timings_s["decode"] = decode_s
-        result.timings_s["total"] = result.timings_s.get("total", 0.0) + decode_s
         observe_stages(result.timings_s)
         return volume, result
 

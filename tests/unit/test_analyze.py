@@ -118,10 +118,34 @@ def test_dicom_series_end_to_end(demo: ModelBundle, tmp_path: Path) -> None:
     )
     datasets = make_ct_series(16, rows=256, columns=256, slice_hu=lambda k: np.rint(hu[k]))
     paths = write_series(datasets, tmp_path)
-    result = analyze_series(paths, demo)
+    # Shuffled: scores come back in decode order and must follow the slices.
+    shuffled = [paths[i] for i in np.random.default_rng(2).permutation(len(paths))]
+    volume, result = analyze_series(shuffled, demo)
     assert result.verdict == "Squamous Cell Carcinoma"
     uids = {ds.SOPInstanceUID for ds in datasets}
     assert {ref.sop_instance_uid for ref in result.key_slice_refs} <= uids
-    assert "decode" in result.timings_s
+    assert {"decode", "preprocess", "inference", "gradcam", "total"} <= set(result.timings_s)
+    # The overlapped path scores exactly what the one-thread path scores.
+    reference = analyze_volume(volume, demo, with_heatmaps=False)
+    assert np.allclose(result.slice_scores, reference.slice_scores, atol=1e-5)
+    assert result.key_slices == reference.key_slices
+    assert set(result.lesion_slices) <= set(np.flatnonzero(mask.any(axis=(1, 2))).tolist())
     single = analyze_image(paths[int(np.flatnonzero(mask.any(axis=(1, 2)))[3])], demo)
     assert single.slice_scores.shape == (1, 4)
+
+
+def test_analyze_series_runs_the_check_and_propagates_its_error(
+    tiny: ModelBundle, tmp_path: Path
+) -> None:
+    from lungnode.dicom.synthetic import make_ct_series, write_series
+
+    paths = write_series(make_ct_series(3, rows=32, columns=32), tmp_path)
+    seen: list[int] = []
+
+    def check(volume: HUVolume) -> None:
+        seen.append(volume.hu.shape[0])
+        raise LookupError("too few")
+
+    with pytest.raises(LookupError, match="too few"):
+        analyze_series(paths, tiny, check=check)
+    assert seen == [3]

@@ -12,7 +12,14 @@ import pydicom
 import pytest
 from pydicom.uid import UID, JPEG2000Lossless, JPEGLosslessSV1
 
-from lungnode.dicom.decode import PADDING_HU, DecodeError, iter_hu_batches, load_image, load_series
+from lungnode.dicom.decode import (
+    PADDING_HU,
+    DecodeError,
+    iter_hu_batches,
+    load_image,
+    load_series,
+    stream_series,
+)
 from lungnode.dicom.synthetic import make_ct_series, write_series
 from lungnode.dicom.synthetic_codecs import SUPPORTED_TRANSFER_SYNTAXES, pixel_format_for
 from lungnode.errors import LungnodeError
@@ -272,3 +279,41 @@ def test_corrupt_pixel_data_raises_decode_error(tmp_path: Path) -> None:
     path.write_bytes(bytes(raw))
     with pytest.raises(DecodeError, match="cannot decode"):
         load_image(path)
+
+
+def test_stream_series_hands_every_slice_to_the_sink_once(tmp_path: Path) -> None:
+    classic = write_series(make_ct_series(7, rows=SIZE, columns=SIZE), tmp_path / "c")
+    enhanced = write_series(
+        make_ct_series(5, rows=SIZE, columns=SIZE, enhanced=True, frame_order=[4, 2, 0, 1, 3]),
+        tmp_path / "e",
+    )
+    for paths in (_shuffled(classic), enhanced):
+        seen: dict[int, np.ndarray] = {}
+
+        def sink(first: int, hu: np.ndarray, seen: dict[int, np.ndarray] = seen) -> None:
+            assert len(hu) <= 3
+            seen[first] = hu.copy()  # a view: only valid during the call
+
+        volume, decode_index = stream_series(paths, sink, batch_size=3)
+        streamed = np.concatenate([seen[k] for k in sorted(seen)])
+        assert streamed.shape == volume.hu.shape
+        assert sorted(decode_index) == list(range(len(decode_index)))
+        assert np.array_equal(streamed[decode_index], volume.hu)
+        assert np.array_equal(volume.hu, load_series(paths).hu)
+
+
+def test_stream_series_restarts_the_sink_for_a_late_multiframe_instance(tmp_path: Path) -> None:
+    single = write_series(make_ct_series(2, rows=SIZE, columns=SIZE), tmp_path / "s")
+    multi = write_series(make_ct_series(3, rows=SIZE, columns=SIZE, enhanced=True), tmp_path / "m")
+    calls: list[int] = []
+    seen: dict[int, np.ndarray] = {}
+
+    def sink(first: int, hu: np.ndarray) -> None:
+        calls.append(first)
+        seen[first] = hu.copy()
+
+    volume, decode_index = stream_series(single + multi, sink, batch_size=1)
+    assert calls.count(0) == 2  # the single-frame pass, then the sorted pass
+    streamed = np.concatenate([seen[k] for k in sorted(seen)])
+    assert np.array_equal(streamed[decode_index], volume.hu)
+    assert volume.hu.shape[0] == 5

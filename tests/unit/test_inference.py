@@ -12,7 +12,7 @@ import pytest
 from lungnode.domain import CLASS_LABELS
 from lungnode.imaging.windowing import build_model_input
 from lungnode.ml.bundle import ModelBundle, load_bundle
-from lungnode.ml.inference import aggregate, classify, score_slices
+from lungnode.ml.inference import BackgroundScorer, aggregate, classify, score_slices
 from lungnode.ml.train import build_small_cnn, write_bundle
 
 ADENO, LARGE, NORMAL, SQUAMOUS = range(4)
@@ -159,3 +159,41 @@ def test_demo_bundle_classifies_held_out_phantoms() -> None:
         assert accuracy >= 0.95, f"held-out accuracy {accuracy:.3f} at {size}x{size}"
         for index in range(4):  # every class, not just the easy ones
             assert (predicted[y == index] == index).mean() >= 0.85
+
+
+def test_background_scorer_matches_score_slices(tiny_bundle: ModelBundle) -> None:
+    rng = np.random.default_rng(5)
+    hu = rng.uniform(-1000, 400, size=(70, 48, 48)).astype(np.float32)
+    expected = score_slices(tiny_bundle, hu, batch_size=32)
+    with BackgroundScorer(tiny_bundle) as scorer:
+        # Out of order, and the caller reuses its buffer after each submit.
+        buffer = np.empty((32, 48, 48), dtype=np.float32)
+        for first in (64, 0, 32):
+            part = hu[first : first + 32]
+            buffer[: len(part)] = part
+            scorer.submit(first, buffer[: len(part)])
+            buffer[...] = 0.0
+        scores = scorer.finish()
+    assert scores.shape == (70, 4)
+    assert np.allclose(scores, expected, atol=1e-5)
+    assert scorer.timings["inference"] > 0 and scorer.timings["preprocess"] > 0
+    with pytest.raises(RuntimeError, match="after finish"):
+        scorer.submit(0, hu[:1])
+
+
+def test_background_scorer_reports_a_model_failure(tiny_bundle: ModelBundle) -> None:
+    class Broken:
+        manifest = tiny_bundle.manifest
+
+        def predict(self, batch: np.ndarray) -> np.ndarray:
+            raise MemoryError("out of memory in the model")
+
+    scorer = BackgroundScorer(Broken(), depth=1)  # type: ignore[arg-type]
+    hu = np.zeros((2, 32, 32), dtype=np.float32)
+    with pytest.raises(RuntimeError, match="the model failed") as info:
+        # However many batches follow, the failure surfaces and nothing hangs.
+        for first in range(0, 20, 2):
+            scorer.submit(first, hu)
+        scorer.finish()
+    assert isinstance(info.value.__cause__, MemoryError)
+    scorer.close()
