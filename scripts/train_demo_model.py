@@ -1,7 +1,7 @@
 """Train the bundled demo model on synthetic phantoms into models/lung-ct-demo/.
 
 Reproducible: the same seed gives the same weights on the same TensorFlow
-build. Takes a few minutes on two CPU cores.
+build. Takes about 3 minutes on two CPU cores. Same as ``lungnode train --demo``.
 
     python scripts/train_demo_model.py [--seed N] [--out models/lung-ct-demo]
 """
