@@ -1,7 +1,7 @@
 """Time the whole analysis of one series, as the series job runs it.
 
     python scripts/bench_analysis.py [--slices 300] [--size 512] [--repeat 3]
-        [--bundle models/lung-ct-demo] [--dir DIR] [--profile]
+        [--bundle models/lung-ct-demo | --reference] [--dir DIR] [--profile]
 
 A synthetic axial series (phantom anatomy with an Adenocarcinoma lesion over a
 few slices, ``lungnode.ml.phantoms``; no patient data) is written to disk as
@@ -38,10 +38,12 @@ import numpy as np
 
 from lungnode.dicom.decode import load_series
 from lungnode.dicom.synthetic import make_ct_series, write_series
+from lungnode.domain import CLASS_LABELS
 from lungnode.imaging.windowing import build_model_input
 from lungnode.ml import phantoms
 from lungnode.ml.bundle import ModelBundle, load_bundle
 from lungnode.ml.inference import DEFAULT_BATCH_SIZE
+from lungnode.ml.train import write_bundle
 from lungnode.pipeline.analyze import analyze_series
 
 STAGES = ("decode", "preprocess", "inference", "aggregate", "gradcam", "total")
@@ -96,6 +98,35 @@ def forward_alone(bundle: ModelBundle, hu: np.ndarray) -> float:
     return time.perf_counter() - t0
 
 
+def reference_bundle(out: Path) -> Path:
+    """A bundle of the model class the speed targets were set for, random weights.
+
+    MobileNetV3-Small (``keras.applications``, built with ``weights=None``, so
+    nothing is downloaded) on the same two windows at 224x224: about 125
+    slices/s on two cores where the targets were written. Its verdicts mean
+    nothing; only its timings are of use.
+    """
+    import keras
+
+    keras.utils.set_random_seed(0)
+    model = keras.applications.MobileNetV3Small(
+        input_shape=(224, 224, 2),
+        weights=None,
+        classes=4,
+        include_preprocessing=False,
+    )
+    return write_bundle(
+        model,
+        out,
+        name="reference-mobilenetv3-small",
+        version="0",
+        labels=CLASS_LABELS,
+        input_size=(224, 224),
+        windows=("lung", "mediastinal"),
+        intended_use="Benchmark only: random weights.",
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     root = Path(__file__).resolve().parents[1]
     parser = argparse.ArgumentParser(
@@ -108,10 +139,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=31)
     parser.add_argument("--dir", type=Path, help="where to write (and reuse) the series")
     parser.add_argument("--profile", action="store_true", help="profile one decode")
+    parser.add_argument(
+        "--reference",
+        action="store_true",
+        help="instead of --bundle, a MobileNetV3-Small at 224x224 with random weights",
+    )
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="lungnode-bench-") as tmp:
-        directory = args.dir or Path(tmp)
+        if args.reference:
+            args.bundle = reference_bundle(Path(tmp) / "reference")
+        directory = args.dir or Path(tmp) / "series"
         directory.mkdir(parents=True, exist_ok=True)
         paths = write_phantom_series(directory, args.slices, args.size, args.seed)
         print(f"CPU cores available: {len(os.sched_getaffinity(0))}")
