@@ -40,6 +40,7 @@ from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
+from lungnode.dicom import reactor
 from lungnode.dicom.intake import (
     ACCEPTED_SOP_CLASSES,
     STATUS_CANNOT_UNDERSTAND,
@@ -235,6 +236,7 @@ class StorageSCP:
 
     def start(self) -> None:
         """Listen in background threads."""
+        reactor.install()
         tracker = self.tracker
         handlers: list[Any] = [
             (evt.EVT_C_ECHO, handle_echo),

@@ -20,6 +20,8 @@ from pynetdicom import AE, build_context
 from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext
 
+from lungnode.dicom import reactor
+
 logger = logging.getLogger(__name__)
 
 
@@ -89,6 +91,7 @@ def send_files(
     timeout: float = 60.0,
 ) -> list[SendResult]:
     """Send the files over one association, proposing only the contexts they need."""
+    reactor.install()
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.requested_contexts = _contexts_for(paths)

@@ -1,0 +1,67 @@
+"""pynetdicom reactors with event-driven waits (lungnode.dicom.reactor), over real associations."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pynetdicom.association
+import pynetdicom.dul
+from pynetdicom.dul import DULServiceProvider
+
+from lungnode.dicom import reactor
+from lungnode.dicom.synthetic import make_ct_series
+from lungnode.pipeline.node import Node
+from tests.dicom.helpers import associate, store_all, wait_until
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_installed_once_and_only_the_sleeps_change(node: Node) -> None:
+    assert reactor.install() and reactor.install()  # the node installed it; idempotent
+    for module in (pynetdicom.dul, pynetdicom.association):
+        patched = module.time  # type: ignore[attr-defined]
+        assert patched is not time and patched.sleep is not time.sleep
+        assert patched.monotonic is time.monotonic and patched.time is time.time
+    # Wrapped once, not once per install() call: the wrapper wraps pynetdicom's own.
+    wrapper = DULServiceProvider.run_reactor
+    assert wrapper.__name__ == "run_reactor_with_wake_pipe"
+    (cell,) = wrapper.__closure__ or ()
+    assert cell.cell_contents.__name__ == "run_reactor"
+
+
+def test_outside_the_reactors_sleep_is_a_plain_sleep() -> None:
+    reactor.install()
+    for module in (pynetdicom.dul, pynetdicom.association):
+        sleep = module.time.sleep  # type: ignore[attr-defined]
+        started = time.monotonic()
+        sleep(0.05)  # the main thread is neither a DUL nor an association thread
+        assert time.monotonic() - started >= 0.05
+
+
+def test_many_associations_leave_no_descriptor_or_thread_behind(node: Node) -> None:
+    port = node.scp.port
+    # Warm up: the first association opens the database and the storage tree.
+    assert store_all(port, make_ct_series(1, rows=16, columns=16)) == [0]
+    time.sleep(0.5)  # its threads wind down
+    fds, threads = _open_fds(), threading.active_count()
+    for _ in range(20):
+        assert store_all(port, make_ct_series(2, rows=16, columns=16)) == [0, 0]
+        assoc = associate(port)
+        assert assoc.send_c_echo().Status == 0x0000
+        assoc.abort()  # an abort as well as releases
+    assert wait_until(lambda: threading.active_count() <= threads, timeout=10)
+    assert wait_until(lambda: _open_fds() <= fds, timeout=10), (_open_fds(), fds)
+
+
+def test_an_idle_association_still_answers_and_releases(node: Node) -> None:
+    assoc = associate(node.scp.port)
+    time.sleep(0.3)  # both reactors wait with nothing to do
+    assert assoc.send_c_echo().Status == 0x0000
+    time.sleep(0.3)
+    assert assoc.send_c_echo().Status == 0x0000
+    assoc.release()
+    assert assoc.is_released
