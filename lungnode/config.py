@@ -102,6 +102,9 @@ class Settings(BaseSettings):
     result_destinations: Annotated[list[str], NoDecode] = Field(default_factory=list)
     allow_unknown_callers: bool = False
     max_associations: int = Field(default=8, ge=1)
+    #: Processes that receive DICOM: the node and ingest_processes - 1 workers;
+    #: 0 means one per CPU core available to the node.
+    ingest_processes: int = Field(default=0, ge=0, le=64)
     max_pdu_size: int = Field(default=4_194_304, ge=0)
     #: Seconds of silence after which an association is aborted.
     network_timeout: float = Field(default=60.0, gt=0)
@@ -209,6 +212,13 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.storage_dir / 'lungnode.db').resolve()}"
+
+    @property
+    def effective_ingest_processes(self) -> int:
+        """``ingest_processes``, with 0 resolved to the cores available, at most one
+        per association allowed."""
+        wanted = self.ingest_processes or len(os.sched_getaffinity(0))
+        return max(1, min(wanted, self.max_associations))
 
     @property
     def incoming_dir(self) -> Path:

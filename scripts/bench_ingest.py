@@ -1,7 +1,8 @@
 """Measure DICOM ingest throughput of lungnode against real peers, in one run.
 
     python scripts/bench_ingest.py [--slices 300] [--repeat 1]
-        [--only lungnode,orthanc,pynetdicom,dcmtk] [--json results.json]
+        [--only lungnode,orthanc,pynetdicom,dcmtk] [--ingest-processes N]
+        [--json results.json]
 
 What is measured: a synthetic 512x512 16-bit CT series (Explicit VR Little
 Endian, ``lungnode.dicom.synthetic``) is sent with DCMTK ``storescu`` (C++, so
@@ -161,14 +162,15 @@ def http_json(url: str) -> dict[str, object]:
 
 
 @contextmanager
-def receiver(name: str, work: Path) -> Iterator[Receiver]:
+def receiver(name: str, work: Path, ingest_processes: int = 0) -> Iterator[Receiver]:
     """Start one receiver fresh on free ports with empty storage; stop it on exit."""
     storage = work / "storage"
     storage.mkdir(parents=True)
     log = work / f"{name}.log"
     port = free_port()
     if name == "lungnode":
-        ae, durability = "LUNGNODE", "fsync per instance"
+        processes = ingest_processes or len(os.sched_getaffinity(0))
+        ae, durability = "LUNGNODE", f"fsync per instance, {processes} process(es)"
         env = dict(os.environ) | {
             "LUNGNODE_ENV": "testing",
             "LUNGNODE_STORAGE_DIR": str(storage),
@@ -179,6 +181,7 @@ def receiver(name: str, work: Path) -> Iterator[Receiver]:
             "LUNGNODE_MIN_FREE_DISK_MB": "0",
             "LUNGNODE_LOG_LEVEL": "WARNING",
             "LUNGNODE_MAX_ASSOCIATIONS": "8",
+            "LUNGNODE_INGEST_PROCESSES": str(ingest_processes),
         }
         exe = Path(sys.executable).with_name("lungnode")
         argv = [str(exe) if exe.exists() else "lungnode", "serve"]
@@ -303,6 +306,12 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=1, help="runs per case; the median is shown")
     parser.add_argument("--only", default=",".join(RECEIVERS), help="comma-separated receivers")
     parser.add_argument("--json", type=Path, help="also write the results to this file")
+    parser.add_argument(
+        "--ingest-processes",
+        type=int,
+        default=0,
+        help="lungnode's ingest_processes (default 0: one per CPU core, as the node's default)",
+    )
     args = parser.parse_args()
     names = [n.strip() for n in args.only.split(",") if n.strip()]
     if unknown := set(names) - set(RECEIVERS):
@@ -328,7 +337,7 @@ def main() -> int:
                 try:
                     for k in range(args.repeat):
                         work = Path(tmp) / f"{name}-{n_assoc}-{k}"
-                        with receiver(name, work) as target:
+                        with receiver(name, work, args.ingest_processes) as target:
                             result.durability = target.durability
                             result.wall_s.append(send(target, folders, work))
                             result.stored.append(stored_count(target, args.slices))

@@ -44,6 +44,8 @@ def make_settings(tmp_path: Path) -> Callable[..., Settings]:
             "series_quiet_seconds": 5.0,
             "series_grace_seconds": 0.5,
             "series_check_interval": 0.1,
+            # One receiving process unless a test asks for more (ingest_workers tests).
+            "ingest_processes": 1,
             "models_dir": Path(__file__).resolve().parents[1] / "models",
         }
         values.update(overrides)

@@ -9,12 +9,13 @@ escape: the node must not die on any input. The real work is in
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from pydicom import Dataset
 from pydicom.uid import (
@@ -48,6 +49,9 @@ from lungnode.dicom.intake import (
     Intake,
 )
 from lungnode.errors import IntakeError
+
+if TYPE_CHECKING:
+    from lungnode.dicom.ingest_workers import IngestWorkers
 
 logger = logging.getLogger(__name__)
 
@@ -168,8 +172,19 @@ def handle_aborted(event: evt.Event, tracker: _AssociationTracker) -> None:
 
 
 def handle_closed(event: evt.Event, tracker: _AssociationTracker) -> None:
-    # Fires for every connection; a no-op unless neither release nor abort was seen.
-    tracker.ended(event.assoc, "closed")
+    """Fires for every connection; a no-op when release or abort was seen already.
+
+    The connection can close before the association thread has announced a
+    release: the DUL thread sends our A-RELEASE-RP, the peer closes at once,
+    and this fires first. The upper layer then still sits in Sta13 (awaiting
+    close after the release response, PS3.8 Table 9-10): that was a release.
+    """
+    assoc = event.assoc
+    state = getattr(
+        getattr(getattr(assoc, "dul", None), "state_machine", None), "current_state", None
+    )
+    released = assoc.is_released or (state == "Sta13" and not assoc.is_aborted)
+    tracker.ended(assoc, "released" if released else "closed")
 
 
 @dataclass(frozen=True)
@@ -197,6 +212,70 @@ def make_tls_context(cert: Path, key: Path, ca: Path | None) -> ssl.SSLContext:
     return context
 
 
+def _connection_closed(event: evt.Event, notify: Callable[[], None]) -> None:
+    notify()
+
+
+class _WrapInThreadServer(ThreadedAssociationServer):
+    """Accepts plain connections and negotiates TLS in the connection's own thread.
+
+    pynetdicom wraps in ``get_request``, in the accepting thread, where a slow
+    or silent TLS client holds up every other connection; a connection that
+    may be handed to another process must not be wrapped here at all.
+    """
+
+    on_connection_closed: Callable[[], None] | None = None
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        assert self.socket is not None
+        connection, address = self.socket.accept()
+        return connection, address
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        if self.ssl_context is not None:
+            try:
+                request = self.ssl_context.wrap_socket(request, server_side=True)
+            except (OSError, ValueError) as exc:
+                logger.warning("TLS handshake with %s failed: %s", client_address[0], exc)
+                request.close()
+                if self.on_connection_closed is not None:
+                    self.on_connection_closed()
+                return
+        super().process_request_thread(request, client_address)
+
+
+class _DispatchingServer(_WrapInThreadServer):
+    """The node's listening server when there are ingest worker processes."""
+
+    dispatcher: IngestWorkers
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        index = self.dispatcher.choose()
+        if index and self.dispatcher.hand_over(index, request, client_address):
+            request.close()  # the worker holds its own descriptor now
+            return
+        super().process_request(request, client_address)
+
+
+class _HandedOverServer(_WrapInThreadServer):
+    """A worker's server: binds and listens to nothing, runs what it is handed."""
+
+    def server_bind(self) -> None:
+        pass
+
+    def server_activate(self) -> None:
+        pass
+
+    def close_handed_over(self) -> None:
+        """Abort running associations and release the (never bound) socket."""
+        for assoc in self.active_associations:
+            assoc.abort()
+        if self.socket is not None:
+            self.socket.close()
+        if self in self.ae._servers:
+            self.ae._servers.remove(self)
+
+
 class StorageSCP:
     """The listening AE: C-ECHO and C-STORE of CT images."""
 
@@ -206,10 +285,20 @@ class StorageSCP:
         intake: Intake,
         association_log: AssociationLog,
         on_association_ended: Callable[[], None] = lambda: None,
+        *,
+        on_connection_closed: Callable[[], None] | None = None,
+        dispatcher: IngestWorkers | None = None,
     ) -> None:
+        """``dispatcher`` (optional) hands some connections to worker processes
+        (``dicom.ingest_workers``); ``on_connection_closed`` is told about every
+        connection that closes, whether or not it became an association."""
         self.config = config
         self.tracker = _AssociationTracker(association_log, on_association_ended)
         self.intake = intake
+        self.dispatcher = dispatcher
+        self.on_connection_closed = on_connection_closed
+        if dispatcher is not None and on_connection_closed is None:
+            self.on_connection_closed = dispatcher.local_closed
         self.ae = self._build_ae()
         self._server: ThreadedAssociationServer | None = None
 
@@ -234,9 +323,7 @@ class StorageSCP:
             ae.add_supported_context(sop_class, ACCEPTED_TRANSFER_SYNTAXES)
         return ae
 
-    def start(self) -> None:
-        """Listen in background threads."""
-        reactor.install()
+    def _handlers(self) -> list[Any]:
         tracker = self.tracker
         handlers: list[Any] = [
             (evt.EVT_C_ECHO, handle_echo),
@@ -245,17 +332,37 @@ class StorageSCP:
             (evt.EVT_ABORTED, handle_aborted, [tracker]),
             (evt.EVT_CONN_CLOSE, handle_closed, [tracker]),
         ]
-        ssl_context = None
+        if self.on_connection_closed is not None:
+            handlers.append((evt.EVT_CONN_CLOSE, _connection_closed, [self.on_connection_closed]))
+        return handlers
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
         if self.config.tls_cert is not None and self.config.tls_key is not None:
-            ssl_context = make_tls_context(
-                self.config.tls_cert, self.config.tls_key, self.config.tls_ca
+            return make_tls_context(self.config.tls_cert, self.config.tls_key, self.config.tls_ca)
+        return None
+
+    def start(self) -> None:
+        """Listen in background threads."""
+        reactor.install()
+        ssl_context = self._ssl_context()
+        address = (self.config.host, self.config.port)
+        if self.dispatcher is None:
+            self._server = self.ae.start_server(
+                address, block=False, evt_handlers=self._handlers(), ssl_context=ssl_context
             )
-        self._server = self.ae.start_server(
-            (self.config.host, self.config.port),
-            block=False,
-            evt_handlers=handlers,
-            ssl_context=ssl_context,
-        )
+        else:
+            server = cast(
+                _DispatchingServer,
+                self.ae.make_server(
+                    address,
+                    evt_handlers=self._handlers(),
+                    ssl_context=ssl_context,
+                    server_class=_DispatchingServer,
+                ),
+            )
+            server.dispatcher = self.dispatcher
+            server.on_connection_closed = self.on_connection_closed
+            self._serve(server)
         logger.info(
             "DICOM SCP %s listening on %s:%d%s",
             self.config.ae_title,
@@ -263,6 +370,36 @@ class StorageSCP:
             self.port,
             " (TLS)" if ssl_context else "",
         )
+
+    def start_handed_over(self) -> None:
+        """Receive connections accepted by another process (see :meth:`receive`); no listening."""
+        reactor.install()
+        server = cast(
+            _HandedOverServer,
+            self.ae.make_server(
+                (self.config.host, self.config.port),
+                evt_handlers=self._handlers(),
+                ssl_context=self._ssl_context(),
+                server_class=_HandedOverServer,
+            ),
+        )
+        server.on_connection_closed = self.on_connection_closed
+        self.ae._servers.append(server)
+        self._server = server
+
+    def receive(self, connection: socket.socket, address: tuple[Any, ...]) -> None:
+        """Run an association on a connection accepted elsewhere, in a new thread."""
+        if self._server is None:
+            connection.close()
+            raise RuntimeError("receive() before start_handed_over()")
+        self._server.process_request(connection, address)
+
+    def _serve(self, server: ThreadedAssociationServer) -> None:
+        """What ``AE.start_server(block=False)`` does, for a server class of ours."""
+        thread = threading.Thread(target=server.serve_forever, name="AcceptorServer", daemon=True)
+        thread.start()
+        self.ae._servers.append(server)
+        self._server = server
 
     @property
     def port(self) -> int:
@@ -277,7 +414,10 @@ class StorageSCP:
 
     def stop(self) -> None:
         if self._server is not None:
-            self._server.shutdown()
+            if isinstance(self._server, _HandedOverServer):
+                self._server.close_handed_over()
+            else:
+                self._server.shutdown()
             self._server = None
             self.ae.shutdown()
             logger.info("DICOM SCP stopped")

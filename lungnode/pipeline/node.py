@@ -20,6 +20,7 @@ from lungnode.db.deliveries import DeliveryRepository
 from lungnode.db.migrate import upgrade
 from lungnode.db.repo import NodeRepository
 from lungnode.db.session import make_engine, make_session_factory
+from lungnode.dicom.ingest_workers import IngestWorkers, WorkerConfig
 from lungnode.dicom.intake import Intake, reconcile
 from lungnode.dicom.scp import SCPConfig, StorageSCP
 from lungnode.errors import BundleError
@@ -91,22 +92,39 @@ class Node:
             interval=settings.series_check_interval,
         )
         allowed = None if settings.allow_unknown_callers else [p.ae_title for p in settings.peers]
+        processes = settings.effective_ingest_processes
+        scp_config = SCPConfig(
+            ae_title=settings.ae_title,
+            host=settings.dicom_host,
+            port=settings.dicom_port,
+            allowed_callers=allowed,
+            # Shared between the receiving processes, each taking its part.
+            max_associations=-(-settings.max_associations // processes),
+            max_pdu_size=settings.max_pdu_size,
+            network_timeout=settings.network_timeout,
+            tls_cert=settings.tls_cert,
+            tls_key=settings.tls_key,
+            tls_ca=settings.tls_ca,
+        )
+        self.ingest_workers: IngestWorkers | None = None
+        if processes > 1:
+            self.ingest_workers = IngestWorkers(
+                WorkerConfig(
+                    scp=scp_config,
+                    database_url=settings.effective_database_url,
+                    incoming_dir=settings.incoming_dir,
+                    min_free_bytes=settings.min_free_disk_mb * 2**20,
+                    log_level=settings.log_level,
+                ),
+                processes - 1,
+                on_association_ended=self.watcher.wake,
+            )
         self.scp = StorageSCP(
-            SCPConfig(
-                ae_title=settings.ae_title,
-                host=settings.dicom_host,
-                port=settings.dicom_port,
-                allowed_callers=allowed,
-                max_associations=settings.max_associations,
-                max_pdu_size=settings.max_pdu_size,
-                network_timeout=settings.network_timeout,
-                tls_cert=settings.tls_cert,
-                tls_key=settings.tls_key,
-                tls_ca=settings.tls_ca,
-            ),
+            scp_config,
             self.intake,
             self.repo,
             on_association_ended=self.watcher.wake,
+            dispatcher=self.ingest_workers,
         )
         self.serve_http = serve_http
         self._stopping = threading.Event()
@@ -147,6 +165,8 @@ class Node:
             target=self._housekeep, name="housekeeping", daemon=True
         )
         self._housekeeping.start()
+        if self.ingest_workers is not None:
+            self.ingest_workers.start()
         self.scp.start()
         if self.serve_http:
             app = create_app(settings, node_status=_Status(self), engine=self.engine)
@@ -192,6 +212,8 @@ class Node:
         logger.info("stopping")
         self._stopping.set()
         self.scp.stop()
+        if self.ingest_workers is not None:
+            self.ingest_workers.stop()
         if self._http is not None:
             self._http.shutdown()
             self._http = None

@@ -9,7 +9,9 @@ import time
 import pynetdicom.association
 import pynetdicom.dul
 from pynetdicom.dul import DULServiceProvider
+from sqlalchemy import select
 
+from lungnode.db.models import Association
 from lungnode.dicom import reactor
 from lungnode.dicom.synthetic import make_ct_series
 from lungnode.pipeline.node import Node
@@ -55,6 +57,11 @@ def test_many_associations_leave_no_descriptor_or_thread_behind(node: Node) -> N
         assoc.abort()  # an abort as well as releases
     assert wait_until(lambda: threading.active_count() <= threads, timeout=10)
     assert wait_until(lambda: _open_fds() <= fds, timeout=10), (_open_fds(), fds)
+    # A released association is recorded as released, however quickly the peer
+    # closes after our A-RELEASE-RP (the completion rules depend on it).
+    with node.sessions() as session:
+        outcomes = session.scalars(select(Association.outcome)).all()
+    assert outcomes == ["released"] * 21
 
 
 def test_an_idle_association_still_answers_and_releases(node: Node) -> None:

@@ -114,18 +114,27 @@ def _tls_associate(port: int, context: ssl.SSLContext, with_store: bool = False)
     return ae.associate("127.0.0.1", port, ae_title="LUNGNODE", tls_args=(context, SERVER_NAME))
 
 
-@pytest.fixture
+# Each node runs in one process, and in two (``ingest_processes``): the node
+# hands connections to a worker process, and sequential associations
+# alternate between the two, so every test below runs TLS in both.
+@pytest.fixture(params=[1, 2], ids=["one-process", "two-processes"])
 def tls_node(
+    request: pytest.FixtureRequest,
     certificates: Certificates,
     make_settings: Callable[..., Settings],
     start_node: Callable[..., Node],
 ) -> Node:
-    settings = make_settings(tls_cert=certificates.server_cert, tls_key=certificates.server_key)
+    settings = make_settings(
+        tls_cert=certificates.server_cert,
+        tls_key=certificates.server_key,
+        ingest_processes=request.param,
+    )
     return start_node(settings, serve_http=False)
 
 
-@pytest.fixture
+@pytest.fixture(params=[1, 2], ids=["one-process", "two-processes"])
 def mutual_tls_node(
+    request: pytest.FixtureRequest,
     certificates: Certificates,
     make_settings: Callable[..., Settings],
     start_node: Callable[..., Node],
@@ -134,6 +143,7 @@ def mutual_tls_node(
         tls_cert=certificates.server_cert,
         tls_key=certificates.server_key,
         tls_ca=certificates.ca,
+        ingest_processes=request.param,
     )
     return start_node(settings, serve_http=False)
 

@@ -59,7 +59,7 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., Server]]:
     """Start ``lungnode serve`` on a storage folder; every process is gone afterwards."""
     servers: list[Server] = []
 
-    def _start(storage: Path, dicom_port: int | None = None) -> Server:
+    def _start(storage: Path, dicom_port: int | None = None, processes: int = 1) -> Server:
         port = dicom_port or free_port()
         env = {
             **os.environ,
@@ -76,6 +76,7 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., Server]]:
             "LUNGNODE_SERIES_CHECK_INTERVAL": "0.1",
             # No analysis workers: a completed series' job stays queued, for the test to see.
             "LUNGNODE_WORKERS": "0",
+            "LUNGNODE_INGEST_PROCESSES": str(processes),
         }
         log = tmp_path / f"serve-{len(servers)}.log"
         with log.open("wb") as stream:
@@ -218,3 +219,66 @@ def test_signal_stops_serve_cleanly(
     assert f"received {stop_signal.name}" in log
     assert "DICOM SCP stopped" in log
     assert not _port_open(server.dicom_port)
+
+
+def _children(pid: int) -> list[int]:
+    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return [int(child) for child in text.split()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.slow
+def test_sigkill_with_two_ingest_processes_leaves_no_worker_and_loses_nothing(
+    serve: Callable[..., Server], tmp_path: Path
+) -> None:
+    """The node and one worker each run an association; the node is killed.
+
+    The worker stops receiving (its association is aborted) and exits; every
+    instance either process acknowledged is on disk and, after a restart on
+    the same port, in the database.
+    """
+    storage = tmp_path / "storage"
+    datasets = make_ct_series(40, rows=128, columns=128)
+    server = serve(storage, processes=2)
+    children = _children(server.process.pid)
+    workers = [c for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+    assert len(workers) == 1, children
+
+    # Two associations open at once: the least busy process takes each, so one
+    # runs in the node and one in the worker.
+    first = associate(server.dicom_port, _store_context(datasets))
+    second = associate(server.dicom_port, _store_context(datasets))
+    assert first.is_established and second.is_established
+    acknowledged: list[str] = []
+    for k, ds in enumerate(datasets[:20]):
+        assoc = first if k % 2 == 0 else second
+        assert assoc.send_c_store(ds).Status == 0x0000
+        acknowledged.append(str(ds.SOPInstanceUID))
+    os.kill(server.process.pid, signal.SIGKILL)
+    assert server.process.wait(timeout=10) == -signal.SIGKILL
+    # The worker notices that the node is gone and exits by itself, as does
+    # multiprocessing's resource tracker.
+    assert wait_until(lambda: not any(map(_alive, children)), timeout=15), server.log_text()
+    # Both associations are gone: the node's with it, the worker's aborted.
+    for assoc in (first, second):
+        for ds in datasets[20:22]:
+            if assoc.is_established:
+                response = assoc.send_c_store(ds)
+                assert "Status" not in response, "a process answered after the node was killed"
+        close_dropped(assoc)
+
+    study_uid, series_uid = str(datasets[0].StudyInstanceUID), str(datasets[0].SeriesInstanceUID)
+    for sop_uid in acknowledged:
+        path = storage / "incoming" / study_uid / series_uid / f"{sop_uid}.dcm"
+        assert path.is_file(), f"acknowledged {sop_uid} is not on disk"
+
+    # Nothing holds the port: the node comes back on it, and knows every instance.
+    server = serve(storage, dicom_port=server.dicom_port, processes=2)
+    recorded = {str(uid) for (uid,) in _query(storage, "SELECT sop_instance_uid FROM instance")}
+    assert set(acknowledged) <= recorded

@@ -98,3 +98,18 @@ def test_masked_settings_hide_secrets(toml_file: Path) -> None:
 def test_celery_queue_is_refused_until_it_exists(toml_file: Path) -> None:
     with pytest.raises(ConfigError, match="celery"):
         load_settings(queue="celery").check_safe_to_start()
+
+
+def test_ingest_processes_default_to_one_per_core(toml_file: Path) -> None:
+    import os
+
+    cores = len(os.sched_getaffinity(0))
+    settings = load_settings()
+    assert settings.ingest_processes == 0
+    assert settings.effective_ingest_processes == min(cores, settings.max_associations)
+    assert load_settings(ingest_processes=3).effective_ingest_processes == 3
+    # Never more processes than associations they could run.
+    capped = load_settings(ingest_processes=8, max_associations=2)
+    assert capped.effective_ingest_processes == 2
+    with pytest.raises(ConfigError):
+        load_settings(ingest_processes=-1)

@@ -1,0 +1,256 @@
+"""More than one process receiving on the DICOM port (``ingest_processes``).
+
+One Python process receives on one core at a time: pynetdicom's threads and
+the C-STORE handlers take turns on the interpreter lock, so four associations
+into one process are no faster than one (``scripts/bench_ingest.py``). With
+``ingest_processes`` N > 1 the node still accepts every connection on its
+one listening socket, and hands each to the least busy of N receivers: itself
+or one of N-1 worker processes. The hand-over passes the accepted socket's
+file descriptor over a Unix socket (SCM_RIGHTS); the worker then runs the
+association exactly as the node would, with the same SCP handlers
+(``dicom.scp``), the same intake (file written and fsynced, row committed,
+then 0x0000) and the same database. TLS is negotiated by whichever process
+runs the association.
+
+Each worker tells the node, over the same Unix socket, when a connection
+closes (so the node knows how busy it is) and when an association that sent
+instances ends (so the completion timer looks at its series at once, as it
+does for the node's own associations). A worker that loses the node (stop,
+crash, ``kill -9``) sees its Unix socket close, stops receiving and exits;
+what it acknowledged is on disk and in the database already.
+
+Workers never import TensorFlow: they only receive.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import socket
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+#: Worker -> node messages (one byte each, on a SOCK_SEQPACKET pair).
+CONNECTION_CLOSED = b"C"
+ASSOCIATION_ENDED = b"E"
+
+#: Seconds a stopping node waits for each worker to exit before killing it.
+_JOIN_SECONDS = 10.0
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """What a worker process needs to receive as the node does (picklable)."""
+
+    scp: Any  # dicom.scp.SCPConfig; Any keeps this module free of the import cycle
+    database_url: str
+    incoming_dir: Path
+    min_free_bytes: int
+    log_level: str
+
+
+@dataclass
+class _Slot:
+    """One receiver: slot 0 is the node itself, the others are worker processes."""
+
+    name: str
+    channel: socket.socket | None = None
+    process: BaseProcess | None = None
+    active: int = 0
+    handed_over: int = 0
+    alive: bool = True
+
+
+class IngestWorkers:
+    """Starts the worker processes and chooses the receiver of each new connection."""
+
+    def __init__(
+        self,
+        config: WorkerConfig,
+        workers: int,
+        on_association_ended: Callable[[], None],
+    ) -> None:
+        if workers < 1:
+            raise ValueError("need at least one worker process")
+        self.config = config
+        self.on_association_ended = on_association_ended
+        self._slots = [_Slot("node")] + [_Slot(f"ingest-{k}") for k in range(1, workers + 1)]
+        self._lock = threading.Lock()
+        self._next = 0
+        self._readers: list[threading.Thread] = []
+
+    # -- life cycle ----------------------------------------------------------------
+
+    def start(self) -> None:
+        context = multiprocessing.get_context("spawn")
+        for slot in self._slots[1:]:
+            node_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            process = context.Process(
+                target=run_worker,
+                args=(self.config, worker_end, slot.name),
+                name=f"lungnode-{slot.name}",
+                daemon=True,
+            )
+            process.start()
+            worker_end.close()
+            slot.channel, slot.process = node_end, process
+            reader = threading.Thread(
+                target=self._read, args=(slot,), name=f"{slot.name}-reader", daemon=True
+            )
+            reader.start()
+            self._readers.append(reader)
+        logger.info(
+            "receiving in %d processes (the node and %d worker(s))",
+            len(self._slots),
+            len(self._slots) - 1,
+        )
+
+    def stop(self) -> None:
+        """Close the channels (workers stop receiving and exit); wait for them."""
+        for slot in self._slots[1:]:
+            if slot.channel is not None:
+                try:
+                    slot.channel.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                slot.channel.close()
+        for slot in self._slots[1:]:
+            if slot.process is not None:
+                slot.process.join(_JOIN_SECONDS)
+                if slot.process.is_alive():
+                    logger.warning("%s did not stop; killing it", slot.name)
+                    slot.process.kill()
+                    slot.process.join(_JOIN_SECONDS)
+        for reader in self._readers:
+            reader.join(1.0)
+
+    @property
+    def pids(self) -> list[int]:
+        return [s.process.pid for s in self._slots[1:] if s.process and s.process.pid]
+
+    def handed_over(self) -> dict[str, int]:
+        """Connections handed to each worker since start (for status and tests)."""
+        with self._lock:
+            return {s.name: s.handed_over for s in self._slots[1:]}
+
+    # -- dispatch ------------------------------------------------------------------
+
+    def choose(self) -> int:
+        """The slot for a new connection: the least busy live one; ties rotate."""
+        with self._lock:
+            live = [i for i, s in enumerate(self._slots) if s.alive]
+            fewest = min(self._slots[i].active for i in live)
+            candidates = [i for i in live if self._slots[i].active == fewest]
+            self._next += 1
+            chosen = candidates[self._next % len(candidates)]
+            self._slots[chosen].active += 1
+            return chosen
+
+    def local_closed(self) -> None:
+        """A connection the node ran itself has closed."""
+        with self._lock:
+            self._slots[0].active = max(0, self._slots[0].active - 1)
+
+    def hand_over(self, index: int, connection: socket.socket, address: Any) -> bool:
+        """Pass ``connection`` to worker ``index``; False if that worker is gone.
+
+        The node's copy of the descriptor is the caller's to close.
+        """
+        slot = self._slots[index]
+        message = json.dumps(list(address)).encode()
+        try:
+            assert slot.channel is not None
+            socket.send_fds(slot.channel, [message], [connection.fileno()])
+        except (OSError, AssertionError) as exc:
+            logger.error("%s cannot take a connection (%s); receiving it here", slot.name, exc)
+            with self._lock:
+                slot.alive = False
+                slot.active = 0
+                self._slots[0].active += 1
+            return False
+        with self._lock:
+            slot.handed_over += 1
+        return True
+
+    def _read(self, slot: _Slot) -> None:
+        assert slot.channel is not None
+        while True:
+            try:
+                message = slot.channel.recv(16)
+            except OSError:
+                message = b""
+            if not message:
+                break
+            if message == CONNECTION_CLOSED:
+                with self._lock:
+                    slot.active = max(0, slot.active - 1)
+            elif message == ASSOCIATION_ENDED:
+                self.on_association_ended()
+        with self._lock:
+            was_alive, slot.alive, slot.active = slot.alive, False, 0
+        if was_alive and slot.process is not None and slot.process.exitcode not in (None, 0):
+            logger.error("%s exited with code %s", slot.name, slot.process.exitcode)
+
+
+# -- the worker process ------------------------------------------------------------
+
+
+def run_worker(config: WorkerConfig, channel: socket.socket, name: str) -> None:
+    """Main of a worker process: receive handed-over connections until the node goes."""
+    from lungnode.db.repo import NodeRepository
+    from lungnode.db.session import make_engine, make_session_factory
+    from lungnode.dicom.intake import Intake
+    from lungnode.dicom.scp import StorageSCP
+
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format=f"%(asctime)s %(levelname)-7s %(name)s [{name}]: %(message)s",
+    )
+    logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, logging.getLogger().level))
+    send_lock = threading.Lock()
+
+    def tell(message: bytes) -> None:
+        with send_lock:
+            try:
+                channel.send(message)
+            except OSError:
+                pass  # the node is gone; the read loop below ends too
+
+    engine = make_engine(config.database_url)
+    repo = NodeRepository(make_session_factory(engine))
+    intake = Intake(config.incoming_dir, repo.register_instance, config.min_free_bytes)
+    scp = StorageSCP(
+        config.scp,
+        intake,
+        repo,
+        on_association_ended=lambda: tell(ASSOCIATION_ENDED),
+        on_connection_closed=lambda: tell(CONNECTION_CLOSED),
+    )
+    scp.start_handed_over()
+    logger.debug("%s ready", name)
+    try:
+        while True:
+            try:
+                message, fds, _flags, _address = socket.recv_fds(channel, 1024, 4)
+            except OSError:
+                break
+            if not message and not fds:
+                break  # the node closed its end
+            for fd in fds:
+                connection = socket.socket(fileno=fd)
+                try:
+                    address = tuple(json.loads(message))
+                except ValueError:
+                    address = ("", 0)
+                scp.receive(connection, address)
+    finally:
+        scp.stop()
+        engine.dispose()
+        logger.debug("%s stopped", name)
