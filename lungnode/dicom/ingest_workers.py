@@ -27,12 +27,14 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
+import signal
 import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -202,6 +204,10 @@ class IngestWorkers:
 # -- the worker process ------------------------------------------------------------
 
 
+def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(0)
+
+
 def run_worker(config: WorkerConfig, channel: socket.socket, name: str) -> None:
     """Main of a worker process: receive handed-over connections until the node goes."""
     from lungnode.db.repo import NodeRepository
@@ -209,6 +215,11 @@ def run_worker(config: WorkerConfig, channel: socket.socket, name: str) -> None:
     from lungnode.dicom.intake import Intake
     from lungnode.dicom.scp import StorageSCP
 
+    # Ctrl-C reaches the whole process group: the node stops its workers by
+    # closing their channels, so a worker ignores it. A SIGTERM meant for the
+    # worker alone (or for everything, from a service manager) stops it cleanly.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     logging.basicConfig(
         level=config.log_level.upper(),
         format=f"%(asctime)s %(levelname)-7s %(name)s [{name}]: %(message)s",
