@@ -37,6 +37,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from lungnode.dicom.scp import SCPConfig
+
 logger = logging.getLogger(__name__)
 
 #: Worker -> node messages (one byte each, on a SOCK_SEQPACKET pair).
@@ -51,7 +53,7 @@ _JOIN_SECONDS = 10.0
 class WorkerConfig:
     """What a worker process needs to receive as the node does (picklable)."""
 
-    scp: Any  # dicom.scp.SCPConfig; Any keeps this module free of the import cycle
+    scp: SCPConfig
     database_url: str
     incoming_dir: Path
     min_free_bytes: int
@@ -87,6 +89,7 @@ class IngestWorkers:
         self._lock = threading.Lock()
         self._next = 0
         self._readers: list[threading.Thread] = []
+        self._stopping = False
 
     # -- life cycle ----------------------------------------------------------------
 
@@ -116,6 +119,7 @@ class IngestWorkers:
 
     def stop(self) -> None:
         """Close the channels (workers stop receiving and exit); wait for them."""
+        self._stopping = True
         for slot in self._slots[1:]:
             if slot.channel is not None:
                 try:
@@ -196,9 +200,15 @@ class IngestWorkers:
             elif message == ASSOCIATION_ENDED:
                 self.on_association_ended()
         with self._lock:
-            was_alive, slot.alive, slot.active = slot.alive, False, 0
-        if was_alive and slot.process is not None and slot.process.exitcode not in (None, 0):
-            logger.error("%s exited with code %s", slot.name, slot.process.exitcode)
+            slot.alive, slot.active = False, 0
+        if not self._stopping:
+            exitcode = None
+            if slot.process is not None:
+                slot.process.join(1.0)
+                exitcode = slot.process.exitcode
+            logger.error(
+                "%s stopped unexpectedly (exit code %s); receiving without it", slot.name, exitcode
+            )
 
 
 # -- the worker process ------------------------------------------------------------

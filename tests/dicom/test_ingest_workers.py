@@ -98,3 +98,18 @@ def test_workers_exit_with_the_node(
     finally:
         node.stop()
     assert wait_until(lambda: not any(_alive(pid) for pid in pids), timeout=15)
+
+
+def test_the_node_receives_alone_when_a_worker_dies(
+    two_process_node: Node, caplog: pytest.LogCaptureFixture
+) -> None:
+    import signal
+
+    node = two_process_node
+    assert node.ingest_workers is not None
+    (pid,) = node.ingest_workers.pids
+    os.kill(pid, signal.SIGKILL)
+    assert wait_until(lambda: "stopped unexpectedly" in caplog.text, timeout=10)
+    for _ in range(3):  # every connection now goes to the node itself
+        assert store_all(node.scp.port, make_ct_series(2, rows=16, columns=16)) == [0, 0]
+    assert row_count(node, Instance) == 6
