@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -216,7 +217,10 @@ class Settings(BaseSettings):
     @property
     def effective_ingest_processes(self) -> int:
         """``ingest_processes``, with 0 resolved to the cores available, at most one
-        per association allowed."""
+        per association allowed. Worker processes need Linux (connections are handed
+        over on a SOCK_SEQPACKET Unix socket); elsewhere the node receives alone."""
+        if not sys.platform.startswith("linux"):
+            return 1
         wanted = self.ingest_processes or len(os.sched_getaffinity(0))
         return max(1, min(wanted, self.max_associations))
 
