@@ -31,7 +31,7 @@ import signal
 import socket
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from types import FrameType
@@ -42,8 +42,12 @@ from lungnode.dicom.scp import SCPConfig
 logger = logging.getLogger(__name__)
 
 #: Worker -> node messages (one byte each, on a SOCK_SEQPACKET pair).
+READY = b"R"
 CONNECTION_CLOSED = b"C"
 ASSOCIATION_ENDED = b"E"
+
+#: Seconds the node waits at start for a worker to be ready to receive.
+_READY_SECONDS = 60.0
 
 #: Seconds a stopping node waits for each worker to exit before killing it.
 _JOIN_SECONDS = 10.0
@@ -69,7 +73,9 @@ class _Slot:
     process: BaseProcess | None = None
     active: int = 0
     handed_over: int = 0
-    alive: bool = True
+    #: Taking connections: the node always; a worker from its READY until it is gone.
+    alive: bool = False
+    ready: threading.Event = field(default_factory=threading.Event)
 
 
 class IngestWorkers:
@@ -85,7 +91,8 @@ class IngestWorkers:
             raise ValueError("need at least one worker process")
         self.config = config
         self.on_association_ended = on_association_ended
-        self._slots = [_Slot("node")] + [_Slot(f"ingest-{k}") for k in range(1, workers + 1)]
+        self._slots = [_Slot("node", alive=True)]
+        self._slots += [_Slot(f"ingest-{k}") for k in range(1, workers + 1)]
         self._lock = threading.Lock()
         self._next = 0
         self._readers: list[threading.Thread] = []
@@ -111,11 +118,13 @@ class IngestWorkers:
             )
             reader.start()
             self._readers.append(reader)
-        logger.info(
-            "receiving in %d processes (the node and %d worker(s))",
-            len(self._slots),
-            len(self._slots) - 1,
-        )
+        # Connections handed to a worker that is still starting would wait for
+        # it: take none until each says it is ready (a second or so).
+        for slot in self._slots[1:]:
+            if not slot.ready.wait(_READY_SECONDS):
+                logger.error("%s did not start; receiving without it", slot.name)
+        ready = sum(1 for slot in self._slots if slot.alive)
+        logger.info("receiving in %d process(es): the node and %d worker(s)", ready, ready - 1)
 
     def stop(self) -> None:
         """Close the channels (workers stop receiving and exit); wait for them."""
@@ -172,9 +181,10 @@ class IngestWorkers:
         slot = self._slots[index]
         message = json.dumps(list(address)).encode()
         try:
-            assert slot.channel is not None
+            if slot.channel is None:
+                raise OSError("no channel")
             socket.send_fds(slot.channel, [message], [connection.fileno()])
-        except (OSError, AssertionError) as exc:
+        except OSError as exc:
             logger.error("%s cannot take a connection (%s); receiving it here", slot.name, exc)
             with self._lock:
                 slot.alive = False
@@ -194,13 +204,18 @@ class IngestWorkers:
                 message = b""
             if not message:
                 break
-            if message == CONNECTION_CLOSED:
+            if message == READY:
+                with self._lock:
+                    slot.alive = True
+                slot.ready.set()
+            elif message == CONNECTION_CLOSED:
                 with self._lock:
                     slot.active = max(0, slot.active - 1)
             elif message == ASSOCIATION_ENDED:
                 self.on_association_ended()
         with self._lock:
             slot.alive, slot.active = False, 0
+        slot.ready.set()  # a worker that died starting is not waited for
         if not self._stopping:
             exitcode = None
             if slot.process is not None:
@@ -255,6 +270,7 @@ def run_worker(config: WorkerConfig, channel: socket.socket, name: str) -> None:
         on_connection_closed=lambda: tell(CONNECTION_CLOSED),
     )
     scp.start_handed_over()
+    tell(READY)
     logger.debug("%s ready", name)
     try:
         while True:
