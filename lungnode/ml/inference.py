@@ -226,19 +226,3 @@ def aggregate(
         lesion_slices=[int(i) for i in lesion_slices],
         rule=applied,
     )
-
-
-def classify(
-    bundle: ModelBundle,
-    hu: np.ndarray,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    rule_overrides: Mapping[str, Any] | None = None,
-) -> tuple[np.ndarray, SeriesVerdict, dict[str, float]]:
-    """Score a HU stack and aggregate: (slice scores, verdict, timings in seconds)."""
-    timings: dict[str, float] = {}
-    scores = score_slices(bundle, hu, batch_size, timings)
-    t0 = time.perf_counter()
-    rule = {**bundle.manifest.aggregation, **(rule_overrides or {})}
-    verdict = aggregate(scores, bundle.manifest.labels, rule)
-    timings["aggregate"] = time.perf_counter() - t0
-    return scores, verdict, timings

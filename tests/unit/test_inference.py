@@ -12,7 +12,7 @@ import pytest
 from lungnode.domain import CLASS_LABELS
 from lungnode.imaging.windowing import build_model_input
 from lungnode.ml.bundle import ModelBundle, load_bundle
-from lungnode.ml.inference import BackgroundScorer, aggregate, classify, score_slices
+from lungnode.ml.inference import BackgroundScorer, aggregate, score_slices
 from lungnode.ml.train import build_small_cnn, write_bundle
 
 ADENO, LARGE, NORMAL, SQUAMOUS = range(4)
@@ -117,14 +117,21 @@ def test_score_slices_batches_match_one_big_call(tiny_bundle: ModelBundle) -> No
     assert timings["preprocess"] > 0 and timings["inference"] > 0
 
 
-def test_classify_uses_manifest_rule_and_reports_timings(tiny_bundle: ModelBundle) -> None:
+def test_analysis_uses_manifest_rule_overrides_and_reports_timings(
+    tiny_bundle: ModelBundle,
+) -> None:
+    from lungnode.domain import HUVolume, SliceRef
+    from lungnode.pipeline.analyze import analyze_volume
+
     hu = np.full((6, 32, 32), -850.0, dtype=np.float32)
-    scores, verdict, timings = classify(tiny_bundle, hu, rule_overrides={"threshold": 0.0})
+    volume = HUVolume(hu, [SliceRef(f"2.25.{i}") for i in range(6)])
+    result = analyze_volume(volume, tiny_bundle, rule_overrides={"threshold": 0.0})
     # With threshold 0 every slice is a lesion slice: the verdict must be a lesion class.
-    assert verdict.verdict != "Normal"
-    assert len(verdict.lesion_slices) == 6
-    assert set(timings) >= {"preprocess", "inference", "aggregate"}
-    assert scores.shape == (6, 4)
+    assert result.verdict != "Normal"
+    assert len(result.lesion_slices) == 6
+    assert result.rule["threshold"] == 0.0 and result.rule["min_slices"] == 3
+    assert set(result.timings_s) >= {"preprocess", "inference", "aggregate", "total"}
+    assert result.slice_scores.shape == (6, 4)
 
 
 def test_predict_is_thread_safe(tiny_bundle: ModelBundle) -> None:
