@@ -317,3 +317,32 @@ def test_stream_series_restarts_the_sink_for_a_late_multiframe_instance(tmp_path
     streamed = np.concatenate([seen[k] for k in sorted(seen)])
     assert np.array_equal(streamed[decode_index], volume.hu)
     assert volume.hu.shape[0] == 5
+
+
+@pytest.mark.parametrize(
+    ("signed", "bits_stored", "fast"),
+    [(True, 16, True), (False, 16, True), (False, 12, False)],
+    ids=["signed-16", "unsigned-16", "unsigned-12-stored"],
+)
+def test_plain_16_bit_pixels_skip_the_decoder_and_match_it(
+    signed: bool, bits_stored: int, fast: bool, tmp_path: Path
+) -> None:
+    from lungnode.dicom.decode import _native_pixels
+
+    datasets = make_ct_series(3, rows=SIZE, columns=SIZE, signed=signed)
+    for ds in datasets:
+        ds.BitsStored, ds.HighBit = bits_stored, bits_stored - 1
+    paths = write_series(datasets, tmp_path)
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        native = _native_pixels(ds)
+        assert (native is not None) == fast
+        if native is not None:
+            assert np.array_equal(native, ds.pixel_array)
+    expected = np.stack(
+        [
+            pydicom.dcmread(p).pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+            for p in sorted(paths, key=lambda p: float(pydicom.dcmread(p).ImagePositionPatient[2]))
+        ]
+    )
+    assert np.array_equal(load_series(_shuffled(paths)).hu, expected.astype(np.float32))
