@@ -20,7 +20,7 @@ from lungnode.db.models import Association, Instance, Job, Series
 from lungnode.dicom.synthetic import make_ct_series
 from lungnode.pipeline.node import Node
 from lungnode.series.assembler import RULE_ASSOCIATION_RELEASED
-from tests.dicom.helpers import row_count, store_all, wait_until
+from tests.dicom.helpers import associate, row_count, store_all, wait_until
 
 
 @pytest.fixture
@@ -113,3 +113,35 @@ def test_the_node_receives_alone_when_a_worker_dies(
     for _ in range(3):  # every connection now goes to the node itself
         assert store_all(node.scp.port, make_ct_series(2, rows=16, columns=16)) == [0, 0]
     assert row_count(node, Instance) == 6
+
+
+@pytest.mark.parametrize("processes", [1, 2], ids=["one-process", "two-processes"])
+def test_associations_beyond_the_cap_are_rejected_as_transient(
+    processes: int, make_settings: Callable[..., Settings], start_node: Callable[..., Node]
+) -> None:
+    """PS3.8 Table 9-21: rejected-transient (2), service-provider presentation (3),
+    local limit exceeded (2); the cap holds across the receiving processes."""
+    node = start_node(
+        make_settings(ingest_processes=processes, max_associations=2), serve_http=False
+    )
+    held = [associate(node.scp.port) for _ in range(2)]
+    try:
+        assert all(assoc.is_established for assoc in held)
+        refused = associate(node.scp.port)
+        assert refused.is_rejected
+        primitive = refused.acceptor.primitive
+        assert primitive is not None
+        assert (primitive.result, primitive.result_source, primitive.diagnostic) == (2, 3, 2)
+    finally:
+        for assoc in held:
+            assoc.release()
+    # Capacity comes back once they are released.
+    assert wait_until(lambda: associate_and_release(node.scp.port), timeout=10)
+
+
+def associate_and_release(port: int) -> bool:
+    assoc = associate(port)
+    established = bool(assoc.is_established)
+    if established:
+        assoc.release()
+    return established
