@@ -89,18 +89,54 @@ def _time_with_sleep(sleep: Callable[[float], None]) -> types.ModuleType:
     return module
 
 
+class _WakePipe:
+    """A pipe that other threads write to so that one DUL thread wakes up.
+
+    Writing and closing take the same lock: once closed, a descriptor number
+    may be reused by any file the process opens next, and a late write must
+    never land there.
+    """
+
+    def __init__(self) -> None:
+        self.read_fd, self._write_fd = os.pipe()
+        os.set_blocking(self.read_fd, False)
+        os.set_blocking(self._write_fd, False)
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def wake(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                os.write(self._write_fd, b"\0")
+            except OSError:
+                pass  # full: the thread has wake-ups pending anyway
+
+    def drain(self) -> None:
+        """Called by the woken thread only."""
+        try:
+            while os.read(self.read_fd, 512):
+                pass
+        except OSError:
+            pass  # empty (EAGAIN)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            os.close(self.read_fd)
+            os.close(self._write_fd)
+
+
 def _with_wake_pipe(run_reactor: Callable[[Any], None]) -> Callable[[Any], None]:
     def run_reactor_with_wake_pipe(dul: Any) -> None:
-        read_fd, write_fd = os.pipe()
-        os.set_blocking(read_fd, False)
-        os.set_blocking(write_fd, False)
-        dul._lungnode_wake = (read_fd, write_fd)
+        pipe = _WakePipe()
+        dul._lungnode_wake = pipe
         try:
             run_reactor(dul)
         finally:
             dul._lungnode_wake = None
-            os.close(read_fd)
-            os.close(write_fd)
+            pipe.close()
 
     return run_reactor_with_wake_pipe
 
@@ -108,12 +144,9 @@ def _with_wake_pipe(run_reactor: Callable[[Any], None]) -> Callable[[Any], None]
 def _waking(send_pdu: Callable[[Any, Any], None]) -> Callable[[Any, Any], None]:
     def send_pdu_and_wake(dul: Any, primitive: Any) -> None:
         send_pdu(dul, primitive)
-        wake = getattr(dul, "_lungnode_wake", None)
-        if wake is not None:
-            try:
-                os.write(wake[1], b"\0")
-            except (BlockingIOError, OSError):
-                pass  # the pipe is full (the thread is awake anyway) or closing
+        pipe = getattr(dul, "_lungnode_wake", None)
+        if pipe is not None:
+            pipe.wake()
 
     return send_pdu_and_wake
 
@@ -130,16 +163,12 @@ def _dul_sleep(seconds: float) -> None:
     if not dul.to_provider_queue.empty():
         return
     try:
-        readable, _, _ = select.select([sock, wake[0]], [], [], seconds)
+        readable, _, _ = select.select([sock, wake.read_fd], [], [], seconds)
     except (OSError, ValueError):  # the socket closed under us: let pynetdicom see it
         time.sleep(seconds)
         return
-    if wake[0] in readable:
-        try:
-            while os.read(wake[0], 512):
-                pass
-        except (BlockingIOError, OSError):
-            pass
+    if wake.read_fd in readable:
+        wake.drain()
 
 
 def _association_sleep(seconds: float) -> None:
