@@ -39,10 +39,9 @@ import numpy as np
 from lungnode.dicom.decode import load_series
 from lungnode.dicom.synthetic import make_ct_series, write_series
 from lungnode.domain import CLASS_LABELS
-from lungnode.imaging.windowing import build_model_input
 from lungnode.ml import phantoms
 from lungnode.ml.bundle import ModelBundle, load_bundle
-from lungnode.ml.inference import DEFAULT_BATCH_SIZE
+from lungnode.ml.inference import DEFAULT_BATCH_SIZE, score_slices
 from lungnode.ml.train import write_bundle
 from lungnode.pipeline.analyze import analyze_series
 
@@ -82,20 +81,13 @@ def run_once(paths: list[Path], bundle_path: Path) -> dict[str, float]:
 def forward_alone(bundle: ModelBundle, hu: np.ndarray) -> float:
     """Seconds the model takes on the same slices with nothing else running.
 
-    The model inputs are prepared first, untimed; this is the floor that the
-    overlapped analysis is compared with.
+    ``score_slices`` windows and scores one batch after the other and times
+    the model apart from the windowing: the floor the overlapped analysis is
+    compared with.
     """
-    manifest = bundle.manifest
-    batches = [
-        build_model_input(
-            hu[start : start + DEFAULT_BATCH_SIZE], manifest.windows, manifest.input_size
-        )
-        for start in range(0, hu.shape[0], DEFAULT_BATCH_SIZE)
-    ]
-    t0 = time.perf_counter()
-    for batch in batches:
-        bundle.predict(batch)
-    return time.perf_counter() - t0
+    timings: dict[str, float] = {}
+    score_slices(bundle, hu, DEFAULT_BATCH_SIZE, timings)
+    return timings["inference"]
 
 
 def reference_bundle(out: Path) -> Path:

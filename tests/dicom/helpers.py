@@ -101,3 +101,11 @@ def close_dropped(assoc: Association) -> None:
     transport = assoc.dul.socket
     if transport is not None and transport.socket is not None:
         transport.socket.close()
+
+
+def process_alive(pid: int) -> bool:
+    """True while ``pid`` runs; an exited process waiting to be reaped (zombie) is not."""
+    try:
+        return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False

@@ -20,7 +20,7 @@ from lungnode.db.models import Association, Instance, Job, Series
 from lungnode.dicom.synthetic import make_ct_series
 from lungnode.pipeline.node import Node
 from lungnode.series.assembler import RULE_ASSOCIATION_RELEASED
-from tests.dicom.helpers import associate, row_count, store_all, wait_until
+from tests.dicom.helpers import associate, process_alive, row_count, store_all, wait_until
 
 
 @pytest.fixture
@@ -30,14 +30,6 @@ def two_process_node(
     # A long quiet timer: a series can only complete quickly by its senders' release.
     settings = make_settings(ingest_processes=2, series_quiet_seconds=120.0)
     return start_node(settings, serve_http=False)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/status") as status:
-            return "\nState:\tZ" not in status.read()
-    except FileNotFoundError:
-        return False
 
 
 def _without_declared_count(datasets: list[Dataset]) -> list[Dataset]:
@@ -91,13 +83,13 @@ def test_workers_exit_with_the_node(
     try:
         assert node.ingest_workers is not None
         pids = node.ingest_workers.pids
-        assert len(pids) == 2 and all(_alive(pid) for pid in pids)
+        assert len(pids) == 2 and all(process_alive(pid) for pid in pids)
         assert os.getpid() not in pids
         for _ in range(4):  # both workers take turns
             assert store_all(node.scp.port, make_ct_series(1, rows=16, columns=16)) == [0]
     finally:
         node.stop()
-    assert wait_until(lambda: not any(_alive(pid) for pid in pids), timeout=15)
+    assert wait_until(lambda: not any(process_alive(pid) for pid in pids), timeout=15)
 
 
 def test_the_node_receives_alone_when_a_worker_dies(

@@ -26,7 +26,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from lungnode.dicom.synthetic import make_ct_series
 from tests.conftest import SENDER_AE
-from tests.dicom.helpers import associate, close_dropped, free_port, wait_until
+from tests.dicom.helpers import associate, close_dropped, free_port, process_alive, wait_until
 
 LUNGNODE = Path(sys.executable).with_name("lungnode")
 N_SLICES = 150
@@ -226,13 +226,6 @@ def _children(pid: int) -> list[int]:
     return [int(child) for child in text.split()]
 
 
-def _alive(pid: int) -> bool:
-    try:
-        return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
-    except FileNotFoundError:
-        return False
-
-
 @pytest.mark.slow
 def test_sigkill_with_two_ingest_processes_leaves_no_worker_and_loses_nothing(
     serve: Callable[..., Server], tmp_path: Path
@@ -264,7 +257,7 @@ def test_sigkill_with_two_ingest_processes_leaves_no_worker_and_loses_nothing(
     assert server.process.wait(timeout=10) == -signal.SIGKILL
     # The worker notices that the node is gone and exits by itself, as does
     # multiprocessing's resource tracker.
-    assert wait_until(lambda: not any(map(_alive, children)), timeout=15), server.log_text()
+    assert wait_until(lambda: not any(map(process_alive, children)), timeout=15), server.log_text()
     # Both associations are gone: the node's with it, the worker's aborted.
     for assoc in (first, second):
         for ds in datasets[20:22]:
