@@ -201,7 +201,7 @@ def train_demo(
     batch_size: int = 64,
     input_size: tuple[int, int] = DEMO_INPUT_SIZE,
     windows: Sequence[str] = DEMO_WINDOWS,
-    version: str = "1.2.0",
+    version: str = "1.3.0",
     lesion_map_weight: float = 5.0,
     verbose: int = 1,
 ) -> Path:
