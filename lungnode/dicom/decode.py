@@ -512,11 +512,12 @@ def _to_hu(stored: np.ndarray, frame: _Frame, out: np.ndarray) -> None:
     """
     if stored.shape != out.shape:
         raise DecodeError(f"{frame.path.name}: decoded shape {stored.shape}, expected {out.shape}")
-    if frame.slope is not None and frame.slope != 1.0 and frame.intercept is not None:
-        np.multiply(stored, np.float32(frame.slope), out=out, casting="unsafe")
-    else:
+    if frame.slope is None or frame.intercept is None:
         out[...] = stored
-    if frame.slope is not None and frame.intercept is not None and frame.intercept != 0.0:
+    elif frame.slope == 1.0:  # the usual CT case: one pass over the slice
+        np.add(stored, np.float32(frame.intercept), out=out, casting="unsafe")
+    else:
+        np.multiply(stored, np.float32(frame.slope), out=out, casting="unsafe")
         out += np.float32(frame.intercept)
     if frame.padding is not None:
         low, high = frame.padding
