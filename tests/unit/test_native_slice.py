@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -145,3 +146,27 @@ def test_private_un_element_of_undefined_length_is_skipped(tmp_path: Path) -> No
     assert (0x0009, 0x1001) in ds
     assert decode._native_frame(path, native) == decode._frames_of(path, ds)[0]
     assert np.array_equal(native.pixels, ds.pixel_array)
+
+
+def _pydicom_test_files() -> list[Path]:
+    import pydicom.data
+
+    root = Path(pydicom.data.__file__).parent
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in ("", ".dcm"))
+
+
+def test_every_file_pydicom_ships_that_the_fast_path_takes_decodes_the_same() -> None:
+    """The real-world files bundled with pydicom (exports of several vendors' scanners)."""
+    taken = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # some of these files carry invalid values on purpose
+        for path in _pydicom_test_files():
+            native = read_native_slice(path)
+            if native is None:
+                continue
+            taken += 1
+            ds = pydicom.dcmread(path)
+            frames = decode._frames_of(path, ds)
+            assert frames == [decode._native_frame(path, native)], path.name
+            assert np.array_equal(native.pixels, ds.pixel_array), path.name
+    assert taken >= 10  # CT_small.dcm, MR_small.dcm and their kin
