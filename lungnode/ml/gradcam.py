@@ -7,8 +7,8 @@ gradient of the class *logit* (the input of the final softmax) because the
 softmax saturates on confident slices and its gradient then vanishes.
 
 All key slices go through one batched ``tf.GradientTape`` pass, traced once
-per model into a TensorFlow graph. Heatmaps are
-float32 in [0, 1] at the source slice's size.
+per model into a TensorFlow graph. Heatmaps are float32 in [0, 1] at the
+source slice's size.
 """
 
 from __future__ import annotations
@@ -129,7 +129,8 @@ def _compiled_gradcam(model: Any, layer_name: str, input_shape: tuple[int, ...])
     """The Grad-CAM pass for ``model`` as one traced TensorFlow graph, built once.
 
     Building the gradient model and running the tape eagerly cost more than
-    the pass itself (measured: 80 ms against 10 ms for four 128x128 slices).
+    the pass itself (measured in ``scripts/bench_analysis.py``: 83 ms eagerly,
+    14 ms traced, for four 128x128 key slices).
     The graph takes any number of slices, so it is traced once per model.
     """
     import tensorflow as tf
