@@ -226,6 +226,8 @@ def _describe(result: AnalysisResult, source: Path) -> str:
     count = result.slice_scores.shape[0]
     lines = [f"{source.name}: {count} slice{'s' if count != 1 else ''} analysed"]
     lines.append(f"Verdict: {result.verdict} (confidence {result.confidence:.3f})")
+    if explanation := result.explanation():
+        lines.append(explanation)
     lines.append("Class scores:")
     for label, score in sorted(result.class_scores.items(), key=lambda item: -item[1]):
         lines.append(f"  {label:<26} {score:6.3f}  {'#' * round(score * 30)}")

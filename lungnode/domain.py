@@ -96,6 +96,35 @@ class AnalysisResult:
     analysed: bool = True
     not_analysed_reason: str | None = None
 
+    def explanation(self) -> str:
+        """One sentence on how the series rule (``ml.inference``) reached the verdict.
+
+        A Normal verdict's confidence is the mean Normal score, which can be
+        low on a series where one slice looked suspicious without passing
+        the rule; saying how close the series came keeps that from reading
+        as a contradiction. Empty for a result without a rule (not analysed).
+        """
+        rule = self.rule
+        if not self.analysed or rule.get("rule") != "lesion_slices":
+            return ""
+        n = int(self.slice_scores.shape[0])
+        threshold = float(str(rule["threshold"]))
+        needed = int(str(rule.get("min_slices_applied", rule.get("min_slices", 1))))
+        normal = str(rule.get("normal_label", "Normal"))
+        counted = (
+            f"{len(self.lesion_slices)} of {n} slice{'s' if n != 1 else ''} reached the "
+            f"lesion threshold {threshold:.2f}; the rule needs {needed} for a lesion verdict."
+        )
+        lesion = [i for i, label in enumerate(self.labels) if label != normal]
+        if self.verdict != normal or n == 0 or not lesion:
+            return counted
+        columns = self.slice_scores[:, lesion]
+        slice_index, column = divmod(int(np.argmax(columns)), len(lesion))
+        return (
+            f"{counted} Highest lesion score: {float(columns[slice_index, column]):.3f} "
+            f"({self.labels[lesion[column]]}, slice {slice_index + 1})."
+        )
+
     @classmethod
     def not_analysed(cls, reason: str, model: ModelIdentity) -> AnalysisResult:
         """A result that records why no verdict was produced."""

@@ -208,13 +208,8 @@ def _result_section(result: AnalysisResult, styles: dict[str, ParagraphStyle]) -
     if result.rule:
         rule = ", ".join(f"{k} = {v}" for k, v in result.rule.items())
         story.append(Paragraph(f"Series rule: {escape(rule)}", styles["small"]))
-    if result.lesion_slices:
-        story.append(
-            Paragraph(
-                f"{len(result.lesion_slices)} slice(s) passed the lesion threshold.",
-                styles["small"],
-            )
-        )
+    if explanation := result.explanation():
+        story.append(Paragraph(escape(explanation), styles["small"]))
     story.append(Spacer(1, 4 * mm))
     return story
 

@@ -117,6 +117,14 @@ def make_result(
             blob_heatmap(rows, columns, (0.4, 0.3 + 0.1 * i)) for i in range(len(key_slices))
         ],
         timings_s={"decode": 0.21, "inference": 0.84, "gradcam": 0.15},
-        rule={"name": "top-k mean", "k": 3},
+        lesion_slices=list(range(n)) if verdict != "Normal" else [],
+        rule={
+            "rule": "lesion_slices",
+            "normal_label": "Normal",
+            "threshold": 0.8,
+            "min_slices": 3,
+            "min_slices_applied": min(3, n),
+            "top_n": 4,
+        },
     )
     return result, volume

@@ -105,6 +105,7 @@ def test_predict_summary_is_readable(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "Verdict: " in out and "confidence" in out
+    assert "of 1 slice reached the lesion threshold" in out  # how the rule decided
     for label in MANIFEST["labels"]:
         assert label in out
     assert "SOP Instance UID 1.3.6.1.4.1.5962.1.1.1.1.1.20040119072730.12322" in out
