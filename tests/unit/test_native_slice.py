@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -170,3 +171,30 @@ def test_every_file_pydicom_ships_that_the_fast_path_takes_decodes_the_same() ->
             assert frames == [decode._native_frame(path, native)], path.name
             assert np.array_equal(native.pixels, ds.pixel_array), path.name
     assert taken >= 10  # CT_small.dcm, MR_small.dcm and their kin
+
+
+def test_a_compressed_file_is_not_read_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its file meta says so; pydicom then reads it once, not after a full read here."""
+    path = write_series(
+        make_ct_series(1, rows=256, columns=256, transfer_syntax=RLELossless), tmp_path
+    )[0]
+    read: list[int] = []
+    real_open = Path.open
+
+    def counting_open(self: Path, *args: Any, **kwargs: Any) -> Any:
+        stream = real_open(self, *args, **kwargs)
+        real_read = stream.read
+
+        def counted(size: int = -1) -> bytes:
+            chunk = real_read(size)
+            read.append(len(chunk))
+            return chunk
+
+        stream.read = counted
+        return stream
+
+    monkeypatch.setattr(Path, "open", counting_open)
+    assert read_native_slice(path) is None
+    assert sum(read) <= 4096 < path.stat().st_size
