@@ -9,11 +9,12 @@ import keras
 import numpy as np
 import pytest
 
-from lungnode.domain import CLASS_LABELS, AnalysisResult, ModelIdentity, SliceRef
+from lungnode.domain import CLASS_LABELS, AnalysisResult, HUVolume, SliceRef
 from lungnode.imaging.windowing import build_model_input
 from lungnode.ml.bundle import ModelBundle, load_bundle
 from lungnode.ml.inference import BackgroundScorer, aggregate, score_slices
 from lungnode.ml.train import build_small_cnn, write_bundle
+from lungnode.pipeline.analyze import conclude
 
 ADENO, LARGE, NORMAL, SQUAMOUS = range(4)
 RULE = {
@@ -206,24 +207,19 @@ def test_background_scorer_reports_a_model_failure(tiny_bundle: ModelBundle) -> 
     scorer.close()
 
 
-def _result(scores: np.ndarray) -> AnalysisResult:
-    verdict = aggregate(scores, CLASS_LABELS, RULE)
-    return AnalysisResult(
-        verdict=verdict.verdict,
-        confidence=verdict.confidence,
-        class_scores=verdict.class_scores,
-        slice_scores=scores,
-        key_slices=verdict.key_slices,
-        key_slice_refs=[SliceRef(sop_instance_uid=str(i)) for i in verdict.key_slices],
-        model=ModelIdentity(name="m", version="1", sha256="0" * 64),
-        lesion_slices=verdict.lesion_slices,
-        rule=verdict.rule,
+def _result(scores: np.ndarray, bundle: ModelBundle) -> AnalysisResult:
+    """The result the pipeline concludes from these slice scores (no pixels needed)."""
+    n = scores.shape[0]
+    volume = HUVolume(
+        hu=np.zeros((n, 1, 1), dtype=np.float32),
+        slices=[SliceRef(sop_instance_uid=str(i)) for i in range(n)],
     )
+    return conclude(volume, bundle, scores, with_heatmaps=False, rule_overrides=RULE)
 
 
-def test_the_explanation_says_how_close_a_normal_series_came() -> None:
+def test_the_explanation_says_how_close_a_normal_series_came(tiny_bundle: ModelBundle) -> None:
     scores = _scores(_normal_rows(10) + [[0.03, 0.02, 0.20, 0.75]])
-    result = _result(scores)
+    result = _result(scores, tiny_bundle)
     assert result.verdict == "Normal" and result.confidence < 0.9
     assert result.explanation() == (
         "0 of 11 slices reached the lesion threshold 0.80; the rule needs 3 for a lesion "
@@ -231,8 +227,8 @@ def test_the_explanation_says_how_close_a_normal_series_came() -> None:
     )
 
 
-def test_the_explanation_of_a_lesion_verdict_counts_the_slices() -> None:
-    result = _result(_scores(_normal_rows(5) + [[0.9, 0.03, 0.05, 0.02]] * 4))
+def test_the_explanation_of_a_lesion_verdict_counts_the_slices(tiny_bundle: ModelBundle) -> None:
+    result = _result(_scores(_normal_rows(5) + [[0.9, 0.03, 0.05, 0.02]] * 4), tiny_bundle)
     assert result.verdict == "Adenocarcinoma"
     assert result.explanation() == (
         "4 of 9 slices reached the lesion threshold 0.80; the rule needs 3 for a lesion verdict."
