@@ -1,7 +1,7 @@
 """Time the whole analysis of one series, as the series job runs it.
 
     python scripts/bench_analysis.py [--slices 300] [--size 512] [--repeat 3]
-        [--bundle models/lung-ct-demo | --reference] [--dir DIR] [--profile]
+        [--bundle models/lung-ct-demo | --reference] [--dir DIR] [--profile] [--parts]
 
 A synthetic axial series (phantom anatomy with an Adenocarcinoma lesion over a
 few slices, ``lungnode.ml.phantoms``; no patient data) is written to disk as
@@ -18,7 +18,10 @@ forward passes run alone afterwards, the median of every stage, and the peak
 RSS of the process. One
 warm-up run (not counted) traces the model first, as a long-running worker
 would have done before its first series. ``--profile`` prints the 25 most
-expensive functions of one extra decode under cProfile.
+expensive functions of one extra decode under cProfile. ``--parts`` times
+two parts on their own: reading one file with ``dicom.native_slice`` against
+pydicom (header, frame geometry and pixels), and building the model input
+(``imaging.windowing.build_model_input``) per slice.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -90,6 +94,43 @@ def forward_alone(bundle: ModelBundle, hu: np.ndarray) -> float:
     return timings["inference"]
 
 
+def time_parts(paths: list[Path], bundle_path: Path) -> None:
+    """Best of 3 passes, per file and per slice; nothing else running."""
+    import pydicom
+    from pydicom.pixels.utils import pixel_array
+
+    from lungnode.dicom import decode
+    from lungnode.dicom.native_slice import read_native_slice
+    from lungnode.imaging.windowing import build_model_input
+
+    def fast(path: Path) -> None:
+        native = read_native_slice(path)
+        assert native is not None, f"{path.name} did not take the fast path"
+        decode._native_frame(path, native)
+
+    def general(path: Path) -> None:
+        ds = pydicom.dcmread(path)
+        decode._frames_of(path, ds)
+        pixel_array(ds)
+
+    for name, read in (("native_slice", fast), ("pydicom", general)):
+        best = min(_seconds(lambda r=read: [r(p) for p in paths]) for _ in range(3))
+        print(f"  read one file, {name:<12} {best / len(paths) * 1e3:.3f} ms")
+    manifest = load_bundle(bundle_path).manifest
+    hu = load_series(paths[:DEFAULT_BATCH_SIZE]).hu
+    best = min(
+        _seconds(lambda: build_model_input(hu, manifest.windows, manifest.input_size))
+        for _ in range(3)
+    )
+    print(f"  model input, per slice   {best / hu.shape[0] * 1e3:.3f} ms")
+
+
+def _seconds(work: Callable[..., object]) -> float:
+    t0 = time.perf_counter()
+    work()
+    return time.perf_counter() - t0
+
+
 def reference_bundle(out: Path) -> Path:
     """A bundle of the model class the speed targets were set for, random weights.
 
@@ -131,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=31)
     parser.add_argument("--dir", type=Path, help="where to write (and reuse) the series")
     parser.add_argument("--profile", action="store_true", help="profile one decode")
+    parser.add_argument("--parts", action="store_true", help="time file reading and model input")
     parser.add_argument(
         "--reference",
         action="store_true",
@@ -151,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
         for k in range(args.repeat):
             print(f"run {k + 1}/{args.repeat}:")
             runs.append(run_once(paths, args.bundle))
+        if args.parts:
+            print("parts, best of 3:")
+            time_parts(paths, args.bundle)
         if args.profile:
             profiler = cProfile.Profile()
             profiler.runcall(load_series, paths)

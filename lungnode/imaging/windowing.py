@@ -146,11 +146,12 @@ def build_model_input(
     which averages pixels and so does not alias thin structures such as
     vessels; each window then becomes one channel. Shrinking the HU first
     means windowing a 128x128 slice instead of a 512x512 one for every
-    window: 0.20 ms a 512x512 slice against 0.58 ms windowing first (two
-    windows, 128x128 input). The two orders differ only where a block of averaged
-    pixels straddles a window edge (the average of clipped values is not the
-    clipped average); training and inference use this same function, so the
-    model sees the same thing in both. No full-size copy of the batch is made.
+    window: 0.20 ms a 512x512 slice (``scripts/bench_analysis.py --parts``)
+    against 0.58 ms windowing first, for two windows at 128x128. The two
+    orders differ only where a block of averaged pixels straddles a window
+    edge (the average of clipped values is not the clipped average);
+    training and inference use this same function, so the model sees the
+    same thing in both. No full-size copy of the batch is made.
     """
     if hu.ndim == 2:
         hu = hu[np.newaxis]
