@@ -39,10 +39,12 @@ system-deps:
 test: $(STAMP) system-deps
 	$(BIN)/python -m pytest
 
+# ruff, mypy, and the layer contracts of DESIGN.md (import-linter, in pyproject.toml).
 lint: $(STAMP)
 	$(BIN)/ruff check lungnode tests scripts
 	$(BIN)/ruff format --check lungnode tests scripts
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

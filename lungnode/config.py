@@ -228,10 +228,6 @@ class Settings(BaseSettings):
     def incoming_dir(self) -> Path:
         return self.storage_dir / "incoming"
 
-    @property
-    def tls_enabled(self) -> bool:
-        return self.tls_cert is not None
-
     def peer_by_ae(self, ae_title: str) -> Peer | None:
         """The first peer with this AE title (AE titles compare without padding)."""
         wanted = ae_title.strip()

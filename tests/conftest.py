@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
+from lungnode.app.node import Node
 from lungnode.config import Settings, load_settings
-from lungnode.pipeline.node import Node
 
 #: The calling AE title the tests' SCUs use; it is a configured peer of the node.
 SENDER_AE = "TESTSCU"

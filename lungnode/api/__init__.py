@@ -34,7 +34,8 @@ from lungnode.api.docs_assets import init_docs_assets
 from lungnode.api.errors import register_error_handlers
 from lungnode.api.health import health, health_blueprint
 from lungnode.api.history import history_blueprint
-from lungnode.api.metrics import metrics, metrics_blueprint
+from lungnode.api.metrics import Metrics, metrics_blueprint
+from lungnode.api.metrics import metrics as metrics_view
 from lungnode.api.middleware import (
     init_cors,
     init_limiter,
@@ -50,7 +51,7 @@ from lungnode.api.users import users_blueprint
 from lungnode.config import Settings, load_settings
 from lungnode.db.session import make_engine, make_session_factory, read_sessions
 
-__all__ = ["create_app", "delete_stale_uploads", "ensure_first_admin"]
+__all__ = ["Metrics", "create_app", "delete_stale_uploads", "ensure_first_admin"]
 
 PREFIX = "/api/v1"
 DOCS_PATH = f"{PREFIX}/docs"
@@ -113,11 +114,14 @@ def create_app(
     node_status: NodeStatus | None = None,
     test_config: dict[str, Any] | None = None,
     engine: Engine | None = None,
+    metrics: Metrics | None = None,
 ) -> Flask:
     """Build the app. ``node_status`` is given when the SCP runs in this process.
 
     ``engine``: the node's own engine when it runs in the same process, so that
     the API's writers and the node's take turns on one SQLite write lock.
+    ``metrics``: the process's histograms (``lungnode.app`` passes its own);
+    without it the app keeps its own.
 
     The database must already be migrated (``lungnode serve`` and ``wsgi.py`` do it).
     """
@@ -151,6 +155,7 @@ def create_app(
         "sessions": sessions,
         "read_sessions": read_sessions(sessions),
         "node_status": node_status,
+        "metrics": metrics or Metrics(),
         "bundle": None,
     }
     app.url_map.converters["int"] = RowIdConverter
@@ -177,7 +182,7 @@ def create_app(
 
     limiter = init_limiter(app, settings)
     limiter.exempt(health)
-    limiter.exempt(metrics)
+    limiter.exempt(metrics_view)
     # Login: counted per client address and per user name, whichever runs out first.
     login_limited = limiter.limit(lambda: settings.rate_limit_login)(login)
     login_limited = limiter.limit(lambda: settings.rate_limit_login, key_func=login_username_key)(

@@ -16,6 +16,7 @@ from lungnode.config import Settings
 from lungnode.db.session import write_transaction
 
 if TYPE_CHECKING:  # the model bundle loads TensorFlow: only ever imported lazily
+    from lungnode.api.metrics import Metrics
     from lungnode.ml.bundle import ModelBundle
 
 
@@ -56,6 +57,10 @@ def writing() -> Iterator[Session]:
 
 def node_status() -> NodeStatus | None:
     return cast("NodeStatus | None", _extension()["node_status"])
+
+
+def metrics() -> Metrics:
+    return cast("Metrics", _extension()["metrics"])
 
 
 def uploads_dir() -> Path:

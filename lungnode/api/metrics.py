@@ -4,9 +4,9 @@ Two kinds of series:
 - counts read from the database at each scrape (instances received, series
   by state and completed, jobs and deliveries by state, predictions by
   source), so every process sharing the database reports the same numbers;
-- histograms observed in this process: HTTP request durations, and analysis
-  stage latencies (decode, preprocess, inference, aggregate, gradcam, total)
-  of every analysis that reports them through :func:`observe_stages`.
+- histograms observed in this process (:class:`Metrics`): HTTP request
+  durations, and analysis stage latencies (decode, preprocess, inference,
+  aggregate, gradcam, total) of every analysis run in it.
 
 Unauthenticated, like ``/health``: the numbers carry no patient data.
 Under gunicorn with several workers each worker keeps its own histograms.
@@ -40,40 +40,52 @@ from lungnode.db.session import read_sessions
 
 metrics_blueprint = APIBlueprint("metrics", __name__, tag="health")
 
-#: In-process histograms; one registry per process, shared by every app in it.
-REGISTRY = CollectorRegistry(auto_describe=True)
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
-STAGE_SECONDS = Histogram(
-    "lungnode_stage_seconds",
-    "Analysis stage latency",
-    ["stage"],
-    buckets=_LATENCY_BUCKETS,
-    registry=REGISTRY,
-)
-HTTP_SECONDS = Histogram(
-    "lungnode_http_request_duration_seconds",
-    "HTTP request duration by route",
-    ["method", "route", "status"],
-    buckets=_LATENCY_BUCKETS,
-    registry=REGISTRY,
-)
-PREDICTION_SECONDS = Histogram(
-    "lungnode_prediction_seconds",
-    "Wall time of one API prediction (decode, analysis, heatmaps, database)",
-    buckets=_LATENCY_BUCKETS,
-    registry=REGISTRY,
-)
 
 
-def observe_stages(timings_s: Mapping[str, float]) -> None:
-    """Record an analysis's per-stage timings (``AnalysisResult.timings_s``)."""
-    for stage, seconds in timings_s.items():
-        STAGE_SECONDS.labels(stage=stage).observe(float(seconds))
+class Metrics:
+    """The histograms a process observes, in their own registry.
 
+    One instance per process: ``lungnode.app`` builds it and hands it to the
+    API (``create_app(metrics=...)``) and to the series job, so the analyses
+    and requests of one process land in one place. An app built without one
+    gets its own (tests, tools).
+    """
 
-def observe_analysis(timings_s: Mapping[str, float], wall_s: float) -> None:
-    observe_stages(timings_s)
-    PREDICTION_SECONDS.observe(wall_s)
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.stage_seconds = Histogram(
+            "lungnode_stage_seconds",
+            "Analysis stage latency",
+            ["stage"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.http_seconds = Histogram(
+            "lungnode_http_request_duration_seconds",
+            "HTTP request duration by route",
+            ["method", "route", "status"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.prediction_seconds = Histogram(
+            "lungnode_prediction_seconds",
+            "Wall time of one API prediction (decode, analysis, heatmaps, database)",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+
+    def observe_stages(self, timings_s: Mapping[str, float]) -> None:
+        """Record an analysis's per-stage timings (``AnalysisResult.timings_s``)."""
+        for stage, seconds in timings_s.items():
+            self.stage_seconds.labels(stage=stage).observe(float(seconds))
+
+    def observe_analysis(self, timings_s: Mapping[str, float], wall_s: float) -> None:
+        self.observe_stages(timings_s)
+        self.prediction_seconds.observe(wall_s)
+
+    def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
+        self.http_seconds.labels(method, route, str(status)).observe(seconds)
 
 
 class DatabaseCollector(Collector):
@@ -147,5 +159,5 @@ def metrics() -> Response:
     """Counters, gauges and latency histograms for Prometheus."""
     scrape = CollectorRegistry(auto_describe=False)
     scrape.register(DatabaseCollector(read_sessions(context.sessions())))
-    body = generate_latest(scrape) + generate_latest(REGISTRY)
+    body = generate_latest(scrape) + generate_latest(context.metrics().registry)
     return Response(body, content_type=CONTENT_TYPE_LATEST)

@@ -18,7 +18,7 @@ from flask_cors import CORS
 from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
 
-from lungnode.api.metrics import HTTP_SECONDS
+from lungnode.api import context
 from lungnode.config import Settings
 
 access_log = logging.getLogger("lungnode.api.access")
@@ -46,7 +46,7 @@ def init_request_logging(app: APIFlask) -> None:
         duration = time.perf_counter() - g.get("started", time.perf_counter())
         response.headers["X-Request-ID"] = g.get("request_id", "")
         route = request.url_rule.rule if request.url_rule is not None else "(unmatched)"
-        HTTP_SECONDS.labels(request.method, route, str(response.status_code)).observe(duration)
+        context.metrics().observe_request(request.method, route, response.status_code, duration)
         access_log.info(
             "%s %s %d %.1fms user=%s request_id=%s",
             request.method,

@@ -18,7 +18,7 @@ from flask import request
 from marshmallow import ValidationError
 from werkzeug.datastructures import FileStorage
 
-from lungnode.api import context, metrics
+from lungnode.api import context
 from lungnode.api.auth import roles, the_user
 from lungnode.api.errors import APIError
 from lungnode.api.schemas import (
@@ -97,7 +97,7 @@ def predict_upload(
     upload: StoredUpload, user_id: int, batch_id: int | None = None
 ) -> dict[str, Any]:
     """Analyse one stored upload, keep the Prediction row and heatmaps, return the answer."""
-    from lungnode.ml.gradcam import overlay, save_png
+    from lungnode.imaging.heatmap import overlay, save_png
     from lungnode.pipeline.analyze import analyze_volume
 
     try:
@@ -150,7 +150,7 @@ def predict_upload(
             )
         )
         answer = prediction_answer(prediction, len(result.heatmaps), identity)
-    metrics.observe_analysis(result.timings_s, answer["processing_time"])
+    context.metrics().observe_analysis(result.timings_s, answer["processing_time"])
     logger.info(
         "prediction %d: %s (%.3f) in %.3f s",
         answer["prediction_id"],

@@ -27,17 +27,15 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
-import signal
 import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
-from lungnode.dicom.scp import SCPConfig
+from lungnode.dicom.scp import SCPConfig, StorageSCP
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +62,10 @@ class WorkerConfig:
     log_level: str
 
 
+#: The main of a worker process: (config, channel to the node, worker name).
+WorkerMain = Callable[["WorkerConfig", socket.socket, str], None]
+
+
 @dataclass
 class _Slot:
     """One receiver: slot 0 is the node itself, the others are worker processes."""
@@ -86,11 +88,16 @@ class IngestWorkers:
         config: WorkerConfig,
         workers: int,
         on_association_ended: Callable[[], None],
+        worker_main: WorkerMain,
     ) -> None:
+        """``worker_main(config, channel, name)`` is the worker process's main: the
+        wiring layer's (``lungnode.app.ingest_worker.run_worker``), importable by
+        name in a spawned process. It receives on ``channel`` with the protocol below."""
         if workers < 1:
             raise ValueError("need at least one worker process")
         self.config = config
         self.on_association_ended = on_association_ended
+        self.worker_main = worker_main
         self._slots = [_Slot("node", alive=True)]
         self._slots += [_Slot(f"ingest-{k}") for k in range(1, workers + 1)]
         self._lock = threading.Lock()
@@ -105,7 +112,7 @@ class IngestWorkers:
         for slot in self._slots[1:]:
             node_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             process = context.Process(
-                target=run_worker,
+                target=self.worker_main,
                 args=(self.config, worker_end, slot.name),
                 name=f"lungnode-{slot.name}",
                 daemon=True,
@@ -226,60 +233,33 @@ class IngestWorkers:
             )
 
 
-# -- the worker process ------------------------------------------------------------
+# -- the worker's side of the channel ------------------------------------------------
 
 
-def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(0)
+class NodeChannel:
+    """A worker's end of its channel: tells the node what happened, takes connections."""
 
+    def __init__(self, channel: socket.socket) -> None:
+        self.channel = channel
+        self._send_lock = threading.Lock()
 
-def run_worker(config: WorkerConfig, channel: socket.socket, name: str) -> None:
-    """Main of a worker process: receive handed-over connections until the node goes."""
-    from lungnode.db.repo import NodeRepository
-    from lungnode.db.session import make_engine, make_session_factory
-    from lungnode.dicom.intake import Intake
-    from lungnode.dicom.scp import StorageSCP
-
-    # Ctrl-C reaches the whole process group: the node stops its workers by
-    # closing their channels, so a worker ignores it. A SIGTERM meant for the
-    # worker alone (or for everything, from a service manager) stops it cleanly.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    logging.basicConfig(
-        level=config.log_level.upper(),
-        format=f"%(asctime)s %(levelname)-7s %(name)s [{name}]: %(message)s",
-    )
-    logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, logging.getLogger().level))
-    send_lock = threading.Lock()
-
-    def tell(message: bytes) -> None:
-        with send_lock:
+    def tell(self, message: bytes) -> None:
+        with self._send_lock:
             try:
-                channel.send(message)
+                self.channel.send(message)
             except OSError:
-                pass  # the node is gone; the read loop below ends too
+                pass  # the node is gone; receive_connections ends too
 
-    engine = make_engine(config.database_url)
-    repo = NodeRepository(make_session_factory(engine))
-    intake = Intake(config.incoming_dir, repo.register_instance, config.min_free_bytes)
-    scp = StorageSCP(
-        config.scp,
-        intake,
-        repo,
-        on_association_ended=lambda: tell(ASSOCIATION_ENDED),
-        on_connection_closed=lambda: tell(CONNECTION_CLOSED),
-    )
-    scp.start_handed_over()
-    tell(READY)
-    logger.debug("%s ready", name)
-    try:
+    def receive_connections(self, scp: StorageSCP) -> None:
+        """Say READY, then run each handed-over connection until the node closes its end."""
+        self.tell(READY)
         while True:
             try:
-                message, fds, _flags, _address = socket.recv_fds(channel, 1024, 4)
+                message, fds, _flags, _address = socket.recv_fds(self.channel, 1024, 4)
             except OSError:
-                break
+                return
             if not message and not fds:
-                break  # the node closed its end
+                return  # the node closed its end
             for fd in fds:
                 connection = socket.socket(fileno=fd)
                 try:
@@ -287,7 +267,3 @@ def run_worker(config: WorkerConfig, channel: socket.socket, name: str) -> None:
                 except ValueError:
                     address = ("", 0)
                 scp.receive(connection, address)
-    finally:
-        scp.stop()
-        engine.dispose()
-        logger.debug("%s stopped", name)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,6 @@ import numpy as np
 from pydicom import Dataset, dcmread
 from sqlalchemy.orm import Session, sessionmaker
 
-from lungnode.api.metrics import observe_stages
 from lungnode.config import Settings
 from lungnode.db.results import JobInputs, JobResults, ResultObject, job_inputs, record_job_results
 from lungnode.dicom.intake import write_atomically
@@ -85,11 +84,15 @@ class SeriesJob:
         sessions: sessionmaker[Session],
         destinations_for: Callable[[str | None], list[str]],
         on_recorded: Callable[[], None] = lambda: None,
+        on_stage_timings: Callable[[Mapping[str, float]], None] = lambda _timings: None,
     ) -> None:
+        """``on_recorded`` runs after a job's results are recorded (wakes the outbox);
+        ``on_stage_timings`` receives each analysis's stage timings (the metrics)."""
         self.settings = settings
         self.sessions = sessions
         self.destinations_for = destinations_for
         self.on_recorded = on_recorded
+        self.on_stage_timings = on_stage_timings
         self._bundle: ModelBundle | None = None
         self._bundle_lock = threading.Lock()
 
@@ -145,7 +148,7 @@ class SeriesJob:
             # DecodeError is a ValueError: unreadable pixel data is a reason, not a crash.
             logger.warning("series not analysed: %s", exc)
             return None, AnalysisResult.not_analysed(str(exc), bundle.identity)
-        observe_stages(result.timings_s)
+        self.on_stage_timings(result.timings_s)
         return volume, result
 
     def _write_outputs(
@@ -154,7 +157,7 @@ class SeriesJob:
         from lungnode.dicom.writers.pdf import write_pdf_document
         from lungnode.dicom.writers.sc import render_key_image, write_sc_images
         from lungnode.dicom.writers.sr import write_sr
-        from lungnode.ml.gradcam import save_png
+        from lungnode.imaging.heatmap import save_png
         from lungnode.report.pdf import KeyImage, ReportInput, StudyFacts, build_report
 
         version = inputs.version
@@ -234,6 +237,7 @@ def make_series_job(
     settings: Settings,
     sessions: sessionmaker[Session],
     on_recorded: Callable[[], None] = lambda: None,
+    on_stage_timings: Callable[[Mapping[str, float]], None] = lambda _timings: None,
 ) -> JobHandler:
     """The handler for ``LocalJobQueue``: results go to the configured destinations,
     or back to the peer that sent the series."""
@@ -244,4 +248,4 @@ def make_series_job(
         peer = settings.peer_by_ae(calling_ae) if calling_ae else None
         return [peer.name] if peer else []
 
-    return SeriesJob(settings, sessions, destinations_for, on_recorded)
+    return SeriesJob(settings, sessions, destinations_for, on_recorded, on_stage_timings)

@@ -12,7 +12,6 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from lungnode.api.metrics import observe_stages
 from tests.api.conftest import API, dicom_bytes
 
 
@@ -125,7 +124,7 @@ def test_cors_only_for_configured_origins(make_api: Callable[..., API]) -> None:
 
 def test_metrics_prometheus_text(api: API) -> None:
     api.add_predictions(2)
-    observe_stages({"inference": 0.02, "gradcam": 0.05})
+    api.app.extensions["lungnode"]["metrics"].observe_stages({"inference": 0.02, "gradcam": 0.05})
     api.client.get("/api/v1/health")
     response = api.client.get("/api/v1/metrics")
     assert response.status_code == 200

@@ -42,7 +42,7 @@ def test_wsgi_app_serves_under_gunicorn(tmp_path: Path) -> None:
             "2",
             "--bind",
             f"127.0.0.1:{port}",
-            "lungnode.api.wsgi:app",
+            "lungnode.app.wsgi:app",
         ],
         env=env,
         cwd=tmp_path,

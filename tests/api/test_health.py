@@ -10,9 +10,9 @@ from pathlib import Path
 from urllib.error import HTTPError
 
 from lungnode.api import create_app
+from lungnode.app.node import Node
 from lungnode.config import Settings
 from lungnode.db.migrate import upgrade
-from lungnode.pipeline.node import Node
 
 
 def fake_bundle(root: Path, corrupt: bool = False) -> Path:

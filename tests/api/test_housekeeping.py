@@ -6,8 +6,8 @@ import os
 import time
 from collections.abc import Callable
 
+from lungnode.app.node import Node
 from lungnode.config import Settings
-from lungnode.pipeline.node import Node
 
 
 def test_serve_cleans_old_uploads_at_start(

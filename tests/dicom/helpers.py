@@ -10,7 +10,7 @@ from pynetdicom import AE, build_context
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from lungnode.pipeline.node import Node
+from lungnode.app.node import Node
 from tests.conftest import SENDER_AE
 
 

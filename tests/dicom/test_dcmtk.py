@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from sqlalchemy import select
 
+from lungnode.app.node import Node
 from lungnode.db.models import Instance, Job
 from lungnode.dicom.synthetic import chest_phantom_hu, make_ct_series, write_series
-from lungnode.pipeline.node import Node
 from tests.conftest import SENDER_AE, require_tool
 from tests.dicom.helpers import associate, free_port, row_count, store_files, wait_until
 

@@ -11,10 +11,10 @@ import pynetdicom.dul
 from pynetdicom.dul import DULServiceProvider
 from sqlalchemy import select
 
+from lungnode.app.node import Node
 from lungnode.db.models import Association
 from lungnode.dicom import reactor
 from lungnode.dicom.synthetic import make_ct_series
-from lungnode.pipeline.node import Node
 from tests.dicom.helpers import associate, store_all, wait_until
 
 

@@ -12,10 +12,10 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom.sop_class import MRImageStorage  # type: ignore[attr-defined]
 from sqlalchemy import func, select
 
+from lungnode.app.node import Node
 from lungnode.config import Settings
 from lungnode.db.models import Instance, Job, Series
 from lungnode.dicom.synthetic import make_ct_series, write_series
-from lungnode.pipeline.node import Node
 from tests.dicom.helpers import associate, store_all, store_files
 
 

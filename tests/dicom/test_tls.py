@@ -20,10 +20,10 @@ from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy import select
 
+from lungnode.app.node import Node
 from lungnode.config import Settings
 from lungnode.db.models import Instance
 from lungnode.dicom.synthetic import make_ct_series
-from lungnode.pipeline.node import Node
 from tests.conftest import SENDER_AE, require_tool
 from tests.dicom.helpers import associate, close_dropped, row_count
 

@@ -34,6 +34,7 @@ from pydicom.uid import (
 )
 from sqlalchemy import select
 
+from lungnode.app.node import Node
 from lungnode.db.models import Instance
 from lungnode.dicom.decode import load_series
 from lungnode.dicom.synthetic import chest_phantom_hu, make_ct_series, write_series
@@ -42,7 +43,6 @@ from lungnode.dicom.synthetic_codecs import (
     PixelFormat,
     pixel_format_for,
 )
-from lungnode.pipeline.node import Node
 from tests.conftest import SENDER_AE, require_tool
 from tests.dicom.helpers import store_all
 

@@ -14,10 +14,10 @@ import pytest
 from pydicom import dcmread
 from sqlalchemy import select
 
+from lungnode.app.node import Node
 from lungnode.config import Settings
 from lungnode.db.models import Delivery, Job, Prediction
 from lungnode.dicom.synthetic import make_ct_series, write_series
-from lungnode.pipeline.node import Node
 from tests.conftest import require_tool
 from tests.pacs import ORTHANC_AE, Orthanc, free_port
 

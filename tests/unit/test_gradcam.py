@@ -10,12 +10,11 @@ import keras
 import numpy as np
 import pytest
 
+from lungnode.imaging.heatmap import overlay, save_png
 from lungnode.ml.gradcam import (
     find_gradcam_layer,
     gradcam_batch,
     heatmaps_for_slices,
-    overlay,
-    save_png,
     upsample,
 )
 

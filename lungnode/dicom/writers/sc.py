@@ -1,7 +1,7 @@
 """Secondary Capture images of the Grad-CAM heatmaps, one per key slice.
 
 Each image is the key slice in the lung window with the heatmap blended over
-it and a colour bar (:func:`lungnode.ml.gradcam.overlay`), under a banner with
+it and a colour bar (:func:`lungnode.imaging.heatmap.overlay`), under a banner with
 burned-in text: "NOT FOR DIAGNOSTIC USE", the class and its scores, the model,
 and the synthetic-model notice for the demo model. A viewer shows it in the
 source study, next to the CT, as a new series "LUNGNODE Grad-CAM".
@@ -45,7 +45,7 @@ from lungnode.dicom.writers.common import (
     sop_instance_reference,
 )
 from lungnode.domain import AnalysisResult, HUVolume, ModelIdentity, SliceRef
-from lungnode.ml.gradcam import overlay
+from lungnode.imaging.heatmap import overlay
 
 logger = logging.getLogger(__name__)
 

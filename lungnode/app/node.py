@@ -14,7 +14,10 @@ from dataclasses import dataclass
 
 from werkzeug.serving import BaseWSGIServer, make_server
 
-from lungnode.api import create_app, delete_stale_uploads, ensure_first_admin
+from lungnode.api import create_app, ensure_first_admin
+from lungnode.app.housekeeping import Housekeeping
+from lungnode.app.ingest_worker import run_worker
+from lungnode.app.metrics import PROCESS_METRICS
 from lungnode.config import Settings
 from lungnode.db.deliveries import DeliveryRepository
 from lungnode.db.migrate import upgrade
@@ -30,8 +33,6 @@ from lungnode.pipeline.outbox import Outbox, RetryPolicy
 from lungnode.series.assembler import CompletionRules
 
 logger = logging.getLogger(__name__)
-
-HOUSEKEEPING_SECONDS = 3600.0
 
 
 @dataclass
@@ -74,7 +75,12 @@ class Node:
         if analyse and job_handler is None:
             from lungnode.pipeline.series_job import make_series_job
 
-            job_handler = make_series_job(settings, self.sessions, on_recorded=self.outbox.wake)
+            job_handler = make_series_job(
+                settings,
+                self.sessions,
+                on_recorded=self.outbox.wake,
+                on_stage_timings=PROCESS_METRICS.observe_stages,
+            )
         self.intake = Intake(
             settings.incoming_dir,
             self.repo.register_instance,
@@ -118,6 +124,7 @@ class Node:
                 ),
                 processes - 1,
                 on_association_ended=self.watcher.wake,
+                worker_main=run_worker,
             )
         self.scp = StorageSCP(
             scp_config,
@@ -127,8 +134,7 @@ class Node:
             dispatcher=self.ingest_workers,
         )
         self.serve_http = serve_http
-        self._stopping = threading.Event()
-        self._housekeeping: threading.Thread | None = None
+        self.housekeeping = Housekeeping(settings, self.sessions)
         self._http: BaseWSGIServer | None = None
         self._http_thread: threading.Thread | None = None
 
@@ -161,33 +167,20 @@ class Node:
         self.jobs.start()
         self.watcher.start()
         self.outbox.start()
-        self._housekeeping = threading.Thread(
-            target=self._housekeep, name="housekeeping", daemon=True
-        )
-        self._housekeeping.start()
+        self.housekeeping.start()
         if self.ingest_workers is not None:
             self.ingest_workers.start()
         self.scp.start()
         if self.serve_http:
-            app = create_app(settings, node_status=_Status(self), engine=self.engine)
+            app = create_app(
+                settings, node_status=_Status(self), engine=self.engine, metrics=PROCESS_METRICS
+            )
             self._http = make_server(settings.http_host, settings.http_port, app, threaded=True)
             self._http_thread = threading.Thread(
                 target=self._http.serve_forever, name="http", daemon=True
             )
             self._http_thread.start()
             logger.info("API listening on http://%s:%d/api/v1", settings.http_host, self.http_port)
-
-    def _housekeep(self) -> None:
-        """At start, then hourly: delete uploads older than ``upload_retention_hours``."""
-        while True:
-            try:
-                removed = delete_stale_uploads(self.settings, self.sessions)
-                if removed:
-                    logger.info("removed %d stale upload(s)", len(removed))
-            except Exception:
-                logger.exception("housekeeping failed; will try again")
-            if self._stopping.wait(HOUSEKEEPING_SECONDS):
-                return
 
     def _check_model_bundle(self) -> None:
         """Refuse to start analysing with a bundle that is missing or does not verify.
@@ -210,7 +203,7 @@ class Node:
     def stop(self) -> None:
         """Stop listening first, then let the timer and workers finish."""
         logger.info("stopping")
-        self._stopping.set()
+        self.housekeeping.stop()
         self.scp.stop()
         if self.ingest_workers is not None:
             self.ingest_workers.stop()

@@ -1,4 +1,4 @@
-"""The API alone, for a WSGI server: ``gunicorn --preload 'lungnode.api.wsgi:app'``.
+"""The API alone, for a WSGI server: ``gunicorn --preload 'lungnode.app.wsgi:app'``.
 
 Importing this module reads the settings, refuses unsafe ones, migrates the
 database, creates the first admin if there is none (printing a generated
@@ -12,16 +12,14 @@ from __future__ import annotations
 import sys
 
 from lungnode.api import create_app, ensure_first_admin
+from lungnode.app.database import connect
+from lungnode.app.metrics import PROCESS_METRICS
 from lungnode.config import load_settings
-from lungnode.db.migrate import upgrade
-from lungnode.db.session import make_engine, make_session_factory
 
 settings = load_settings()
 settings.check_safe_to_start()
-settings.storage_dir.mkdir(parents=True, exist_ok=True)
-upgrade(settings.effective_database_url)
-_engine = make_engine(settings.effective_database_url)
-_password = ensure_first_admin(make_session_factory(_engine), settings)
+_database = connect(settings)
+_password = ensure_first_admin(_database.sessions, settings)
 if _password:
     print(f"lungnode: created user 'admin' with password {_password}", file=sys.stderr)
-app = create_app(settings, engine=_engine)
+app = create_app(settings, engine=_database.engine, metrics=PROCESS_METRICS)
