@@ -13,9 +13,9 @@ from sqlalchemy import select
 
 from lungnode.db.models import Association
 from lungnode.dicom import reactor
-from lungnode.dicom.synthetic import make_ct_series
 from lungnode.pipeline.node import Node
 from tests.dicom.helpers import associate, store_all, wait_until
+from tests.support.synthetic import make_ct_series
 
 
 def _open_fds() -> int:

@@ -22,10 +22,10 @@ from sqlalchemy import select
 
 from lungnode.config import Settings
 from lungnode.db.models import Instance
-from lungnode.dicom.synthetic import make_ct_series
 from lungnode.pipeline.node import Node
 from tests.conftest import SENDER_AE, require_tool
 from tests.dicom.helpers import associate, close_dropped, row_count
+from tests.support.synthetic import make_ct_series
 
 SERVER_NAME = "localhost"
 

@@ -13,10 +13,10 @@ from sqlalchemy import select
 
 from lungnode.config import Settings
 from lungnode.db.models import Delivery, Job, Prediction
-from lungnode.dicom.synthetic import make_ct_series
 from lungnode.pipeline.node import Node
 from tests.conftest import require_tool
 from tests.dicom.helpers import store_all
+from tests.support.synthetic import make_ct_series
 
 
 @pytest.mark.slow

@@ -111,7 +111,7 @@ def test_unreadable_picture_is_a_value_error(tiny: ModelBundle, tmp_path: Path) 
 
 
 def test_dicom_series_end_to_end(demo: ModelBundle, tmp_path: Path) -> None:
-    from lungnode.dicom.synthetic import make_ct_series, write_series
+    from tests.support.synthetic import make_ct_series, write_series
 
     hu, mask = generate_volume(
         31, "Squamous Cell Carcinoma", n_slices=16, size=256, lesion_half_extent=3
@@ -137,7 +137,7 @@ def test_dicom_series_end_to_end(demo: ModelBundle, tmp_path: Path) -> None:
 def test_analyze_series_runs_the_check_and_propagates_its_error(
     tiny: ModelBundle, tmp_path: Path
 ) -> None:
-    from lungnode.dicom.synthetic import make_ct_series, write_series
+    from tests.support.synthetic import make_ct_series, write_series
 
     paths = write_series(make_ct_series(3, rows=32, columns=32), tmp_path)
     seen: list[int] = []

@@ -20,9 +20,9 @@ from lungnode.dicom.decode import (
     load_series,
     stream_series,
 )
-from lungnode.dicom.synthetic import make_ct_series, write_series
-from lungnode.dicom.synthetic_codecs import SUPPORTED_TRANSFER_SYNTAXES, pixel_format_for
 from lungnode.errors import LungnodeError
+from tests.support.synthetic import make_ct_series, write_series
+from tests.support.synthetic_codecs import SUPPORTED_TRANSFER_SYNTAXES, pixel_format_for
 
 SIZE = 32
 N = 4
