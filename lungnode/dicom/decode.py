@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +40,6 @@ __all__ = [
     "PADDING_HU",
     "DecodeError",
     "SliceSink",
-    "iter_hu_batches",
     "load_image",
     "load_series",
     "stream_series",
@@ -155,29 +154,6 @@ def stream_series(
 def load_image(path: Path) -> HUVolume:
     """Decode one DICOM file (single-frame or multi-frame) into HU."""
     return load_series([path])
-
-
-def iter_hu_batches(
-    paths: Sequence[Path], batch_size: int = 32
-) -> Iterator[tuple[np.ndarray, list[SliceRef]]]:
-    """Yield the sorted series in HU, ``batch_size`` slices at a time.
-
-    Memory stays bounded by one batch plus one instance, whatever the length
-    of the series: inference on a 1000-slice series does not need the volume.
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    frames = _sorted_frames(paths)
-    rows, columns = frames[0].shape
-    cached: tuple[Path, Dataset] | None = None
-    for start in range(0, len(frames), batch_size):
-        chunk = frames[start : start + batch_size]
-        batch = np.empty((len(chunk), rows, columns), dtype=np.float32)
-        for i, frame in enumerate(chunk):
-            if cached is None or cached[0] != frame.path:
-                cached = (frame.path, _read(frame.path, pixels=True))
-            _to_hu(_decode(cached[1], frame.path, frame.frame_index), frame, batch[i])
-        yield batch, [_slice_ref(f) for f in chunk]
 
 
 # -- headers and order -------------------------------------------------------
