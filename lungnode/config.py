@@ -120,7 +120,8 @@ class Settings(BaseSettings):
     series_quiet_seconds: float = Field(default=15.0, gt=0)
     series_grace_seconds: float = Field(default=2.0, ge=0)
     series_check_interval: float = Field(default=0.5, gt=0)
-    #: Relative tolerance on slice spacing when deciding that a stack is even.
+    #: The one relative tolerance on slice spacing (``imaging.geometry.slice_stack``):
+    #: a stack is even when every step lies within it of the median step.
     series_spacing_tolerance: float = Field(default=0.1, gt=0, lt=1)
 
     # -- HTTP API --------------------------------------------------------------

@@ -42,7 +42,11 @@ class HUVolume:
     hu: np.ndarray
     slices: list[SliceRef]
     pixel_spacing_mm: tuple[float, float] | None = None
+    #: Median step between slices along the normal (mm); None without geometry.
     slice_spacing_mm: float | None = None
+    #: Unit slice normal the volume is sorted along (PS3.3 C.7.6.2.1.1); None
+    #: without orientation. Both come from ``imaging.geometry.slice_stack``.
+    slice_normal: tuple[float, float, float] | None = None
 
     def __post_init__(self) -> None:
         if self.hu.ndim != 3:

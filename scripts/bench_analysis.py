@@ -40,14 +40,20 @@ from pathlib import Path
 
 import numpy as np
 
-from lungnode.dicom.decode import load_series
-from lungnode.dicom.synthetic import make_ct_series, write_series
-from lungnode.domain import CLASS_LABELS
-from lungnode.ml import phantoms
-from lungnode.ml.bundle import ModelBundle, load_bundle
-from lungnode.ml.inference import DEFAULT_BATCH_SIZE, score_slices
-from lungnode.ml.train import write_bundle
-from lungnode.pipeline.analyze import analyze_series
+# The test-data generators live in tests/support (not shipped in lungnode), so a
+# script run as `python scripts/x.py` puts the repository root on sys.path first.
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from lungnode.dicom.decode import load_series  # noqa: E402
+from lungnode.domain import CLASS_LABELS  # noqa: E402
+from lungnode.ml import phantoms  # noqa: E402
+from lungnode.ml.bundle import ModelBundle, load_bundle  # noqa: E402
+from lungnode.ml.inference import DEFAULT_BATCH_SIZE, score_slices  # noqa: E402
+from lungnode.ml.train import write_bundle  # noqa: E402
+from lungnode.pipeline.analyze import analyze_series  # noqa: E402
+from tests.support.synthetic import make_ct_series, write_series  # noqa: E402
 
 STAGES = ("decode", "preprocess", "inference", "aggregate", "gradcam", "total")
 

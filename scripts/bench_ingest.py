@@ -5,7 +5,7 @@
         [--json results.json]
 
 What is measured: a synthetic 512x512 16-bit CT series (Explicit VR Little
-Endian, ``lungnode.dicom.synthetic``) is sent with DCMTK ``storescu`` (C++, so
+Endian, ``tests.support.synthetic``) is sent with DCMTK ``storescu`` (C++, so
 the sender does not compete for the Python interpreter) to each receiver in
 turn, over 127.0.0.1 only:
 
@@ -55,7 +55,13 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from lungnode.dicom.synthetic import make_ct_series, write_series
+# The test-data generators live in tests/support (not shipped in lungnode), so a
+# script run as `python scripts/x.py` puts the repository root on sys.path first.
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from tests.support.synthetic import make_ct_series, write_series  # noqa: E402
 
 HOST = "127.0.0.1"
 CALLING_AE = "BENCH"

@@ -30,9 +30,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lungnode.dicom.synthetic import make_ct_series, write_series  # noqa: E402
 from lungnode.ml.phantoms import generate_volume  # noqa: E402
 from tests.pacs import ORTHANC_AE, Orthanc, free_port  # noqa: E402
+from tests.support.synthetic import make_ct_series, write_series  # noqa: E402
 
 NODELAY = {**os.environ, "TCP_NODELAY": "1"}
 

@@ -18,9 +18,18 @@ import argparse
 import sys
 from pathlib import Path
 
-from lungnode.dicom.synthetic import make_ct_series, write_series
-from lungnode.dicom.synthetic_codecs import SUPPORTED_TRANSFER_SYNTAXES, resolve_transfer_syntax
-from lungnode.domain import CLASS_LABELS
+# The test-data generators live in tests/support (not shipped in lungnode), so a
+# script run as `python scripts/x.py` puts the repository root on sys.path first.
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from lungnode.domain import CLASS_LABELS  # noqa: E402
+from tests.support.synthetic import make_ct_series, write_series  # noqa: E402
+from tests.support.synthetic_codecs import (  # noqa: E402
+    SUPPORTED_TRANSFER_SYNTAXES,
+    resolve_transfer_syntax,
+)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import func, select, update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from lungnode.db.models import Delivery, DeliveryState
@@ -55,14 +55,6 @@ class DeliveryRepository:
                 .limit(limit)
             ).all()
         return [DueDelivery(*row) for row in rows]
-
-    def next_due_at(self) -> datetime | None:
-        with self._reads() as session:
-            return session.scalar(
-                select(func.min(Delivery.next_attempt_at)).where(
-                    Delivery.state == DeliveryState.PENDING.value
-                )
-            )
 
     def mark_done(self, delivery_id: int, status: int | None) -> None:
         with write_transaction(self.sessions) as session:

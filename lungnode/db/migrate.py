@@ -20,19 +20,3 @@ def alembic_config(database_url: str) -> Config:
 
 def upgrade(database_url: str, revision: str = "head") -> None:
     command.upgrade(alembic_config(database_url), revision)
-
-
-def current_revision_is_head(database_url: str) -> bool:
-    from alembic.runtime.migration import MigrationContext
-    from alembic.script import ScriptDirectory
-
-    from lungnode.db.session import make_engine
-
-    script = ScriptDirectory.from_config(alembic_config(database_url))
-    engine = make_engine(database_url)
-    try:
-        with engine.connect() as connection:
-            current = MigrationContext.configure(connection).get_current_heads()
-    finally:
-        engine.dispose()
-    return set(current) == set(script.get_heads())

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ from pydicom.pixels.utils import iter_pixels, pixel_array
 from lungnode.dicom.native_slice import NativeSlice, read_native_slice
 from lungnode.domain import HUVolume, SliceRef
 from lungnode.errors import DecodeError
+from lungnode.imaging.geometry import SliceStack, slice_stack
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +41,6 @@ __all__ = [
     "PADDING_HU",
     "DecodeError",
     "SliceSink",
-    "iter_hu_batches",
     "load_image",
     "load_series",
     "stream_series",
@@ -49,9 +49,6 @@ __all__ = [
 #: HU written where Pixel Padding Value marks a pixel as outside the image
 #: (PS3.3 C.7.5.1.1.2): air, so padding looks like what surrounds the patient.
 PADDING_HU = -1024.0
-
-#: Orientation vectors closer than this are taken as the same plane.
-_ORIENTATION_TOLERANCE = 1e-3
 
 
 @dataclass(frozen=True)
@@ -119,7 +116,7 @@ def stream_series(
     single = _load_single_frames([Path(p) for p in paths], sink, batch_size)
     if single is not None:
         return single
-    frames = _sorted_frames(paths)
+    frames, stack = _sorted_frames(paths)
     rows, columns = frames[0].shape
     volume = np.empty((len(frames), rows, columns), dtype=np.float32)
     by_path: dict[Path, list[tuple[int, _Frame]]] = {}
@@ -147,7 +144,8 @@ def stream_series(
         hu=volume,
         slices=[_slice_ref(f) for f in frames],
         pixel_spacing_mm=frames[0].pixel_spacing,
-        slice_spacing_mm=_slice_spacing(frames),
+        slice_spacing_mm=stack.spacing_mm,
+        slice_normal=stack.normal,
     )
     return hu_volume, list(range(len(frames)))
 
@@ -157,44 +155,18 @@ def load_image(path: Path) -> HUVolume:
     return load_series([path])
 
 
-def iter_hu_batches(
-    paths: Sequence[Path], batch_size: int = 32
-) -> Iterator[tuple[np.ndarray, list[SliceRef]]]:
-    """Yield the sorted series in HU, ``batch_size`` slices at a time.
-
-    Memory stays bounded by one batch plus one instance, whatever the length
-    of the series: inference on a 1000-slice series does not need the volume.
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    frames = _sorted_frames(paths)
-    rows, columns = frames[0].shape
-    cached: tuple[Path, Dataset] | None = None
-    for start in range(0, len(frames), batch_size):
-        chunk = frames[start : start + batch_size]
-        batch = np.empty((len(chunk), rows, columns), dtype=np.float32)
-        for i, frame in enumerate(chunk):
-            if cached is None or cached[0] != frame.path:
-                cached = (frame.path, _read(frame.path, pixels=True))
-            _to_hu(_decode(cached[1], frame.path, frame.frame_index), frame, batch[i])
-        yield batch, [_slice_ref(f) for f in chunk]
-
-
 # -- headers and order -------------------------------------------------------
 
 
-def _sorted_frames(paths: Sequence[Path]) -> list[_Frame]:
+def _sorted_frames(paths: Sequence[Path]) -> tuple[list[_Frame], SliceStack]:
     """Every frame of every file (headers only), in slice order (see ``_slice_order``)."""
     if not paths:
         raise DecodeError("no DICOM files given")
     frames: list[_Frame] = []
     for path in paths:
         frames.extend(_frames_of(Path(path), _read(Path(path), pixels=False)))
-    order, positions = _slice_order(frames)
-    return [
-        frames[i] if k is None else dataclasses.replace(frames[i], position_mm=k)
-        for i, k in zip(order, positions, strict=True)
-    ]
+    stack = _slice_order(frames)
+    return _placed(frames, stack), stack
 
 
 def _load_single_frames(
@@ -233,19 +205,17 @@ def _load_single_frames(
             sink(flushed, volume[flushed : index + 1])
             flushed = index + 1
     assert volume is not None  # paths is not empty
-    order, positions = _slice_order(frames)
-    _permute_in_place(volume, order)
-    ordered = [
-        frames[i] if k is None else dataclasses.replace(frames[i], position_mm=k)
-        for i, k in zip(order, positions, strict=True)
-    ]
+    stack = _slice_order(frames)
+    _permute_in_place(volume, stack.order)
+    ordered = _placed(frames, stack)
     hu_volume = HUVolume(
         hu=volume,
         slices=[_slice_ref(f) for f in ordered],
         pixel_spacing_mm=ordered[0].pixel_spacing,
-        slice_spacing_mm=_slice_spacing(ordered),
+        slice_spacing_mm=stack.spacing_mm,
+        slice_normal=stack.normal,
     )
-    return hu_volume, order
+    return hu_volume, list(stack.order)
 
 
 def _permute_in_place(volume: np.ndarray, order: Sequence[int]) -> None:
@@ -269,38 +239,25 @@ def _permute_in_place(volume: np.ndarray, order: Sequence[int]) -> None:
         done[k] = True
 
 
-def _slice_order(frames: Sequence[_Frame]) -> tuple[list[int], list[float | None]]:
-    """Indices of ``frames`` in slice order, and each one's position along the normal (mm).
+def _slice_order(frames: Sequence[_Frame]) -> SliceStack:
+    """The frames as one stack (``imaging.geometry.slice_stack``), in slice order.
 
     Order is the projection of Image Position (Patient) on the slice normal,
     the cross product of the row and column direction cosines (PS3.3
     C.7.6.2.1.1): ascending, so an axial series runs feet to head. Without
     geometry on every frame the order falls back to Instance Number, then
-    frame number, and positions are None.
+    frame number, and there are no positions.
     """
     shapes = {f.shape for f in frames}
     if len(shapes) > 1:
         raise DecodeError(f"frames differ in size {sorted(shapes)}; they cannot form one volume")
-    if all(f.position is not None and f.orientation is not None for f in frames):
-        first = np.asarray(frames[0].orientation, dtype=np.float64)
-        normal = np.cross(first[:3], first[3:])
-        for f in frames[1:]:
-            if np.abs(np.asarray(f.orientation) - first).max() > _ORIENTATION_TOLERANCE:
-                logger.warning(
-                    "%s: orientation differs from the first slice; sorting on the first normal",
-                    f.sop_instance_uid,
-                )
-                break
-        keys = [float(np.dot(normal, np.asarray(f.position))) for f in frames]
-        # Stable: slices at the same position keep their input order.
-        order = sorted(range(len(frames)), key=keys.__getitem__)
-        positions: list[float | None] = [keys[i] for i in order]
-        if len(set(np.round(keys, 3))) < len(keys):
-            logger.warning(
-                "series has %d slices at duplicate positions",
-                len(keys) - len(set(np.round(keys, 3))),
-            )
-        return order, positions
+    stack = slice_stack([f.position for f in frames], [f.orientation for f in frames])
+    if stack.positions_mm is not None:
+        if not stack.orientations_agree:
+            logger.warning("orientation differs between slices; sorting on the first normal")
+        if stack.shared_positions:
+            logger.warning("series has %d slices at duplicate positions", stack.shared_positions)
+        return stack
     if len(frames) > 1:
         logger.warning("slice geometry missing; ordering %d frames by Instance Number", len(frames))
     big = 1 << 62
@@ -311,7 +268,16 @@ def _slice_order(frames: Sequence[_Frame]) -> tuple[list[int], list[float | None
             frames[i].frame_index or 0,
         ),
     )
-    return order, [None] * len(order)
+    return dataclasses.replace(stack, order=tuple(order))
+
+
+def _placed(frames: Sequence[_Frame], stack: SliceStack) -> list[_Frame]:
+    """``frames`` in stack order, each with its position along the normal (if known)."""
+    positions = stack.positions_mm or (None,) * len(stack.order)
+    return [
+        frames[i] if k is None else dataclasses.replace(frames[i], position_mm=k)
+        for i, k in zip(stack.order, positions, strict=True)
+    ]
 
 
 def _frames_of(path: Path, ds: Dataset) -> list[_Frame]:
@@ -499,14 +465,6 @@ def _slice_ref(frame: _Frame) -> SliceRef:
         frame_number=None if frame.frame_index is None else frame.frame_index + 1,
         position_mm=frame.position_mm,
     )
-
-
-def _slice_spacing(frames: Sequence[_Frame]) -> float | None:
-    positions = [f.position_mm for f in frames if f.position_mm is not None]
-    if len(positions) < 2 or len(positions) != len(frames):
-        return None
-    steps = np.diff(np.asarray(positions, dtype=np.float64))
-    return float(np.median(np.abs(steps)))
 
 
 def _first_item(ds: Dataset, keyword: str) -> Dataset | None:

@@ -162,35 +162,6 @@ def load_picture(path: Path) -> HUVolume:
     return HUVolume(hu=hu[np.newaxis], slices=[SliceRef(sop_instance_uid="")])
 
 
-def analyze_image(
-    path: Path,
-    bundle: ModelBundle,
-    *,
-    with_heatmaps: bool = True,
-) -> AnalysisResult:
-    """Classify one PNG/JPEG picture or one DICOM image (single or multi-frame).
-
-    DICOM goes through ``dicom.decode.load_image`` and keeps its real HU.
-    For a one-slice input the rule needs that one slice to be a lesion slice
-    (see ``ml.inference``); a multi-frame image is treated like a series.
-    """
-    path = Path(path)
-    t0 = time.perf_counter()
-    if path.suffix.lower() in PICTURE_SUFFIXES:
-        volume = load_picture(path)
-    elif _is_dicom(path):
-        from lungnode.dicom.decode import load_image
-
-        volume = load_image(path)
-    else:
-        raise ValueError(f"{path.name}: expected a PNG, JPEG or DICOM file")
-    decode_s = time.perf_counter() - t0
-    result = analyze_volume(volume, bundle, with_heatmaps=with_heatmaps)
-    result.timings_s["decode"] = decode_s
-    result.timings_s["total"] = result.timings_s.get("total", 0.0) + decode_s
-    return result
-
-
 def analyze_series(
     paths: Sequence[Path],
     bundle: ModelBundle,

@@ -21,7 +21,6 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from pydicom import Dataset, dcmread
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -35,7 +34,8 @@ from lungnode.pipeline.jobs import JobHandler
 
 logger = logging.getLogger(__name__)
 
-#: |normal · z| below this means the slices are not axial (tilted gantry passes).
+#: |normal · z| below this means the slices are not axial (tilted gantry passes):
+#: more than about 26 degrees between the slice normal and the patient's z axis.
 _AXIAL_MIN_COSINE = 0.9
 
 
@@ -43,30 +43,20 @@ class NotAnalysable(LungnodeError):
     """The series is not something the model can judge; the reason is for people."""
 
 
-def check_analysable(source: Dataset, volume: HUVolume, min_slices: int) -> None:
-    """Raise NotAnalysable unless the series is an axial stack of enough slices."""
+def check_analysable(volume: HUVolume, min_slices: int) -> None:
+    """Raise NotAnalysable unless the series is an axial stack of enough slices.
+
+    Axial is judged on ``volume.slice_normal``: the unit normal decoding
+    sorted the volume along (``imaging.geometry.slice_stack``, PS3.3
+    C.7.6.2.1.1), wherever the orientation was (top level, shared or
+    per-frame functional groups). A volume without orientation is not refused.
+    """
     count = volume.hu.shape[0]
     if count < min_slices:
         raise NotAnalysable(f"only {count} slice(s); at least {min_slices} are needed")
-    orientation = _orientation(source)
-    if orientation is not None:
-        row, column = np.asarray(orientation[:3]), np.asarray(orientation[3:])
-        normal = np.cross(row, column)
-        if abs(float(normal[2])) < _AXIAL_MIN_COSINE:
-            raise NotAnalysable("the slices are not axial")
-
-
-def _orientation(source: Dataset) -> list[float] | None:
-    """ImageOrientationPatient, top level or in the shared functional groups (PS3.3 C.7.6.2)."""
-    value = source.get("ImageOrientationPatient")
-    if value is None and "SharedFunctionalGroupsSequence" in source:
-        shared = source.SharedFunctionalGroupsSequence[0]
-        if "PlaneOrientationSequence" in shared:
-            value = shared.PlaneOrientationSequence[0].get("ImageOrientationPatient")
-    try:
-        return [float(v) for v in value] if value is not None and len(value) == 6 else None
-    except (TypeError, ValueError):
-        return None
+    normal = volume.slice_normal
+    if normal is not None and abs(normal[2]) < _AXIAL_MIN_COSINE:
+        raise NotAnalysable("the slices are not axial")
 
 
 def _dataset_bytes(dataset: Dataset) -> bytes:
@@ -140,7 +130,7 @@ class SeriesJob:
         from lungnode.pipeline.analyze import analyze_series
 
         def analysable(volume: HUVolume) -> None:
-            check_analysable(source, volume, self.settings.min_series_slices)
+            check_analysable(volume, self.settings.min_series_slices)
 
         try:
             volume, result = analyze_series(paths, bundle, check=analysable)

@@ -15,25 +15,21 @@ Rule 4, a late instance after analysis started, is the caller's business: it
 puts the series back to receiving, and the next completion queues a new
 version of the analysis.
 
-Geometry follows PS3.3 C.7.6.2.1.1: the slice normal is the cross product of
-the row and column direction cosines of ImageOrientationPatient, and a slice's
-place in the stack is ImagePositionPatient projected onto that normal.
+Whether the positions form one even stack is ``imaging.geometry.slice_stack``
+(PS3.3 C.7.6.2.1.1), the same function decoding sorts a series with, under
+the one spacing tolerance (the ``series_spacing_tolerance`` setting).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
+from lungnode.imaging.geometry import SPACING_TOLERANCE, slice_stack
 
 RULE_DECLARED_COUNT = "declared_count"
 RULE_ASSOCIATION_RELEASED = "association_released"
 RULE_QUIET_TIMER = "quiet_timer"
-
-_ORIENTATION_TOLERANCE = 1e-3
-_MIN_SPACING_MM = 1e-3
 
 
 @dataclass(frozen=True)
@@ -54,8 +50,9 @@ class StackCheck:
 class CompletionRules:
     quiet_seconds: float = 15.0
     grace_seconds: float = 2.0
-    #: Largest relative deviation of a slice step from the median step.
-    spacing_tolerance: float = 0.1
+    #: Largest relative deviation of a slice step from the median step
+    #: (``imaging.geometry.slice_stack``).
+    spacing_tolerance: float = SPACING_TOLERANCE
 
 
 @dataclass(frozen=True)
@@ -82,54 +79,26 @@ class Decision:
     recheck_in: float | None = None
 
 
-def _normal(orientation: Sequence[float]) -> tuple[float, float, float]:
-    rx, ry, rz, cx, cy, cz = orientation
-    return (ry * cz - rz * cy, rz * cx - rx * cz, rx * cy - ry * cx)
+def check_stack(
+    instances: Sequence[InstanceGeometry], tolerance: float = SPACING_TOLERANCE
+) -> StackCheck:
+    """Do the instances form one evenly spaced stack of parallel slices with no gap?
 
-
-def check_stack(instances: Sequence[InstanceGeometry], tolerance: float = 0.1) -> StackCheck:
-    """Do the instances form one evenly spaced stack of parallel slices with no gap?"""
+    Single-frame instances are judged by ``imaging.geometry.slice_stack``.
+    The frames of a multi-frame instance carry their geometry in functional
+    groups that intake does not keep, so one such instance counts as a stack
+    and several cannot be judged.
+    """
     if not instances:
         return StackCheck(False, "no instances")
-    if len(instances) == 1:
-        only = instances[0]
-        if only.number_of_frames > 1:
-            return StackCheck(True, "one multi-frame instance")
-        return StackCheck(True, "one slice")
+    if len(instances) == 1 and instances[0].number_of_frames > 1:
+        return StackCheck(True, "one multi-frame instance")
     if any(i.number_of_frames > 1 for i in instances):
         return StackCheck(False, "several multi-frame instances: frame geometry not checked")
-    if any(i.position is None or i.orientation is None for i in instances):
-        return StackCheck(False, "an instance has no position or orientation")
-    first = instances[0].orientation
-    assert first is not None
-    for instance in instances:
-        assert instance.orientation is not None
-        if any(
-            abs(a - b) > _ORIENTATION_TOLERANCE
-            for a, b in zip(instance.orientation, first, strict=True)
-        ):
-            return StackCheck(False, "instances differ in orientation")
-    normal = _normal(first)
-    if not math.isclose(math.hypot(*normal), 1.0, abs_tol=0.01):
-        return StackCheck(False, "orientation cosines are not orthonormal")
-    distances = sorted(
-        float(np.dot(instance.position, normal))  # type: ignore[arg-type]
-        for instance in instances
+    stack = slice_stack(
+        [i.position for i in instances], [i.orientation for i in instances], tolerance
     )
-    steps = [b - a for a, b in zip(distances[:-1], distances[1:], strict=True)]
-    if min(steps) < _MIN_SPACING_MM:
-        return StackCheck(False, "two instances share one position")
-    spacing = sorted(steps)[len(steps) // 2]
-    for index, step in enumerate(steps):
-        if step > spacing * (1 + tolerance):
-            return StackCheck(
-                False,
-                f"gap of {step:.2f} mm after slice {index + 1} (spacing {spacing:.2f} mm)",
-                spacing,
-            )
-        if step < spacing * (1 - tolerance):
-            return StackCheck(False, f"uneven spacing: {step:.2f} mm vs {spacing:.2f} mm", spacing)
-    return StackCheck(True, f"{len(instances)} slices, {spacing:.2f} mm apart", spacing)
+    return StackCheck(stack.even, stack.reason, stack.spacing_mm)
 
 
 def decide(snapshot: SeriesSnapshot, now: float, rules: CompletionRules) -> Decision:

@@ -166,7 +166,7 @@ def jpeg_bytes(size: int = 64) -> bytes:
 
 
 def dicom_bytes(tmp_path: Path) -> bytes:
-    from lungnode.dicom.synthetic import make_ct_series, write_series
+    from tests.support.synthetic import make_ct_series, write_series
 
     (path,) = write_series(make_ct_series(1, rows=64, columns=64), tmp_path / "dicom")
     return path.read_bytes()

@@ -19,9 +19,9 @@ from sqlalchemy import select
 
 from lungnode.app.node import Node
 from lungnode.db.models import Instance, Job
-from lungnode.dicom.synthetic import chest_phantom_hu, make_ct_series, write_series
 from tests.conftest import SENDER_AE, require_tool
 from tests.dicom.helpers import associate, free_port, row_count, store_files, wait_until
+from tests.support.synthetic import chest_phantom_hu, make_ct_series, write_series
 
 LUNGNODE = Path(sys.executable).with_name("lungnode")
 #: storescu -d prints each response's status as ``DIMSE Status : 0xc003: ...``.

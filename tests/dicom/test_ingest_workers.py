@@ -18,9 +18,9 @@ from sqlalchemy import select
 from lungnode.app.node import Node
 from lungnode.config import Settings
 from lungnode.db.models import Association, Instance, Job, Series
-from lungnode.dicom.synthetic import make_ct_series
 from lungnode.series.assembler import RULE_ASSOCIATION_RELEASED
 from tests.dicom.helpers import associate, process_alive, row_count, store_all, wait_until
+from tests.support.synthetic import make_ct_series
 
 
 @pytest.fixture

@@ -18,10 +18,10 @@ from lungnode.db.deliveries import DeliveryRepository
 from lungnode.db.migrate import upgrade
 from lungnode.db.models import Delivery, Job, Series
 from lungnode.db.session import make_engine, make_session_factory
-from lungnode.dicom.synthetic import make_ct_series, write_series
 from lungnode.pipeline.outbox import Outbox, RetryPolicy
 from tests.conftest import require_tool
 from tests.pacs import ORTHANC_AE, Orthanc, free_port
+from tests.support.synthetic import make_ct_series, write_series
 
 FAST = RetryPolicy(base_seconds=0.2, cap_seconds=1.0, max_attempts=6)
 

@@ -14,8 +14,8 @@ from sqlalchemy import select
 from lungnode.app.node import Node
 from lungnode.db.models import Association
 from lungnode.dicom import reactor
-from lungnode.dicom.synthetic import make_ct_series
 from tests.dicom.helpers import associate, store_all, wait_until
+from tests.support.synthetic import make_ct_series
 
 
 def _open_fds() -> int:

@@ -15,8 +15,8 @@ from sqlalchemy import func, select
 from lungnode.app.node import Node
 from lungnode.config import Settings
 from lungnode.db.models import Instance, Job, Series
-from lungnode.dicom.synthetic import make_ct_series, write_series
 from tests.dicom.helpers import associate, store_all, store_files
+from tests.support.synthetic import make_ct_series, write_series
 
 
 def count(node: Node, model: type) -> int:

@@ -23,9 +23,9 @@ from sqlalchemy import select
 from lungnode.app.node import Node
 from lungnode.config import Settings
 from lungnode.db.models import Instance
-from lungnode.dicom.synthetic import make_ct_series
 from tests.conftest import SENDER_AE, require_tool
 from tests.dicom.helpers import associate, close_dropped, row_count
+from tests.support.synthetic import make_ct_series
 
 SERVER_NAME = "localhost"
 

@@ -37,14 +37,14 @@ from sqlalchemy import select
 from lungnode.app.node import Node
 from lungnode.db.models import Instance
 from lungnode.dicom.decode import load_series
-from lungnode.dicom.synthetic import chest_phantom_hu, make_ct_series, write_series
-from lungnode.dicom.synthetic_codecs import (
+from tests.conftest import SENDER_AE, require_tool
+from tests.dicom.helpers import store_all
+from tests.support.synthetic import chest_phantom_hu, make_ct_series, write_series
+from tests.support.synthetic_codecs import (
     SUPPORTED_TRANSFER_SYNTAXES,
     PixelFormat,
     pixel_format_for,
 )
-from tests.conftest import SENDER_AE, require_tool
-from tests.dicom.helpers import store_all
 
 #: Largest HU error each lossy syntax may add on the phantom; lossless adds none.
 LOSSY_TOLERANCE_HU = {

@@ -13,8 +13,8 @@ from sqlalchemy import select
 from lungnode.app.node import Node
 from lungnode.config import Settings
 from lungnode.db.models import Job
-from lungnode.dicom.synthetic import make_ct_series
 from tests.dicom.helpers import store_all
+from tests.support.synthetic import make_ct_series
 
 
 def _stage_count(text: str, stage: str) -> float:

@@ -24,9 +24,9 @@ import pytest
 from pydicom import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
-from lungnode.dicom.synthetic import make_ct_series
 from tests.conftest import SENDER_AE
 from tests.dicom.helpers import associate, close_dropped, free_port, process_alive, wait_until
+from tests.support.synthetic import make_ct_series
 
 LUNGNODE = Path(sys.executable).with_name("lungnode")
 N_SLICES = 150

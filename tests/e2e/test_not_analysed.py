@@ -14,9 +14,9 @@ from sqlalchemy import select
 from lungnode.app.node import Node
 from lungnode.config import Settings
 from lungnode.db.models import Delivery, Job, Prediction
-from lungnode.dicom.synthetic import make_ct_series
 from tests.conftest import require_tool
 from tests.dicom.helpers import store_all
+from tests.support.synthetic import make_ct_series
 
 
 @pytest.mark.slow

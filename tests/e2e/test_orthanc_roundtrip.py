@@ -17,9 +17,9 @@ from sqlalchemy import select
 from lungnode.app.node import Node
 from lungnode.config import Settings
 from lungnode.db.models import Delivery, Job, Prediction
-from lungnode.dicom.synthetic import make_ct_series, write_series
 from tests.conftest import require_tool
 from tests.pacs import ORTHANC_AE, Orthanc, free_port
+from tests.support.synthetic import make_ct_series, write_series
 
 SC = "1.2.840.10008.5.1.4.1.1.7"
 PDF = "1.2.840.10008.5.1.4.1.1.104.1"

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from lungnode.dicom.synthetic import make_ct_series, write_series
 from tests.conftest import require_tool
 from tests.dicom.helpers import wait_until
 from tests.pacs import ORTHANC_AE, Orthanc, free_port
+from tests.support.synthetic import make_ct_series, write_series
 
 ROOT = Path(__file__).resolve().parents[2]
 LUNGNODE = Path(sys.executable).with_name("lungnode")

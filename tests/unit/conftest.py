@@ -11,8 +11,8 @@ import pydicom
 import pytest
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-from lungnode.dicom.synthetic import chest_phantom_hu
 from tests.conftest import require_tool
+from tests.support.synthetic import chest_phantom_hu
 
 PhantomFactory = Callable[[int, int, int], Callable[[int], np.ndarray]]
 

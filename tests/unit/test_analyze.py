@@ -1,4 +1,4 @@
-"""analyze_volume / analyze_image / analyze_series: verdicts, key slices, heatmaps, timings."""
+"""analyze_volume / analyze_path / analyze_series: verdicts, key slices, heatmaps, timings."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from lungnode.imaging.windowing import window_to_uint8
 from lungnode.ml.bundle import ModelBundle, load_bundle
 from lungnode.ml.phantoms import generate_slice, generate_volume
 from lungnode.ml.train import build_small_cnn, write_bundle
-from lungnode.pipeline.analyze import analyze_image, analyze_series, analyze_volume
+from lungnode.pipeline.analyze import analyze_path, analyze_series, analyze_volume
 
 DEMO = Path(__file__).resolve().parents[2] / "models" / "lung-ct-demo"
 
@@ -92,7 +92,7 @@ def test_analyze_png_reads_grey_as_lung_window(demo: ModelBundle, tmp_path: Path
     hu, _ = generate_slice(4242, "Large Cell Carcinoma")
     path = tmp_path / "slice.png"
     cv2.imwrite(str(path), window_to_uint8(hu, "lung"))
-    result = analyze_image(path, demo)
+    result = analyze_path(path, demo).result
     assert result.verdict == "Large Cell Carcinoma"
     assert result.slice_scores.shape == (1, 4) and result.rule["min_slices_applied"] == 1
     assert result.heatmaps[0].shape == hu.shape
@@ -103,15 +103,15 @@ def test_unreadable_picture_is_a_value_error(tiny: ModelBundle, tmp_path: Path) 
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not a picture")
     with pytest.raises(ValueError, match="not a readable"):
-        analyze_image(bad, tiny)
+        analyze_path(bad, tiny)
     gif = tmp_path / "x.gif"
     gif.write_bytes(b"GIF89a" + bytes(200))
     with pytest.raises(ValueError, match="expected a PNG"):
-        analyze_image(gif, tiny)
+        analyze_path(gif, tiny)
 
 
 def test_dicom_series_end_to_end(demo: ModelBundle, tmp_path: Path) -> None:
-    from lungnode.dicom.synthetic import make_ct_series, write_series
+    from tests.support.synthetic import make_ct_series, write_series
 
     hu, mask = generate_volume(
         31, "Squamous Cell Carcinoma", n_slices=16, size=256, lesion_half_extent=3
@@ -130,14 +130,14 @@ def test_dicom_series_end_to_end(demo: ModelBundle, tmp_path: Path) -> None:
     assert np.allclose(result.slice_scores, reference.slice_scores, atol=1e-5)
     assert result.key_slices == reference.key_slices
     assert set(result.lesion_slices) <= set(np.flatnonzero(mask.any(axis=(1, 2))).tolist())
-    single = analyze_image(paths[int(np.flatnonzero(mask.any(axis=(1, 2)))[3])], demo)
+    single = analyze_path(paths[int(np.flatnonzero(mask.any(axis=(1, 2)))[3])], demo).result
     assert single.slice_scores.shape == (1, 4)
 
 
 def test_analyze_series_runs_the_check_and_propagates_its_error(
     tiny: ModelBundle, tmp_path: Path
 ) -> None:
-    from lungnode.dicom.synthetic import make_ct_series, write_series
+    from tests.support.synthetic import make_ct_series, write_series
 
     paths = write_series(make_ct_series(3, rows=32, columns=32), tmp_path)
     seen: list[int] = []

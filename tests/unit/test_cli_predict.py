@@ -16,10 +16,10 @@ import pytest
 from pydicom import examples
 
 from lungnode import cli
-from lungnode.dicom.synthetic import make_ct_series, write_series
 from lungnode.imaging.windowing import window_to_uint8
 from lungnode.ml import phantoms
 from tests.conftest import require_tool
+from tests.support.synthetic import make_ct_series, write_series
 
 LUNGNODE = str(Path(sys.executable).with_name("lungnode"))
 MODELS_DIR = Path(__file__).resolve().parents[2] / "models"

@@ -15,14 +15,13 @@ from pydicom.uid import UID, JPEG2000Lossless, JPEGLosslessSV1
 from lungnode.dicom.decode import (
     PADDING_HU,
     DecodeError,
-    iter_hu_batches,
     load_image,
     load_series,
     stream_series,
 )
-from lungnode.dicom.synthetic import make_ct_series, write_series
-from lungnode.dicom.synthetic_codecs import SUPPORTED_TRANSFER_SYNTAXES, pixel_format_for
 from lungnode.errors import LungnodeError
+from tests.support.synthetic import make_ct_series, write_series
+from tests.support.synthetic_codecs import SUPPORTED_TRANSFER_SYNTAXES, pixel_format_for
 
 SIZE = 32
 N = 4
@@ -213,7 +212,7 @@ def test_missing_rescale_keeps_stored_values(
 
 
 @pytest.mark.parametrize("batch_size", [1, 3, 32])
-def test_batches_equal_the_volume(batch_size: int, tmp_path: Path) -> None:
+def test_streamed_batches_make_up_the_volume(batch_size: int, tmp_path: Path) -> None:
     classic = write_series(make_ct_series(5, rows=SIZE, columns=SIZE), tmp_path / "c")
     enhanced = write_series(
         make_ct_series(
@@ -227,11 +226,17 @@ def test_batches_equal_the_volume(batch_size: int, tmp_path: Path) -> None:
         tmp_path / "e",
     )
     for paths in (_shuffled(classic), enhanced):
-        volume = load_series(paths)
-        batches = list(iter_hu_batches(paths, batch_size=batch_size))
-        assert all(b.dtype == np.float32 and len(b) <= batch_size for b, _ in batches)
-        assert np.array_equal(np.concatenate([b for b, _ in batches]), volume.hu)
-        assert [ref for _, refs in batches for ref in refs] == volume.slices
+        seen: dict[int, np.ndarray] = {}
+
+        def sink(first: int, hu: np.ndarray, seen: dict[int, np.ndarray] = seen) -> None:
+            assert hu.dtype == np.float32 and 1 <= len(hu) <= batch_size
+            seen[first] = hu.copy()
+
+        volume, decode_index = stream_series(paths, sink, batch_size=batch_size)
+        streamed = np.concatenate([seen[k] for k in sorted(seen)])
+        assert np.array_equal(streamed[decode_index], volume.hu)
+        reference = load_series(paths)
+        assert np.array_equal(volume.hu, reference.hu) and volume.slices == reference.slices
 
 
 def test_full_size_slice(tmp_path: Path) -> None:
@@ -253,7 +258,7 @@ def test_unreadable_input_raises_decode_error(tmp_path: Path) -> None:
     with pytest.raises(DecodeError):
         load_image(tmp_path / "missing.dcm")
     with pytest.raises(ValueError):
-        list(iter_hu_batches([junk], batch_size=0))
+        stream_series([junk], None, batch_size=0)
 
 
 def test_mixed_sizes_and_color_are_refused(tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from lungnode.dicom.decode import load_series
-from lungnode.dicom.synthetic import make_ct_series, write_series
+from tests.support.synthetic import make_ct_series, write_series
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -1,4 +1,4 @@
-"""The Alembic migrations create exactly what the models declare."""
+"""The Alembic migrations create exactly what the models declare, and end at the head."""
 
 from __future__ import annotations
 
@@ -6,10 +6,30 @@ from pathlib import Path
 
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import text
 
-from lungnode.db.migrate import upgrade
+from lungnode.db.migrate import alembic_config, upgrade
 from lungnode.db.models import Base
 from lungnode.db.session import make_engine
+
+
+def _head(url: str) -> str:
+    """The one head of the script directory (a second head would be a forked history)."""
+    (head,) = ScriptDirectory.from_config(alembic_config(url)).get_heads()
+    return str(head)
+
+
+def _stamped(url: str) -> list[str]:
+    """What the database says it is at: the rows of alembic_version."""
+    engine = make_engine(url)
+    try:
+        with engine.connect() as connection:
+            return [
+                str(v) for v in connection.scalars(text("SELECT version_num FROM alembic_version"))
+            ]
+    finally:
+        engine.dispose()
 
 
 def test_migrations_match_models(tmp_path: Path) -> None:
@@ -23,7 +43,14 @@ def test_migrations_match_models(tmp_path: Path) -> None:
     assert differences == []
 
 
+def test_upgrade_reaches_the_head_revision(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    upgrade(url)
+    assert _stamped(url) == [_head(url)]
+
+
 def test_upgrade_is_idempotent(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'db.sqlite'}"
     upgrade(url)
     upgrade(url)
+    assert _stamped(url) == [_head(url)]

@@ -15,7 +15,7 @@ from pydicom.uid import ImplicitVRLittleEndian, JPEGLosslessSV1, RLELossless
 
 from lungnode.dicom import decode
 from lungnode.dicom.native_slice import read_native_slice
-from lungnode.dicom.synthetic import make_ct_series, write_series
+from tests.support.synthetic import make_ct_series, write_series
 
 SIZE = 24
 

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from pydicom.dataset import Dataset
 
-from lungnode.dicom.synthetic import make_ct_series
 from lungnode.domain import AnalysisResult
 from lungnode.report.pdf import KeyImage, ReportInput, StudyFacts, build_report
+from tests.support.synthetic import make_ct_series
 from tests.unit.dicom_checks import DEMO_MODEL, REAL_MODEL, make_result, require
 
 WHEN = _dt.datetime(2025, 3, 4, 5, 6, 7)

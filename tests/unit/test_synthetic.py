@@ -22,8 +22,8 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from lungnode.dicom.synthetic import dataset_bytes, make_ct_series, write_series
-from lungnode.dicom.synthetic_codecs import (
+from tests.support.synthetic import dataset_bytes, make_ct_series, write_series
+from tests.support.synthetic_codecs import (
     LOSSY_METHODS,
     SUPPORTED_TRANSFER_SYNTAXES,
     PixelFormat,

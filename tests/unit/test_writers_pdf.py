@@ -10,10 +10,10 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, EncapsulatedPDFStorage
 
-from lungnode.dicom.synthetic import make_ct_series
 from lungnode.dicom.writers.pdf import write_pdf_document
 from lungnode.domain import AnalysisResult
 from lungnode.report.pdf import ReportInput, StudyFacts, build_report
+from tests.support.synthetic import make_ct_series
 from tests.unit.dicom_checks import (
     DEMO_MODEL,
     dciodvfy,

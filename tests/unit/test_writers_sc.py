@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from pydicom.dataset import Dataset
 
-from lungnode.dicom.synthetic import make_ct_series
 from lungnode.dicom.writers.sc import render_key_image, write_sc_images
 from lungnode.domain import AnalysisResult
+from tests.support.synthetic import make_ct_series
 from tests.unit.dicom_checks import (
     DEMO_MODEL,
     REAL_MODEL,

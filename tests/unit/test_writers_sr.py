@@ -12,9 +12,9 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import ComprehensiveSRStorage
 
-from lungnode.dicom.synthetic import make_ct_series
 from lungnode.dicom.writers.sr import PRIVATE_SCHEME, class_code, write_sr
 from lungnode.domain import AnalysisResult
+from tests.support.synthetic import make_ct_series
 from tests.unit.dicom_checks import (
     DEMO_MODEL,
     REAL_MODEL,

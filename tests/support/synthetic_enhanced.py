@@ -17,7 +17,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import EnhancedCTImageStorage, generate_uid
 
-from lungnode.dicom.synthetic_codecs import PixelFormat
+from tests.support.synthetic_codecs import PixelFormat
 
 #: Thorax, SNOMED CT (PS3.16 CID 4031).
 _THORAX = ("43799004", "SCT", "Thorax")

@@ -26,13 +26,13 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.uid import CTImageStorage, generate_uid
 
 from lungnode import __version__
-from lungnode.dicom.synthetic_codecs import (
+from tests.support.synthetic_codecs import (
     PixelFormat,
     encode_pixel_data,
     pixel_format_for,
     resolve_transfer_syntax,
 )
-from lungnode.dicom.synthetic_enhanced import build_enhanced_ct
+from tests.support.synthetic_enhanced import build_enhanced_ct
 
 logger = logging.getLogger(__name__)
 
