@@ -115,7 +115,9 @@ def cmd_user_add(settings: Settings, args: argparse.Namespace) -> int:
                 password_hash=hash_password(password),
             )
         )
-    NodeRepository(sessions).audit("cli", "user.add", args.username, {"role": role.value})
+    NodeRepository(sessions, settings.storage_dir).audit(
+        "cli", "user.add", args.username, {"role": role.value}
+    )
     engine.dispose()
     print(f"user {args.username!r} added with role {role.value}")
     return 0
@@ -160,7 +162,7 @@ def _deliveries(settings: Settings) -> tuple[Engine, DeliveryRepository]:
     settings.storage_dir.mkdir(parents=True, exist_ok=True)
     upgrade(settings.effective_database_url)
     engine = make_engine(settings.effective_database_url)
-    return engine, DeliveryRepository(make_session_factory(engine))
+    return engine, DeliveryRepository(make_session_factory(engine), settings.storage_dir)
 
 
 def cmd_deliveries_list(settings: Settings, args: argparse.Namespace) -> int:

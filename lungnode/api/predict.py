@@ -4,7 +4,8 @@ Each image goes through the same analysis engine as a DICOM series
 (``pipeline.analyze``). The model loads on the first prediction, not at
 import. A prediction is a ``Prediction`` row (source ``upload``) owned by the
 caller, with its Grad-CAM overlays as PNGs under
-``<storage_dir>/heatmaps/<prediction_id>/<n>.png``.
+``<storage_dir>/heatmaps/<prediction_id>/<n>.png``. The row keeps the paths
+relative to ``storage_dir``.
 """
 
 from __future__ import annotations
@@ -118,7 +119,7 @@ def predict_upload(
             source="upload",
             study_instance_uid=upload.study_instance_uid,
             series_instance_uid=upload.series_instance_uid,
-            image_path=str(upload.path),
+            image_path=context.stored_path(upload.path),
             prediction_class=result.verdict,
             confidence_score=float(result.confidence),
             all_scores={label: float(score) for label, score in result.class_scores.items()},
@@ -139,7 +140,7 @@ def predict_upload(
         except Exception:
             remove_tree(directory)
             raise
-        prediction.heatmap_path = str(directory)
+        prediction.heatmap_path = context.stored_path(directory)
         prediction.processing_time = time.perf_counter() - started
         session.add(
             AuditEvent(

@@ -1,14 +1,14 @@
 """``GET /download/<prediction_id>``: the PDF report, built on demand when missing.
 
 The report is kept as ``<storage_dir>/reports/<prediction_id>.pdf`` and its
-path recorded on the prediction, so a second download does not rebuild it.
+path recorded on the prediction (relative to ``storage_dir``), so a second
+download does not rebuild it. A DICOM job's report is the one the job wrote.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 from typing import Any
 
 from apiflask import APIBlueprint
@@ -92,7 +92,7 @@ def download(prediction_id: int) -> Response:
     """The prediction's PDF report (verdict, scores, heatmaps, model), built if missing."""
     with context.writing() as session:
         prediction = get_visible(session, prediction_id, the_user())
-        existing = Path(prediction.report_path) if prediction.report_path else None
+        existing = context.stored_file(prediction.report_path) if prediction.report_path else None
         if existing is None or not existing.is_file():
             pdf = build_prediction_report(prediction)
             directory = context.reports_dir()
@@ -101,7 +101,7 @@ def download(prediction_id: int) -> Response:
             partial = existing.with_suffix(".pdf.part")
             partial.write_bytes(pdf)
             os.replace(partial, existing)
-            prediction.report_path = str(existing)
+            prediction.report_path = context.stored_path(existing)
             logger.info("report for prediction %d built", prediction_id)
     return send_file(
         existing,

@@ -112,7 +112,11 @@ class BatchPrediction(Base):
 
 
 class Prediction(Base):
-    """One verdict: for an uploaded image, or for a DICOM series (then job_id is set)."""
+    """One verdict: for an uploaded image, or for a DICOM series (then job_id is set).
+
+    Paths are kept relative to ``storage_dir`` (``config.stored_path``); rows from
+    before that hold absolute ones.
+    """
 
     __tablename__ = "prediction"
 
@@ -195,6 +199,7 @@ class Instance(Base):
     #: ImagePositionPatient and ImageOrientationPatient, as lists of floats.
     position: Mapped[list[float] | None] = mapped_column(JSON)
     orientation: Mapped[list[float] | None] = mapped_column(JSON)
+    #: Relative to ``storage_dir`` (absolute in rows written before that).
     path: Mapped[str] = mapped_column(Text)
     size_bytes: Mapped[int] = mapped_column(Integer)
     received_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
@@ -236,6 +241,7 @@ class Delivery(Base):
     destination: Mapped[str] = mapped_column(String(64), index=True)
     sop_class_uid: Mapped[str] = mapped_column(UID)
     sop_instance_uid: Mapped[str] = mapped_column(UID, index=True)
+    #: Relative to ``storage_dir`` (absolute in rows written before that).
     path: Mapped[str] = mapped_column(Text)
     state: Mapped[str] = mapped_column(String(16), default=DeliveryState.PENDING.value, index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)

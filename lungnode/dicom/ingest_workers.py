@@ -60,6 +60,8 @@ class WorkerConfig:
     scp: SCPConfig
     database_url: str
     incoming_dir: Path
+    #: Instance paths are recorded relative to it.
+    storage_dir: Path
     min_free_bytes: int
     log_level: str
 
@@ -260,7 +262,7 @@ def run_worker(config: WorkerConfig, channel: socket.socket, name: str) -> None:
                 pass  # the node is gone; the read loop below ends too
 
     engine = make_engine(config.database_url)
-    repo = NodeRepository(make_session_factory(engine))
+    repo = NodeRepository(make_session_factory(engine), config.storage_dir)
     intake = Intake(config.incoming_dir, repo.register_instance, config.min_free_bytes)
     scp = StorageSCP(
         config.scp,
