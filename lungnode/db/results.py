@@ -6,7 +6,8 @@ crash either loses the whole result (the job is re-run at start) or none of it.
 
 Paths come in and go out absolute; the rows keep them relative to
 ``storage_dir`` (``config.stored_path``), so the storage may be mounted
-elsewhere.
+elsewhere. The prediction keeps the model's whole identity, which later
+outputs read instead of the bundle on disk.
 """
 
 from __future__ import annotations
@@ -58,6 +59,9 @@ class JobResults:
     model_name: str | None = None
     model_version: str | None = None
     model_sha256: str | None = None
+    model_synthetic: bool | None = None
+    model_intended_use: str | None = None
+    model_trained_on: str | None = None
     processing_time: float | None = None
 
 
@@ -122,6 +126,9 @@ def record_job_results(
             model_name=results.model_name,
             model_version=results.model_version,
             model_sha256=results.model_sha256,
+            model_synthetic=results.model_synthetic,
+            model_intended_use=results.model_intended_use,
+            model_trained_on=results.model_trained_on,
             processing_time=results.processing_time,
             timestamp=now,
         )

@@ -229,6 +229,9 @@ class SeriesJob:
             model_name=model.name,
             model_version=model.version,
             model_sha256=model.sha256,
+            model_synthetic=model.synthetic,
+            model_intended_use=model.intended_use,
+            model_trained_on=model.trained_on,
         )
 
 

@@ -62,6 +62,8 @@ def test_series_results_download_with_make_run_defaults(
         stored += list(session.scalars(select(Delivery.path)))
     assert all(value and not Path(value).is_absolute() for value in stored), stored
     assert all((root / "storage" / value).exists() for value in stored if value)
+    # The model's identity is kept on the row (the bundled model is synthetic).
+    assert prediction.model_name == "lung-ct-demo" and prediction.model_synthetic is True
 
     base = f"http://127.0.0.1:{node.http_port}/api/v1"
     login = requests.post(
@@ -71,6 +73,7 @@ def test_series_results_download_with_make_run_defaults(
     headers = {"Authorization": f"Bearer {login.json()['access_token']}"}
     detail = requests.get(f"{base}/history/{prediction.id}", headers=headers, timeout=30)
     assert detail.status_code == 200, detail.text
+    assert detail.json()["model"]["synthetic"] is True
     urls = detail.json()["heatmap_urls"]
     assert urls
     for url in urls:
