@@ -4,6 +4,14 @@ Every setting is documented once, here, with its environment name and default;
 the README's settings table and ``config/lungnode.toml`` repeat the same facts.
 The TOML file is found at ``$LUNGNODE_CONFIG`` or ``config/lungnode.toml`` under
 the working directory; a missing file is not an error.
+
+``storage_dir`` and ``models_dir`` are made absolute against the working
+directory when the settings load, once: a relative path handed on would be
+resolved later against whatever the callee takes as its base (Flask's
+``send_file`` takes the package folder). The database keeps paths of stored
+files relative to ``storage_dir`` (:func:`stored_path`) and they are resolved
+at use (:func:`resolve_stored`), so a shared volume mounted at another path on
+another host finds the same files.
 """
 
 from __future__ import annotations
@@ -78,6 +86,27 @@ def _split_list(value: Any) -> list[str]:
     if isinstance(value, list | tuple):
         return [str(part).strip() for part in value if str(part).strip()]
     raise ValueError(f"expected a comma-separated string or a list, got {value!r}")
+
+
+def stored_path(path: Path, storage_dir: Path) -> str:
+    """How the database keeps the path of a file: relative to ``storage_dir``, in POSIX
+    form. A file outside the storage keeps its absolute path (it cannot move with it)."""
+    absolute = Path(path).absolute()
+    root = storage_dir.absolute()
+    if absolute.is_relative_to(root):
+        return absolute.relative_to(root).as_posix()
+    resolved = absolute.resolve()
+    if resolved.is_relative_to(root.resolve()):
+        return resolved.relative_to(root.resolve()).as_posix()
+    return str(absolute)
+
+
+def resolve_stored(stored: str, storage_dir: Path) -> Path:
+    """The file a path kept in the database names: relative paths are under
+    ``storage_dir``; absolute ones (rows written before paths were kept relative)
+    stay as they are."""
+    path = Path(stored)
+    return path if path.is_absolute() else storage_dir / path
 
 
 class Settings(BaseSettings):
@@ -167,6 +196,12 @@ class Settings(BaseSettings):
     def _check_ae_title(cls, value: str) -> str:
         return validate_ae_title(value)
 
+    @field_validator("storage_dir", "models_dir")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        # Once, at load: against the working directory the node was started in.
+        return value.expanduser().resolve()
+
     @field_validator("peers", mode="before")
     @classmethod
     def _parse_peers(cls, value: Any) -> list[Peer]:
@@ -214,6 +249,14 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.storage_dir / 'lungnode.db').resolve()}"
+
+    def stored_path(self, path: Path) -> str:
+        """``path`` as the database keeps it: relative to ``storage_dir`` (see the module)."""
+        return stored_path(path, self.storage_dir)
+
+    def resolve_stored(self, stored: str) -> Path:
+        """The file a path kept in the database names, under this node's ``storage_dir``."""
+        return resolve_stored(stored, self.storage_dir)
 
     @property
     def effective_ingest_processes(self) -> int:

@@ -65,6 +65,9 @@ def seed(storage_dir: Path, count: int, users: int, seed_value: int = 1) -> None
                     "all_scores": {c: (confidence if c == label else rest) for c in CLASS_LABELS},
                     "model_name": "lung-ct-demo",
                     "model_version": "1.0.0",
+                    "model_synthetic": True,
+                    "model_intended_use": "Demonstration and testing only.",
+                    "model_trained_on": "synthetic phantoms",
                     "timestamp": now - timedelta(seconds=rng.uniform(0, 365 * 86400)),
                     "processing_time": rng.uniform(0.05, 0.4),
                 }

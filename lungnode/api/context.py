@@ -75,6 +75,16 @@ def reports_dir() -> Path:
     return settings().storage_dir / "reports"
 
 
+def stored_path(path: Path) -> str:
+    """``path`` as a row keeps it: relative to ``storage_dir`` (``config.stored_path``)."""
+    return settings().stored_path(path)
+
+
+def stored_file(stored: str) -> Path:
+    """The absolute file a row's path names (``config.resolve_stored``)."""
+    return settings().resolve_stored(stored)
+
+
 _bundle_lock = threading.Lock()
 
 

@@ -78,10 +78,13 @@ def _aware(value: Any) -> Any:
 
 
 def heatmap_files(prediction: Prediction) -> list[Path]:
-    """The heatmap PNGs of a prediction, in order (a directory of ``<n>.png``, or one file)."""
+    """The heatmap PNGs of a prediction, in order (a directory of ``<n>.png``, or one file).
+
+    Absolute: the row's path is resolved against ``storage_dir``.
+    """
     if not prediction.heatmap_path:
         return []
-    path = Path(prediction.heatmap_path)
+    path = context.stored_file(prediction.heatmap_path)
     if path.is_file():
         return [path]
     files = [p for p in path.glob("*.png") if p.stem.isdigit()] if path.is_dir() else []
@@ -199,10 +202,10 @@ def delete_prediction(prediction_id: int) -> tuple[str, int]:
             )
         )
     for value, root in candidates:
-        if value and _inside(Path(value), root):
-            Path(value).unlink(missing_ok=True)
-    if heatmaps and _inside(Path(heatmaps), context.heatmaps_dir()):
-        remove_tree(Path(heatmaps))
+        if value and _inside(path := context.stored_file(value), root):
+            path.unlink(missing_ok=True)
+    if heatmaps and _inside(path := context.stored_file(heatmaps), context.heatmaps_dir()):
+        remove_tree(path)
     logger.info("prediction %d deleted by user %d", prediction_id, user.id)
     return "", 204
 

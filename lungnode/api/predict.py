@@ -4,7 +4,9 @@ Each image goes through the same analysis engine as a DICOM series
 (``pipeline.analyze``). The model loads on the first prediction, not at
 import. A prediction is a ``Prediction`` row (source ``upload``) owned by the
 caller, with its Grad-CAM overlays as PNGs under
-``<storage_dir>/heatmaps/<prediction_id>/<n>.png``.
+``<storage_dir>/heatmaps/<prediction_id>/<n>.png``. The row keeps the paths
+relative to ``storage_dir`` and the model's whole identity, as it was when the
+prediction was made: the answer, the history and the report all read it there.
 """
 
 from __future__ import annotations
@@ -78,19 +80,16 @@ def _decode(upload: StoredUpload) -> HUVolume:
     return volume
 
 
-def model_fields(prediction: Prediction, identity: Any | None = None) -> dict[str, Any]:
-    fields: dict[str, Any] = {
+def model_fields(prediction: Prediction) -> dict[str, Any]:
+    """The model's identity as the row recorded it; ``synthetic`` None: not recorded."""
+    return {
         "name": prediction.model_name,
         "version": prediction.model_version,
         "sha256": prediction.model_sha256,
+        "synthetic": prediction.model_synthetic,
+        "trained_on": prediction.model_trained_on,
+        "intended_use": prediction.model_intended_use,
     }
-    if identity is not None:
-        fields.update(
-            synthetic=identity.synthetic,
-            trained_on=identity.trained_on,
-            intended_use=identity.intended_use,
-        )
-    return fields
 
 
 def predict_upload(
@@ -118,13 +117,16 @@ def predict_upload(
             source="upload",
             study_instance_uid=upload.study_instance_uid,
             series_instance_uid=upload.series_instance_uid,
-            image_path=str(upload.path),
+            image_path=context.stored_path(upload.path),
             prediction_class=result.verdict,
             confidence_score=float(result.confidence),
             all_scores={label: float(score) for label, score in result.class_scores.items()},
             model_name=identity.name,
             model_version=identity.version,
             model_sha256=identity.sha256,
+            model_synthetic=identity.synthetic,
+            model_intended_use=identity.intended_use,
+            model_trained_on=identity.trained_on,
             timestamp=utcnow(),
         )
         session.add(prediction)
@@ -139,7 +141,7 @@ def predict_upload(
         except Exception:
             remove_tree(directory)
             raise
-        prediction.heatmap_path = str(directory)
+        prediction.heatmap_path = context.stored_path(directory)
         prediction.processing_time = time.perf_counter() - started
         session.add(
             AuditEvent(
@@ -149,7 +151,7 @@ def predict_upload(
                 details={"source": "upload", "batch_id": batch_id},
             )
         )
-        answer = prediction_answer(prediction, len(result.heatmaps), identity)
+        answer = prediction_answer(prediction, len(result.heatmaps))
     context.metrics().observe_analysis(result.timings_s, answer["processing_time"])
     logger.info(
         "prediction %d: %s (%.3f) in %.3f s",
@@ -161,9 +163,7 @@ def predict_upload(
     return answer
 
 
-def prediction_answer(
-    prediction: Prediction, heatmaps: int, identity: Any | None
-) -> dict[str, Any]:
+def prediction_answer(prediction: Prediction, heatmaps: int) -> dict[str, Any]:
     urls = [f"/api/v1/heatmaps/{prediction.id}/{n}.png" for n in range(heatmaps)]
     return {
         "prediction_id": prediction.id,
@@ -173,7 +173,7 @@ def prediction_answer(
         "heatmap_url": urls[0] if urls else None,
         "heatmap_urls": urls,
         "report_url": f"/api/v1/download/{prediction.id}",
-        "model": model_fields(prediction, identity),
+        "model": model_fields(prediction),
         "processing_time": prediction.processing_time or 0.0,
     }
 

@@ -1,15 +1,22 @@
 """``GET /download/<prediction_id>``: the PDF report, built on demand when missing.
 
 The report is kept as ``<storage_dir>/reports/<prediction_id>.pdf`` and its
-path recorded on the prediction, so a second download does not rebuild it.
+path recorded on the prediction (relative to ``storage_dir``), so a second
+download does not rebuild it. A DICOM job's report is the one the job wrote.
+
+The model's identity comes from the prediction row, recorded when the
+prediction was made, never from the bundle on disk today: a bundle changed or
+removed since must not change what the report says about the model. A row from
+before the identity was recorded (``model_synthetic`` NULL) gets the demo-model
+notice and says that the identity was not recorded: a report never claims a
+model is not synthetic without knowing it.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from apiflask import APIBlueprint
 from flask import Response, send_file
@@ -19,32 +26,41 @@ from lungnode.api.auth import roles, the_user
 from lungnode.api.history import get_visible, heatmap_files
 from lungnode.db.models import Prediction
 
+if TYPE_CHECKING:  # domain brings numpy: imported when a report is built
+    from lungnode.domain import ModelIdentity
+
 logger = logging.getLogger(__name__)
 
 reports_blueprint = APIBlueprint("reports", __name__, tag="history")
 
+#: What a report says in place of a model identity the row does not hold.
+IDENTITY_NOT_RECORDED = "Model identity not recorded for this prediction"
 
-def _identity(prediction: Prediction) -> Any:
-    """The model identity for the report; the bundle's manifest adds what the row lacks."""
+
+def recorded_identity(prediction: Prediction) -> ModelIdentity:
+    """The model identity the prediction row recorded when it was made.
+
+    Unknown (a row from before the identity was kept) reads as synthetic: the
+    report then carries the not-for-diagnostic-use notice, and says why.
+    """
     from lungnode.domain import ModelIdentity
 
-    manifest: dict[str, Any] = {}
-    try:
-        from lungnode.ml.bundle import read_manifest, resolve_bundle_path
-
-        settings = context.settings()
-        read = read_manifest(resolve_bundle_path(settings.model, settings.models_dir))
-        if read.name == prediction.model_name and read.version == prediction.model_version:
-            manifest = read.to_dict()
-    except (ValueError, OSError):
-        pass
+    if prediction.model_synthetic is None:
+        return ModelIdentity(
+            name=prediction.model_name or "unknown",
+            version=prediction.model_version or "unknown",
+            sha256=prediction.model_sha256 or "",
+            intended_use=f"{IDENTITY_NOT_RECORDED}; treat it as not for diagnostic use.",
+            synthetic=True,
+            trained_on="not recorded",
+        )
     return ModelIdentity(
         name=prediction.model_name or "unknown",
         version=prediction.model_version or "unknown",
         sha256=prediction.model_sha256 or "",
-        intended_use=str(manifest.get("intended_use", "")),
-        synthetic=bool(manifest.get("synthetic", False)),
-        trained_on=str(manifest.get("trained_on", "")),
+        intended_use=prediction.model_intended_use or "",
+        synthetic=prediction.model_synthetic,
+        trained_on=prediction.model_trained_on or "",
     )
 
 
@@ -63,7 +79,7 @@ def build_prediction_report(prediction: Prediction) -> bytes:
         slice_scores=np.zeros((0, len(scores)), dtype=np.float32),
         key_slices=[],
         key_slice_refs=[],
-        model=_identity(prediction),
+        model=recorded_identity(prediction),
         timings_s=(
             {"total": prediction.processing_time} if prediction.processing_time is not None else {}
         ),
@@ -92,7 +108,7 @@ def download(prediction_id: int) -> Response:
     """The prediction's PDF report (verdict, scores, heatmaps, model), built if missing."""
     with context.writing() as session:
         prediction = get_visible(session, prediction_id, the_user())
-        existing = Path(prediction.report_path) if prediction.report_path else None
+        existing = context.stored_file(prediction.report_path) if prediction.report_path else None
         if existing is None or not existing.is_file():
             pdf = build_prediction_report(prediction)
             directory = context.reports_dir()
@@ -101,7 +117,7 @@ def download(prediction_id: int) -> Response:
             partial = existing.with_suffix(".pdf.part")
             partial.write_bytes(pdf)
             os.replace(partial, existing)
-            prediction.report_path = str(existing)
+            prediction.report_path = context.stored_path(existing)
             logger.info("report for prediction %d built", prediction_id)
     return send_file(
         existing,

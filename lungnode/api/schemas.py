@@ -125,12 +125,17 @@ class BatchJSONIn(StrictSchema):
 
 
 class ModelOut(Schema):
+    """The model's identity as recorded on the prediction when it was made."""
+
     name = String(allow_none=True)
     version = String(allow_none=True)
     sha256 = String(allow_none=True)
-    synthetic = Boolean()
-    trained_on = String()
-    intended_use = String()
+    synthetic = Boolean(
+        allow_none=True,
+        metadata={"description": "null: identity not recorded (prediction made before 0002)"},
+    )
+    trained_on = String(allow_none=True)
+    intended_use = String(allow_none=True)
 
 
 class PredictionOut(Schema):

@@ -92,7 +92,7 @@ def cmd_user_add(settings: Settings, args: argparse.Namespace) -> int:
                     password_hash=hash_password(password),
                 )
             )
-        NodeRepository(database.sessions).audit(
+        NodeRepository(database.sessions, settings.storage_dir).audit(
             "cli", "user.add", args.username, {"role": role.value}
         )
     print(f"user {args.username!r} added with role {role.value}")
@@ -134,7 +134,7 @@ def cmd_deliveries_list(settings: Settings, args: argparse.Namespace) -> int:
     from lungnode.db.deliveries import DeliveryRepository
 
     with open_database(settings) as database:
-        dead = DeliveryRepository(database.sessions).dead_letters()
+        dead = DeliveryRepository(database.sessions, settings.storage_dir).dead_letters()
     if not dead:
         print("no dead letters")
     for row in dead:
@@ -152,7 +152,8 @@ def cmd_deliveries_retry(settings: Settings, args: argparse.Namespace) -> int:
     from lungnode.db.deliveries import DeliveryRepository
 
     with open_database(settings) as database:
-        count = DeliveryRepository(database.sessions).retry(None if args.all else list(args.ids))
+        repo = DeliveryRepository(database.sessions, settings.storage_dir)
+        count = repo.retry(None if args.all else list(args.ids))
     print(f"{count} dead letter(s) queued again; a running node sends them within seconds")
     return 0
 

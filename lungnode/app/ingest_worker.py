@@ -46,7 +46,7 @@ def run_worker(config: WorkerConfig, channel: socket.socket, name: str) -> None:
     logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, logging.getLogger().level))
     node = NodeChannel(channel)
     engine = make_engine(config.database_url)
-    repo = NodeRepository(make_session_factory(engine))
+    repo = NodeRepository(make_session_factory(engine), config.storage_dir)
     intake = Intake(config.incoming_dir, repo.register_instance, config.min_free_bytes)
     scp = StorageSCP(
         config.scp,

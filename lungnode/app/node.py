@@ -58,9 +58,9 @@ class Node:
         self.settings = settings
         self.engine = make_engine(settings.effective_database_url)
         self.sessions = make_session_factory(self.engine)
-        self.repo = NodeRepository(self.sessions)
+        self.repo = NodeRepository(self.sessions, settings.storage_dir)
         self.outbox = Outbox(
-            DeliveryRepository(self.sessions),
+            DeliveryRepository(self.sessions, settings.storage_dir),
             {peer.name: peer for peer in settings.peers},
             settings.ae_title,
             RetryPolicy(
@@ -119,6 +119,7 @@ class Node:
                     scp=scp_config,
                     database_url=settings.effective_database_url,
                     incoming_dir=settings.incoming_dir,
+                    storage_dir=settings.storage_dir,
                     min_free_bytes=settings.min_free_disk_mb * 2**20,
                     log_level=settings.log_level,
                 ),

@@ -3,16 +3,20 @@
 A delivery is ``pending`` until its destination acknowledged it (``done``) or
 it failed for good (``dead``, the dead letters). Each attempt is recorded:
 the count, the last status and error, and when the next attempt is due.
+The path of a result object is kept relative to ``storage_dir`` and handed
+out absolute.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from lungnode.config import resolve_stored
 from lungnode.db.models import Delivery, DeliveryState
 from lungnode.db.session import read_sessions, write_transaction
 
@@ -26,13 +30,15 @@ class DueDelivery:
     id: int
     destination: str
     sop_instance_uid: str
+    #: Absolute: resolved against ``storage_dir``.
     path: str
     attempts: int
 
 
 class DeliveryRepository:
-    def __init__(self, sessions: sessionmaker[Session]) -> None:
+    def __init__(self, sessions: sessionmaker[Session], storage_dir: Path) -> None:
         self.sessions = sessions
+        self.storage_dir = storage_dir
         self._reads = read_sessions(sessions)
 
     def due(self, now: datetime | None = None, limit: int = 500) -> list[DueDelivery]:
@@ -54,7 +60,16 @@ class DeliveryRepository:
                 .order_by(Delivery.next_attempt_at, Delivery.id)
                 .limit(limit)
             ).all()
-        return [DueDelivery(*row) for row in rows]
+        return [
+            DueDelivery(
+                row.id,
+                row.destination,
+                row.sop_instance_uid,
+                str(resolve_stored(row.path, self.storage_dir)),
+                row.attempts,
+            )
+            for row in rows
+        ]
 
     def mark_done(self, delivery_id: int, status: int | None) -> None:
         with write_transaction(self.sessions) as session:

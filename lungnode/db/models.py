@@ -14,6 +14,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    Boolean,
     DateTime,
     Float,
     ForeignKey,
@@ -112,7 +113,14 @@ class BatchPrediction(Base):
 
 
 class Prediction(Base):
-    """One verdict: for an uploaded image, or for a DICOM series (then job_id is set)."""
+    """One verdict: for an uploaded image, or for a DICOM series (then job_id is set).
+
+    Paths are kept relative to ``storage_dir`` (``config.stored_path``); rows from
+    before that hold absolute ones. The model's identity is recorded when the
+    prediction is made, and every later output (report, history) reads it here,
+    never from the bundle on disk, which may have changed since. Rows from before
+    migration 0002 have ``model_synthetic`` NULL: identity not recorded.
+    """
 
     __tablename__ = "prediction"
 
@@ -132,6 +140,10 @@ class Prediction(Base):
     model_name: Mapped[str | None] = mapped_column(String(64))
     model_version: Mapped[str | None] = mapped_column(String(32))
     model_sha256: Mapped[str | None] = mapped_column(String(64))
+    #: True for a model trained on synthetic data; NULL: identity not recorded.
+    model_synthetic: Mapped[bool | None] = mapped_column(Boolean)
+    model_intended_use: Mapped[str | None] = mapped_column(Text)
+    model_trained_on: Mapped[str | None] = mapped_column(Text)
     timestamp: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     processing_time: Mapped[float | None] = mapped_column(Float)
 
@@ -195,6 +207,7 @@ class Instance(Base):
     #: ImagePositionPatient and ImageOrientationPatient, as lists of floats.
     position: Mapped[list[float] | None] = mapped_column(JSON)
     orientation: Mapped[list[float] | None] = mapped_column(JSON)
+    #: Relative to ``storage_dir`` (absolute in rows written before that).
     path: Mapped[str] = mapped_column(Text)
     size_bytes: Mapped[int] = mapped_column(Integer)
     received_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
@@ -236,6 +249,7 @@ class Delivery(Base):
     destination: Mapped[str] = mapped_column(String(64), index=True)
     sop_class_uid: Mapped[str] = mapped_column(UID)
     sop_instance_uid: Mapped[str] = mapped_column(UID, index=True)
+    #: Relative to ``storage_dir`` (absolute in rows written before that).
     path: Mapped[str] = mapped_column(Text)
     state: Mapped[str] = mapped_column(String(16), default=DeliveryState.PENDING.value, index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)

@@ -3,6 +3,8 @@
 The SCP threads, the completion timer, the workers and the API call these
 concurrently; every function opens its own session. Nothing here knows
 DICOM networking or the completion rules: it stores and returns plain facts.
+Paths of stored instances go in relative to ``storage_dir`` and come out
+absolute (``config.stored_path``, ``config.resolve_stored``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from sqlalchemy import Integer, String, Table, bindparam, func, insert, select, 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from lungnode.config import resolve_stored, stored_path
 from lungnode.db.models import (
     Association,
     AuditEvent,
@@ -83,8 +86,10 @@ _REOPEN_SERIES = (
 
 
 class NodeRepository:
-    def __init__(self, sessions: sessionmaker[Session]) -> None:
+    def __init__(self, sessions: sessionmaker[Session], storage_dir: Path) -> None:
         self.sessions = sessions
+        #: Absolute; instance paths are kept relative to it.
+        self.storage_dir = storage_dir
         self._read_sessions = read_sessions(sessions)
         self._series_ids: dict[str, int] = {}
         self._calling_aes: dict[int, str | None] = {}
@@ -195,7 +200,7 @@ class NodeRepository:
                     "number_of_frames": facts.number_of_frames,
                     "position": facts.position,
                     "orientation": facts.orientation,
-                    "path": str(path),
+                    "path": stored_path(path, self.storage_dir),
                     "size_bytes": size_bytes,
                     "received_at": now,
                 },
@@ -212,8 +217,12 @@ class NodeRepository:
             return True
 
     def known_instance_paths(self) -> set[str]:
+        """The absolute paths of the registered instances (as ``reconcile`` compares them)."""
         with self._read() as session:
-            return set(session.scalars(select(Instance.path)))
+            return {
+                str(resolve_stored(stored, self.storage_dir))
+                for stored in session.scalars(select(Instance.path))
+            }
 
     # -- completion ----------------------------------------------------------------
 

@@ -3,17 +3,24 @@
 A finished job leaves, in ONE transaction: the job ``done`` with its details,
 the Prediction row, and one Delivery per result object per destination. So a
 crash either loses the whole result (the job is re-run at start) or none of it.
+
+Paths come in and go out absolute; the rows keep them relative to
+``storage_dir`` (``config.stored_path``), so the storage may be mounted
+elsewhere. The prediction keeps the model's whole identity, which later
+outputs read instead of the bundle on disk.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from lungnode.config import resolve_stored, stored_path
 from lungnode.db.models import Delivery, Instance, Job, JobState, Prediction, Series
 from lungnode.db.session import read_sessions, write_transaction
 
@@ -25,7 +32,8 @@ class JobInputs:
     study_instance_uid: str
     series_instance_uid: str
     calling_ae: str | None
-    instance_paths: list[str]
+    #: Absolute, in instance order.
+    instance_paths: list[Path]
 
 
 @dataclass(frozen=True)
@@ -35,7 +43,7 @@ class ResultObject:
     kind: str  # "sc", "pdf" or "sr"
     sop_class_uid: str
     sop_instance_uid: str
-    path: str
+    path: str  # absolute
 
 
 @dataclass
@@ -45,28 +53,33 @@ class JobResults:
     prediction_class: str | None = None
     confidence: float | None = None
     all_scores: dict[str, float] | None = None
+    #: Absolute paths; recorded relative to ``storage_dir``.
     heatmap_path: str | None = None
     report_path: str | None = None
     model_name: str | None = None
     model_version: str | None = None
     model_sha256: str | None = None
+    model_synthetic: bool | None = None
+    model_intended_use: str | None = None
+    model_trained_on: str | None = None
     processing_time: float | None = None
 
 
-def job_inputs(sessions: sessionmaker[Session], job_id: int) -> JobInputs:
+def job_inputs(sessions: sessionmaker[Session], job_id: int, storage_dir: Path) -> JobInputs:
     with read_sessions(sessions)() as session:
         job = session.get(Job, job_id)
         if job is None:
             raise LookupError(f"job {job_id} does not exist")
         series = session.get(Series, job.series_id)
         assert series is not None
-        paths = list(
-            session.scalars(
+        paths = [
+            resolve_stored(stored, storage_dir)
+            for stored in session.scalars(
                 select(Instance.path)
                 .where(Instance.series_id == series.id)
                 .order_by(Instance.instance_number, Instance.id)
             )
-        )
+        ]
         return JobInputs(
             job_id=job.id,
             version=job.version,
@@ -78,7 +91,11 @@ def job_inputs(sessions: sessionmaker[Session], job_id: int) -> JobInputs:
 
 
 def record_job_results(
-    sessions: sessionmaker[Session], job_id: int, results: JobResults, destinations: list[str]
+    sessions: sessionmaker[Session],
+    job_id: int,
+    results: JobResults,
+    destinations: list[str],
+    storage_dir: Path,
 ) -> int:
     """Finish the job with its prediction and deliveries, atomically. Returns the prediction id.
 
@@ -86,6 +103,10 @@ def record_job_results(
     unique per (destination, SOP Instance UID) and output UIDs are deterministic.
     """
     now = datetime.now(UTC)
+
+    def stored(path: str | None) -> str | None:
+        return stored_path(Path(path), storage_dir) if path else None
+
     with write_transaction(sessions) as session:
         job = session.get(Job, job_id)
         if job is None:
@@ -100,11 +121,14 @@ def record_job_results(
             prediction_class=results.prediction_class,
             confidence_score=results.confidence,
             all_scores=results.all_scores,
-            heatmap_path=results.heatmap_path,
-            report_path=results.report_path,
+            heatmap_path=stored(results.heatmap_path),
+            report_path=stored(results.report_path),
             model_name=results.model_name,
             model_version=results.model_version,
             model_sha256=results.model_sha256,
+            model_synthetic=results.model_synthetic,
+            model_intended_use=results.model_intended_use,
+            model_trained_on=results.model_trained_on,
             processing_time=results.processing_time,
             timestamp=now,
         )
@@ -127,7 +151,7 @@ def record_job_results(
                         destination=destination,
                         sop_class_uid=result.sop_class_uid,
                         sop_instance_uid=result.sop_instance_uid,
-                        path=result.path,
+                        path=stored_path(Path(result.path), storage_dir),
                         next_attempt_at=now,
                         created_at=now,
                     )

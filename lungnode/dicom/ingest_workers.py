@@ -58,6 +58,8 @@ class WorkerConfig:
     scp: SCPConfig
     database_url: str
     incoming_dir: Path
+    #: Instance paths are recorded relative to it.
+    storage_dir: Path
     min_free_bytes: int
     log_level: str
 

@@ -99,7 +99,7 @@ class SeriesJob:
 
     def __call__(self, job_id: int) -> dict[str, Any] | None:
         started = time.perf_counter()
-        inputs = job_inputs(self.sessions, job_id)
+        inputs = job_inputs(self.sessions, job_id, self.settings.storage_dir)
         paths = [Path(p) for p in inputs.instance_paths]
         if not paths:
             raise NotAnalysable("the series has no stored instance")
@@ -112,7 +112,9 @@ class SeriesJob:
         destinations = self.destinations_for(inputs.calling_ae)
         if not destinations:
             logger.warning("job %d: no destination for results (caller not a peer)", job_id)
-        prediction_id = record_job_results(self.sessions, job_id, results, destinations)
+        prediction_id = record_job_results(
+            self.sessions, job_id, results, destinations, self.settings.storage_dir
+        )
         logger.info(
             "job %d: %s, %d object(s) for %s, prediction %d",
             job_id,
@@ -220,6 +222,9 @@ class SeriesJob:
             model_name=model.name,
             model_version=model.version,
             model_sha256=model.sha256,
+            model_synthetic=model.synthetic,
+            model_intended_use=model.intended_use,
+            model_trained_on=model.trained_on,
         )
 
 

@@ -31,7 +31,7 @@ def deliveries(tmp_path: Path) -> Iterator[DeliveryRepository]:
     url = f"sqlite:///{tmp_path / 'db.sqlite'}"
     upgrade(url)
     engine = make_engine(url)
-    yield DeliveryRepository(make_session_factory(engine))
+    yield DeliveryRepository(make_session_factory(engine), tmp_path / "storage")
     engine.dispose()
 
 

@@ -85,7 +85,7 @@ def _stored_paths(node: Node, datasets: Sequence[Dataset]) -> list[Path]:
     with node.sessions() as session:
         rows = {row.sop_instance_uid: row for row in session.scalars(select(Instance))}
     assert set(rows) == {str(ds.SOPInstanceUID) for ds in datasets}
-    return [Path(rows[str(ds.SOPInstanceUID)].path) for ds in datasets]
+    return [node.settings.resolve_stored(rows[str(ds.SOPInstanceUID)].path) for ds in datasets]
 
 
 def _check_stored_as_received(

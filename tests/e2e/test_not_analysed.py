@@ -23,9 +23,8 @@ from tests.support.synthetic import make_ct_series
 def test_too_few_slices_is_answered_not_analysed(
     make_settings: Callable[..., Settings], start_node: Callable[..., Node]
 ) -> None:
-    node = start_node(
-        make_settings(min_series_slices=5, model="lung-ct-demo"), analyse=True, serve_http=False
-    )
+    settings = make_settings(min_series_slices=5, model="lung-ct-demo")
+    node = start_node(settings, analyse=True, serve_http=False)
     assert store_all(node.scp.port, make_ct_series(3, rows=64, columns=64)) == [0, 0, 0]
     deadline = time.monotonic() + 120
     while True:
@@ -43,15 +42,15 @@ def test_too_few_slices_is_answered_not_analysed(
         deliveries = list(session.scalars(select(Delivery)))
     assert prediction.prediction_class is None and prediction.report_path
     # Only the PDF and the SR: no heatmaps without an analysis. They go back to the sender.
-    kinds = sorted(str(dcmread(d.path).Modality) for d in deliveries)
-    assert kinds == ["DOC", "SR"]
+    objects = [dcmread(settings.resolve_stored(d.path)) for d in deliveries]
+    assert sorted(str(ds.Modality) for ds in objects) == ["DOC", "SR"]
     assert {d.destination for d in deliveries} == {"scu"}
-    sr = next(dcmread(d.path) for d in deliveries if dcmread(d.path).Modality == "SR")
+    sr = next(ds for ds in objects if ds.Modality == "SR")
     texts = [str(item.value) for item in sr.iterall() if item.keyword == "TextValue"]
     assert any("3 slice(s)" in text for text in texts), texts
     pdftotext = shutil.which("pdftotext") or require_tool("pdftotext")
     text = subprocess.run(
-        [pdftotext, prediction.report_path, "-"],
+        [pdftotext, str(settings.resolve_stored(prediction.report_path)), "-"],
         capture_output=True,
         text=True,
         timeout=60,

@@ -113,3 +113,32 @@ def test_ingest_processes_default_to_one_per_core(toml_file: Path) -> None:
     assert capped.effective_ingest_processes == 2
     with pytest.raises(ConfigError):
         load_settings(ingest_processes=-1)
+
+
+def test_storage_and_models_dirs_are_absolute_from_the_start(
+    toml_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Resolved once, against the working directory the settings were loaded in."""
+    root = tmp_path.resolve()
+    monkeypatch.chdir(root)
+    settings = load_settings()
+    assert settings.storage_dir == root / "storage"
+    assert settings.models_dir == root / "models"
+    monkeypatch.chdir("/")
+    assert settings.storage_dir == root / "storage"
+    assert settings.effective_database_url == f"sqlite:///{root / 'storage' / 'lungnode.db'}"
+
+
+def test_stored_paths_are_relative_to_the_storage(tmp_path: Path) -> None:
+    settings = load_settings(storage_dir=tmp_path / "storage")
+    inside = settings.storage_dir / "reports" / "1.2.3" / "4.5.6_v1.pdf"
+    assert settings.stored_path(inside) == "reports/1.2.3/4.5.6_v1.pdf"
+    assert settings.resolve_stored("reports/1.2.3/4.5.6_v1.pdf") == inside
+    # Outside the storage a path cannot move with it: it stays absolute, as do old rows.
+    outside = tmp_path / "elsewhere.dcm"
+    assert settings.stored_path(outside) == str(outside)
+    assert settings.resolve_stored(str(outside)) == outside
+    moved = load_settings(storage_dir=tmp_path / "mounted")
+    assert moved.resolve_stored(settings.stored_path(inside)) == (
+        tmp_path / "mounted" / "reports" / "1.2.3" / "4.5.6_v1.pdf"
+    )

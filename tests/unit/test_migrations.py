@@ -54,3 +54,29 @@ def test_upgrade_is_idempotent(tmp_path: Path) -> None:
     upgrade(url)
     upgrade(url)
     assert _stamped(url) == [_head(url)]
+
+
+def test_0002_leaves_the_model_identity_of_existing_predictions_unknown(tmp_path: Path) -> None:
+    """Rows from before 0002 did not record it: NULL, never a guessed "not synthetic"."""
+    from sqlalchemy import text
+
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    upgrade(url, "0001")
+    engine = make_engine(url)
+    with engine.begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO prediction (source, model_name, timestamp) "
+                "VALUES ('upload', 'lung-ct-demo', '2026-01-01 00:00:00')"
+            )
+        )
+    upgrade(url, "0002")
+    with engine.connect() as connection:
+        row = connection.execute(
+            text(
+                "SELECT model_name, model_synthetic, model_intended_use, model_trained_on"
+                " FROM prediction"
+            )
+        ).one()
+    engine.dispose()
+    assert tuple(row) == ("lung-ct-demo", None, None, None)
