@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 import requests
-from lungnode.dicom.synthetic import make_ct_series
-from lungnode.pipeline.node import Node
 from sqlalchemy import select
 
+from lungnode.app.node import Node
 from lungnode.config import Settings
 from lungnode.db.models import Delivery, Instance, Job, Prediction
 from tests.dicom.helpers import store_all
+from tests.support.synthetic import make_ct_series
 
 ROOT = Path(__file__).resolve().parents[2]
 PASSWORD = "admin-password-for-tests"
