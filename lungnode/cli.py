@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from sqlalchemy import Engine
 
     from lungnode.db.deliveries import DeliveryRepository
+    from lungnode.db.repo import NodeRepository
     from lungnode.domain import AnalysisResult
     from lungnode.ml.bundle import ModelBundle
 
@@ -186,6 +187,52 @@ def cmd_deliveries_retry(settings: Settings, args: argparse.Namespace) -> int:
     engine.dispose()
     print(f"{count} dead letter(s) queued again; a running node sends them within seconds")
     return 0
+
+
+def _jobs(settings: Settings) -> tuple[Engine, NodeRepository]:
+    from lungnode.db.migrate import upgrade
+    from lungnode.db.repo import NodeRepository
+    from lungnode.db.session import make_engine, make_session_factory
+
+    settings.storage_dir.mkdir(parents=True, exist_ok=True)
+    upgrade(settings.effective_database_url)
+    engine = make_engine(settings.effective_database_url)
+    return engine, NodeRepository(make_session_factory(engine))
+
+
+def cmd_jobs_list(settings: Settings, args: argparse.Namespace) -> int:
+    from lungnode.db.models import JobState
+
+    engine, repo = _jobs(settings)
+    jobs = repo.jobs(JobState(args.state) if args.state else None)
+    engine.dispose()
+    if not jobs:
+        print(f"no {args.state} jobs" if args.state else "no jobs")
+    for job in jobs:
+        due = (
+            f"\tnext attempt {job.next_attempt_at:%Y-%m-%d %H:%M:%S}" if job.next_attempt_at else ""
+        )
+        print(
+            f"{job.id}\tseries {job.series_id} v{job.version}\t{job.state}"
+            f"\tattempts={job.attempts}{due}\t{job.reason or job.last_error or ''}"
+        )
+    return 0
+
+
+def cmd_jobs_retry(settings: Settings, args: argparse.Namespace) -> int:
+    if not args.all and not args.ids:
+        print("name job ids, or --all", file=sys.stderr)
+        return 2
+    engine, repo = _jobs(settings)
+    retried = repo.retry_failed_jobs(None if args.all else list(args.ids))
+    if retried:
+        repo.audit("cli", "job.retry", ",".join(str(i) for i in retried))
+    engine.dispose()
+    not_failed = sorted(set(args.ids) - set(retried)) if not args.all else []
+    if not_failed:
+        print(f"not failed, left alone: {' '.join(map(str, not_failed))}", file=sys.stderr)
+    print(f"{len(retried)} failed job(s) queued again; a running node starts them within seconds")
+    return 1 if not_failed else 0
 
 
 def cmd_cleanup(settings: Settings, args: argparse.Namespace) -> int:
@@ -384,6 +431,16 @@ def build_parser() -> argparse.ArgumentParser:
     deliveries_retry.add_argument("ids", nargs="*", type=int, metavar="ID")
     deliveries_retry.add_argument("--all", action="store_true", help="every dead letter")
     deliveries_retry.set_defaults(func=cmd_deliveries_retry)
+
+    jobs = commands.add_parser("jobs", help="analysis jobs")
+    jobs_commands = jobs.add_subparsers(dest="jobs_command", required=True)
+    jobs_list = jobs_commands.add_parser("list", help="list jobs, with attempts and last error")
+    jobs_list.add_argument("--state", choices=["queued", "running", "done", "failed"])
+    jobs_list.set_defaults(func=cmd_jobs_list)
+    jobs_retry = jobs_commands.add_parser("retry", help="run failed jobs again")
+    jobs_retry.add_argument("ids", nargs="*", type=int, metavar="ID")
+    jobs_retry.add_argument("--all", action="store_true", help="every failed job")
+    jobs_retry.set_defaults(func=cmd_jobs_retry)
 
     cleanup = commands.add_parser(
         "cleanup", help="delete old uploads that no prediction refers to (upload_retention_hours)"
