@@ -72,6 +72,16 @@ def build_parser() -> argparse.ArgumentParser:
     deliveries_retry.add_argument("--all", action="store_true", help="every dead letter")
     deliveries_retry.set_defaults(func=commands.cmd_deliveries_retry)
 
+    jobs = subcommands.add_parser("jobs", help="analysis jobs")
+    jobs_commands = jobs.add_subparsers(dest="jobs_command", required=True)
+    jobs_list = jobs_commands.add_parser("list", help="list jobs, with attempts and last error")
+    jobs_list.add_argument("--state", choices=["queued", "running", "done", "failed"])
+    jobs_list.set_defaults(func=commands.cmd_jobs_list)
+    jobs_retry = jobs_commands.add_parser("retry", help="run failed jobs again")
+    jobs_retry.add_argument("ids", nargs="*", type=int, metavar="ID")
+    jobs_retry.add_argument("--all", action="store_true", help="every failed job")
+    jobs_retry.set_defaults(func=commands.cmd_jobs_retry)
+
     cleanup = subcommands.add_parser(
         "cleanup", help="delete old uploads that no prediction refers to (upload_retention_hours)"
     )

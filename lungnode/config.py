@@ -181,6 +181,13 @@ class Settings(BaseSettings):
     trust_pickle: bool = False
     #: A series with fewer slices is answered "not analysed" instead of classified.
     min_series_slices: int = Field(default=5, ge=1)
+    #: Attempts of a job that fails on a fault of the node (not of the series), then ``failed``.
+    job_max_attempts: int = Field(default=3, ge=1)
+    #: Back-off after the n-th failed attempt of a job: base * 2^(n-1), capped.
+    job_retry_base_seconds: float = Field(default=30.0, gt=0)
+    job_retry_cap_seconds: float = Field(default=600.0, gt=0)
+    #: Seconds between looks for queued jobs that are due (a new job also wakes the pool).
+    job_check_interval: float = Field(default=1.0, gt=0)
 
     # -- result delivery (the outbox) -------------------------------------------
     #: Back-off after the n-th failed attempt: base * 2^(n-1), capped, with jitter.

@@ -2,8 +2,9 @@
 
 Two kinds of series:
 - counts read from the database at each scrape (instances received, series
-  by state and completed, jobs and deliveries by state, predictions by
-  source), so every process sharing the database reports the same numbers;
+  by state and completed, jobs and deliveries by state, jobs waiting to be
+  retried, predictions by source), so every process sharing the database
+  reports the same numbers;
 - histograms observed in this process (:class:`Metrics`): HTTP request
   durations, and analysis stage latencies (decode, preprocess, inference,
   aggregate, gradcam, total) of every analysis run in it.
@@ -104,6 +105,11 @@ class DatabaseCollector(Collector):
                 select(func.count()).select_from(Series).where(Series.completed_at.is_not(None))
             )
             jobs = dict(session.execute(select(Job.state, func.count()).group_by(Job.state)).all())
+            retrying = session.scalar(
+                select(func.count())
+                .select_from(Job)
+                .where(Job.state == JobState.QUEUED.value, Job.last_error.is_not(None))
+            )
             deliveries = dict(
                 session.execute(select(Delivery.state, func.count()).group_by(Delivery.state)).all()
             )
@@ -123,6 +129,11 @@ class DatabaseCollector(Collector):
         )
         yield _by_label(
             "lungnode_jobs", "Jobs by state", "state", jobs, [s.value for s in JobState]
+        )
+        yield GaugeMetricFamily(
+            "lungnode_jobs_retrying",
+            "Queued jobs waiting to run again after a failed attempt",
+            value=int(retrying or 0),
         )
         yield _by_label(
             "lungnode_deliveries",

@@ -1,4 +1,4 @@
-"""Node status for admins: ``/series``, ``/jobs``, ``/deliveries`` (and retry), ``/peers``."""
+"""Node status for admins: series, jobs and deliveries (with retry), and peers."""
 
 from __future__ import annotations
 
@@ -17,14 +17,25 @@ from lungnode.api.schemas import (
     DeliveryOut,
     DeliveryPage,
     DeliveryQuery,
+    JobOut,
     JobPage,
     JobQuery,
     PeerList,
     SeriesPage,
     SeriesQuery,
 )
-from lungnode.db.models import AuditEvent, Delivery, DeliveryState, Instance, Job, Role, Series
+from lungnode.db.models import (
+    AuditEvent,
+    Delivery,
+    DeliveryState,
+    Instance,
+    Job,
+    JobState,
+    Role,
+    Series,
+)
 from lungnode.db.models import utcnow as _now
+from lungnode.db.repo import REQUEUE_FAILED_JOB
 
 logger = logging.getLogger(__name__)
 
@@ -90,13 +101,38 @@ _SERIES_FIELDS = (
 @node_blueprint.input(JobQuery, location="query")
 @node_blueprint.output(JobPage)
 def list_jobs(query_data: dict[str, Any]) -> dict[str, Any]:
-    """Analysis jobs, newest first."""
+    """Analysis jobs, newest first, with their attempts, when a queued one is next due
+    (``next_attempt_at``, after a failed attempt) and the error of the last failed one."""
     statement = select(Job).order_by(Job.created_at.desc(), Job.id.desc())
     if "state" in query_data:
         statement = statement.where(Job.state == query_data["state"])
     with context.reading() as session:
         result = _page(session, statement, query_data)
         return {"items": [row[0] for row in result.pop("rows")], **result}
+
+
+@node_blueprint.post("/jobs/<int:job_id>/retry")
+@roles(Role.ADMIN)
+@node_blueprint.output(JobOut)
+@node_blueprint.doc(responses={404: "No such job", 409: "Job is not failed"})
+def retry_job(job_id: int) -> Job:
+    """Run a failed job again: back to queued, due now, attempts counted afresh."""
+    with context.writing() as session:
+        changed = session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.state == JobState.FAILED.value)
+            .values(**REQUEUE_FAILED_JOB)
+        )
+        job = session.get(Job, job_id)
+        if job is None:
+            raise APIError(404, "not_found", f"no job {job_id}")
+        if not changed.rowcount:  # type: ignore[attr-defined]
+            raise APIError(409, "conflict", f"job {job_id} is {job.state}, not failed")
+        session.add(AuditEvent(actor=the_user().username, action="job.retry", target=str(job_id)))
+        session.flush()
+        session.refresh(job)
+    logger.info("job %d queued again by user %d", job_id, the_user().id)
+    return job
 
 
 @node_blueprint.get("/deliveries")

@@ -278,14 +278,20 @@ class JobOut(Schema):
     reason = String(allow_none=True)
     instance_count = Integer(required=True)
     attempts = Integer(required=True)
+    next_attempt_at = DateTime(allow_none=True)
+    last_error = String(allow_none=True)
     created_at = DateTime(required=True)
     started_at = DateTime(allow_none=True)
     finished_at = DateTime(allow_none=True)
     details = Dict(allow_none=True)
 
 
+class JobItem(JobOut):
+    """A job inside a page (a separate name keeps the OpenAPI components unique)."""
+
+
 class JobPage(Schema):
-    items = List(Nested(JobOut), required=True)
+    items = List(Nested(JobItem), required=True)
     total = Integer(required=True)
     page = Integer(required=True)
     per_page = Integer(required=True)

@@ -1,4 +1,4 @@
-"""What the node's own commands do: serve, db, user, send, deliveries, cleanup.
+"""What the node's own commands do: serve, db, user, send, deliveries, jobs, cleanup.
 
 ``lungnode.cli`` parses the arguments and calls these. Each opens what it
 needs through this package (:func:`lungnode.app.database.open_database`).
@@ -156,6 +156,44 @@ def cmd_deliveries_retry(settings: Settings, args: argparse.Namespace) -> int:
         count = repo.retry(None if args.all else list(args.ids))
     print(f"{count} dead letter(s) queued again; a running node sends them within seconds")
     return 0
+
+
+def cmd_jobs_list(settings: Settings, args: argparse.Namespace) -> int:
+    from lungnode.db.models import JobState
+    from lungnode.db.repo import NodeRepository
+
+    with open_database(settings) as database:
+        repo = NodeRepository(database.sessions, settings.storage_dir)
+        jobs = repo.jobs(JobState(args.state) if args.state else None)
+    if not jobs:
+        print(f"no {args.state} jobs" if args.state else "no jobs")
+    for job in jobs:
+        due = (
+            f"\tnext attempt {job.next_attempt_at:%Y-%m-%d %H:%M:%S}" if job.next_attempt_at else ""
+        )
+        print(
+            f"{job.id}\tseries {job.series_id} v{job.version}\t{job.state}"
+            f"\tattempts={job.attempts}{due}\t{job.reason or job.last_error or ''}"
+        )
+    return 0
+
+
+def cmd_jobs_retry(settings: Settings, args: argparse.Namespace) -> int:
+    if not args.all and not args.ids:
+        print("name job ids, or --all", file=sys.stderr)
+        return 2
+    from lungnode.db.repo import NodeRepository
+
+    with open_database(settings) as database:
+        repo = NodeRepository(database.sessions, settings.storage_dir)
+        retried = repo.retry_failed_jobs(None if args.all else list(args.ids))
+        if retried:
+            repo.audit("cli", "job.retry", ",".join(str(i) for i in retried))
+    not_failed = sorted(set(args.ids) - set(retried)) if not args.all else []
+    if not_failed:
+        print(f"not failed, left alone: {' '.join(map(str, not_failed))}", file=sys.stderr)
+    print(f"{len(retried)} failed job(s) queued again; a running node starts them within seconds")
+    return 1 if not_failed else 0
 
 
 def cmd_cleanup(settings: Settings, args: argparse.Namespace) -> int:

@@ -28,7 +28,7 @@ from lungnode.dicom.intake import Intake, reconcile
 from lungnode.dicom.scp import SCPConfig, StorageSCP
 from lungnode.errors import BundleError
 from lungnode.pipeline.completion import CompletionWatcher
-from lungnode.pipeline.jobs import JobHandler, LocalJobQueue
+from lungnode.pipeline.jobs import JobHandler, JobRetryPolicy, LocalJobQueue
 from lungnode.pipeline.outbox import Outbox, RetryPolicy
 from lungnode.series.assembler import CompletionRules
 
@@ -86,7 +86,17 @@ class Node:
             self.repo.register_instance,
             min_free_bytes=settings.min_free_disk_mb * 2**20,
         )
-        self.jobs = LocalJobQueue(self.repo, job_handler, settings.workers)
+        self.jobs = LocalJobQueue(
+            self.repo,
+            job_handler,
+            settings.workers,
+            JobRetryPolicy(
+                max_attempts=settings.job_max_attempts,
+                base_seconds=settings.job_retry_base_seconds,
+                cap_seconds=settings.job_retry_cap_seconds,
+            ),
+            interval=settings.job_check_interval,
+        )
         self.watcher = CompletionWatcher(
             self.repo,
             CompletionRules(

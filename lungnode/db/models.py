@@ -224,9 +224,14 @@ class Job(Base):
     series_id: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
     version: Mapped[int] = mapped_column(Integer, default=1)
     state: Mapped[str] = mapped_column(String(16), default=JobState.QUEUED.value, index=True)
+    #: Why the job is ``failed``, for people.
     reason: Mapped[str | None] = mapped_column(Text)
     instance_count: Mapped[int] = mapped_column(Integer, default=0)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    #: A queued job is not claimed before this (back-off after a failed attempt); None: now.
+    next_attempt_at: Mapped[datetime | None] = mapped_column(index=True)
+    #: The error of the last failed attempt, kept when a later attempt succeeds.
+    last_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     started_at: Mapped[datetime | None] = mapped_column()
     finished_at: Mapped[datetime | None] = mapped_column(index=True)

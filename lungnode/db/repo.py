@@ -12,11 +12,23 @@ from __future__ import annotations
 import logging
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, cast
 
-from sqlalchemy import Integer, String, Table, bindparam, func, insert, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Integer,
+    String,
+    Table,
+    and_,
+    bindparam,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -38,6 +50,24 @@ logger = logging.getLogger(__name__)
 
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+def _due(now: datetime) -> ColumnElement[bool]:
+    """A queued job whose back-off, if any, is over."""
+    return and_(
+        Job.state == JobState.QUEUED.value,
+        or_(Job.next_attempt_at.is_(None), Job.next_attempt_at <= now),
+    )
+
+
+#: A failed job queued again by an admin: due now, attempts counted afresh.
+REQUEUE_FAILED_JOB: dict[str, Any] = {
+    "state": JobState.QUEUED.value,
+    "attempts": 0,
+    "next_attempt_at": None,
+    "reason": None,
+    "finished_at": None,
+}
 
 
 @dataclass(frozen=True)
@@ -307,15 +337,32 @@ class NodeRepository:
                 )
             )
 
-    def claim_job(self, job_id: int) -> bool:
-        """queued -> running, for exactly one worker."""
+    def due_job_ids(self, now: datetime | None = None) -> list[int]:
+        """Queued jobs whose back-off, if any, is over, oldest first."""
+        with self._read() as session:
+            return list(session.scalars(select(Job.id).where(_due(now or _now())).order_by(Job.id)))
+
+    def claim_job(self, job_id: int) -> int | None:
+        """queued and due -> running, for exactly one worker.
+
+        Returns the number of this attempt, or None when the job is not due or
+        another worker has it.
+        """
         with self._write() as session:
+            now = _now()
             result = session.execute(
                 update(Job)
-                .where(Job.id == job_id, Job.state == JobState.QUEUED.value)
-                .values(state=JobState.RUNNING.value, started_at=_now(), attempts=Job.attempts + 1)
+                .where(Job.id == job_id, _due(now))
+                .values(
+                    state=JobState.RUNNING.value,
+                    started_at=now,
+                    attempts=Job.attempts + 1,
+                    next_attempt_at=None,
+                )
             )
-            return bool(result.rowcount)  # type: ignore[attr-defined]
+            if not result.rowcount:  # type: ignore[attr-defined]
+                return None
+            return session.scalar(select(Job.attempts).where(Job.id == job_id))
 
     def finish_job(
         self,
@@ -323,6 +370,7 @@ class NodeRepository:
         state: JobState,
         reason: str | None = None,
         details: dict[str, Any] | None = None,
+        error: str | None = None,
     ) -> None:
         """running -> done | failed. A job its handler already finished is left alone."""
         with self._write() as session:
@@ -334,9 +382,43 @@ class NodeRepository:
             job.finished_at = _now()
             if details is not None:
                 job.details = details
+            if error is not None:
+                job.last_error = error
+
+    def retry_job_later(self, job_id: int, error: str, delay_seconds: float) -> None:
+        """running -> queued after a failed attempt, due once the back-off is over."""
+        with self._write() as session:
+            session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.state == JobState.RUNNING.value)
+                .values(
+                    state=JobState.QUEUED.value,
+                    last_error=error,
+                    next_attempt_at=_now() + timedelta(seconds=delay_seconds),
+                )
+            )
+
+    def retry_failed_jobs(self, job_ids: list[int] | None = None) -> list[int]:
+        """failed -> queued (all, or these ids), due now, attempts counted afresh."""
+        with self._write() as session:
+            statement = select(Job.id).where(Job.state == JobState.FAILED.value)
+            if job_ids is not None:
+                statement = statement.where(Job.id.in_(job_ids))
+            ids = list(session.scalars(statement.order_by(Job.id)))
+            if ids:
+                session.execute(update(Job).where(Job.id.in_(ids)).values(**REQUEUE_FAILED_JOB))
+            return ids
+
+    def jobs(self, state: JobState | None = None) -> list[Job]:
+        """Jobs (all, or in one state), oldest first."""
+        with self._read() as session:
+            statement = select(Job).order_by(Job.id)
+            if state is not None:
+                statement = statement.where(Job.state == state.value)
+            return list(session.scalars(statement))
 
     def requeue_interrupted_jobs(self) -> list[int]:
-        """At start: a job left running by a crash is queued again."""
+        """At start: a job left running by a crash is queued again, due now."""
         with self._write() as session:
             ids = list(session.scalars(select(Job.id).where(Job.state == JobState.RUNNING.value)))
             if ids:

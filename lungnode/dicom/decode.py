@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,13 +129,10 @@ def stream_series(
             _to_hu(_decode(ds, path, None), frame, volume[out_index])
             continue
         wanted = {frame.frame_index: (out_index, frame) for out_index, frame in placed}
-        try:
-            for frame_index, stored in enumerate(iter_pixels(ds)):
-                if frame_index in wanted:
-                    out_index, frame = wanted[frame_index]
-                    _to_hu(stored, frame, volume[out_index])
-        except Exception as exc:  # any codec failure is this file's fault
-            raise DecodeError(f"{path.name}: cannot decode pixel data: {exc}") from exc
+        for frame_index, stored in enumerate(_decode_frames(ds, path)):
+            if frame_index in wanted:
+                out_index, frame = wanted[frame_index]
+                _to_hu(stored, frame, volume[out_index])
     # Multi-frame pixels land in sorted places, so the sink sees sorted order.
     if sink is not None:
         for start in range(0, len(frames), batch_size):
@@ -370,12 +367,15 @@ def _native_frame(path: Path, native: NativeSlice) -> _Frame:
 def _rescale(source: Dataset, path: Path) -> tuple[float | None, float | None]:
     """Rescale Slope and Intercept (PS3.3 C.11.1.1.2), or None when absent."""
     slope, intercept = source.get("RescaleSlope"), source.get("RescaleIntercept")
-    return _rescale_values(
-        None if slope is None else float(slope),
-        None if intercept is None else float(intercept),
-        None if source.get("RescaleType") is None else str(source.RescaleType),
-        path,
-    )
+    try:
+        numbers = (
+            None if slope is None else float(slope),
+            None if intercept is None else float(intercept),
+        )
+    except (TypeError, ValueError) as exc:
+        raise DecodeError(f"{path.name}: Rescale Slope/Intercept is not a number") from exc
+    rescale_type = None if source.get("RescaleType") is None else str(source.RescaleType)
+    return _rescale_values(*numbers, rescale_type, path)
 
 
 def _rescale_values(
@@ -430,9 +430,21 @@ def _read(path: Path, *, pixels: bool) -> Dataset:
 def _decode(ds: Dataset, path: Path, frame_index: int | None) -> np.ndarray:
     try:
         return pixel_array(ds, index=frame_index)
+    except MemoryError:
+        raise  # the node's fault, not the file's: the job is retried, not answered
     except Exception as exc:  # any codec failure is this file's fault
         ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "unknown")
         raise DecodeError(f"{path.name}: cannot decode pixel data ({ts}): {exc}") from exc
+
+
+def _decode_frames(ds: Dataset, path: Path) -> Iterator[np.ndarray]:
+    """The frames of a multi-frame instance one at a time; codec failures as ``_decode``."""
+    try:
+        yield from iter_pixels(ds)
+    except MemoryError:
+        raise
+    except Exception as exc:  # any codec failure is this file's fault
+        raise DecodeError(f"{path.name}: cannot decode pixel data: {exc}") from exc
 
 
 def _to_hu(stored: np.ndarray, frame: _Frame, out: np.ndarray) -> None:

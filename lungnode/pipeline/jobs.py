@@ -5,6 +5,14 @@ row is the truth. Workers claim a job with a conditional update, so two
 workers never run one job, and a job left ``running`` by a crash is queued
 again at start (:meth:`NodeRepository.requeue_interrupted_jobs`).
 
+A handler that raises has failed this *attempt*, not the series: a bug or a
+resource fault (disk full, out of memory) says nothing about the images, so
+nothing is sent and the job goes back to ``queued``, due after an exponential
+back-off. After ``max_attempts`` it is ``failed`` with the reason, until an
+admin retries it. What the series itself cannot give (too few slices, pixels
+that cannot be decoded) is not an exception here: the handler answers it
+with a "not analysed" result and the job is ``done``.
+
 What a job *does* is the :data:`JobHandler` seam: the analysis, the writers
 and the outbox plug in there. With no handler, jobs wait in ``queued``.
 """
@@ -15,6 +23,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from lungnode.db.models import JobState
@@ -26,23 +35,50 @@ logger = logging.getLogger(__name__)
 JobHandler = Callable[[int], "dict[str, Any] | None"]
 
 
-class JobFailed(Exception):
-    """A handler's way to fail a job with a reason meant for people."""
+@dataclass(frozen=True)
+class JobRetryPolicy:
+    max_attempts: int = 3
+    base_seconds: float = 30.0
+    cap_seconds: float = 600.0
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait after the ``attempt``-th failure: base·2^(attempt-1), capped.
+
+        No jitter: the pool runs a few jobs at a time, so retries cannot stampede.
+        """
+        return float(min(self.cap_seconds, self.base_seconds * 2.0 ** max(0, attempt - 1)))
 
 
-def run_job(repo: NodeRepository, handler: JobHandler, job_id: int) -> bool:
-    """Claim and run one job. Returns False when another worker had it."""
-    if not repo.claim_job(job_id):
+def run_job(
+    repo: NodeRepository, handler: JobHandler, job_id: int, policy: JobRetryPolicy | None = None
+) -> bool:
+    """Claim and run one attempt of a due job. Returns False when it was not ours to run."""
+    policy = policy or JobRetryPolicy()
+    attempt = repo.claim_job(job_id)
+    if attempt is None:
         return False
-    logger.info("job %d running", job_id)
+    logger.info("job %d running (attempt %d of %d)", job_id, attempt, policy.max_attempts)
     try:
         details = handler(job_id)
-    except JobFailed as exc:
-        logger.warning("job %d failed: %s", job_id, exc)
-        repo.finish_job(job_id, JobState.FAILED, str(exc))
     except Exception as exc:
-        logger.exception("job %d failed unexpectedly", job_id)
-        repo.finish_job(job_id, JobState.FAILED, f"internal error: {exc!r}")
+        error = f"{type(exc).__name__}: {exc}"
+        if attempt >= policy.max_attempts:
+            logger.exception("job %d failed for good after %d attempt(s)", job_id, attempt)
+            repo.finish_job(
+                job_id,
+                JobState.FAILED,
+                f"gave up after {attempt} attempt(s); last error: {error}",
+                error=error,
+            )
+        else:
+            delay = policy.delay(attempt)
+            logger.exception(
+                "job %d attempt %d failed; nothing was sent, retry in %.1f s",
+                job_id,
+                attempt,
+                delay,
+            )
+            repo.retry_job_later(job_id, error, delay)
     else:
         repo.finish_job(job_id, JobState.DONE, details=details)
         logger.info("job %d done", job_id)
@@ -50,40 +86,89 @@ def run_job(repo: NodeRepository, handler: JobHandler, job_id: int) -> bool:
 
 
 class LocalJobQueue:
-    """A pool of worker threads fed with job ids, backed by the job table."""
+    """A pool of worker threads fed with due job ids by a scheduler thread.
 
-    def __init__(self, repo: NodeRepository, handler: JobHandler | None, workers: int = 1) -> None:
+    The scheduler looks for due jobs every ``interval`` seconds, and at once when
+    a job is submitted or an attempt ends, so a job whose back-off is over runs
+    again without a restart, and one queued by another process (``lungnode jobs
+    retry``) is picked up within ``interval``.
+    """
+
+    def __init__(
+        self,
+        repo: NodeRepository,
+        handler: JobHandler | None,
+        workers: int = 1,
+        policy: JobRetryPolicy | None = None,
+        *,
+        interval: float = 1.0,
+    ) -> None:
         self.repo = repo
         self.handler = handler
         self.workers = workers
+        self.policy = policy or JobRetryPolicy()
+        self.interval = interval
         self._ids: queue.Queue[int | None] = queue.Queue()
+        #: Ids handed to the workers and not finished yet: never handed twice.
+        self._handed: set[int] = set()
+        self._handed_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._scheduler: threading.Thread | None = None
 
     def submit(self, job_id: int) -> None:
-        if self.handler is not None and self.workers > 0:
-            self._ids.put(job_id)
+        """A job was queued: look for due jobs now (the row, not the id, is what runs)."""
+        self._wake.set()
 
     def start(self) -> None:
-        """Re-queue interrupted jobs, start the workers and feed them what is queued."""
+        """Re-queue interrupted jobs, start the workers and the scheduler that feeds them."""
         requeued = self.repo.requeue_interrupted_jobs()
         if requeued:
             logger.info("re-queued %d job(s) interrupted by a stop: %s", len(requeued), requeued)
         if self.handler is None or self.workers == 0:
             logger.info("no job handler or workers: jobs stay queued")
             return
+        self._stopping.clear()
         for number in range(self.workers):
             thread = threading.Thread(target=self._work, name=f"job-worker-{number}", daemon=True)
             thread.start()
             self._threads.append(thread)
-        for job_id in self.repo.queued_job_ids():
-            self._ids.put(job_id)
+        self._scheduler = threading.Thread(target=self._schedule, name="job-scheduler", daemon=True)
+        self._scheduler.start()
 
     def stop(self) -> None:
+        self._stopping.set()
+        self._wake.set()
+        if self._scheduler is not None:
+            self._scheduler.join(timeout=30)
+            self._scheduler = None
         for _ in self._threads:
             self._ids.put(None)
         for thread in self._threads:
             thread.join(timeout=30)
         self._threads.clear()
+
+    def feed_due(self) -> int:
+        """Hand every due job not yet handed to the workers. Returns how many."""
+        fed = 0
+        for job_id in self.repo.due_job_ids():
+            with self._handed_lock:
+                if job_id in self._handed:
+                    continue
+                self._handed.add(job_id)
+            self._ids.put(job_id)
+            fed += 1
+        return fed
+
+    def _schedule(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                self.feed_due()
+            except Exception:
+                logger.exception("looking for due jobs failed; will look again")
+            self._wake.wait(self.interval)
+            self._wake.clear()
 
     def _work(self) -> None:
         assert self.handler is not None
@@ -92,6 +177,11 @@ class LocalJobQueue:
             if job_id is None:
                 return
             try:
-                run_job(self.repo, self.handler, job_id)
+                if not self._stopping.is_set():  # left queued for the next start
+                    run_job(self.repo, self.handler, job_id, self.policy)
             except Exception:
                 logger.exception("worker error on job %d", job_id)
+            finally:
+                with self._handed_lock:
+                    self._handed.discard(job_id)
+                self._wake.set()

@@ -28,7 +28,7 @@ from lungnode.config import Settings
 from lungnode.db.results import JobInputs, JobResults, ResultObject, job_inputs, record_job_results
 from lungnode.dicom.intake import write_atomically
 from lungnode.domain import AnalysisResult, HUVolume
-from lungnode.errors import LungnodeError
+from lungnode.errors import DecodeError, LungnodeError
 from lungnode.ml.bundle import ModelBundle, load_bundle
 from lungnode.pipeline.jobs import JobHandler
 
@@ -103,6 +103,11 @@ class SeriesJob:
         paths = [Path(p) for p in inputs.instance_paths]
         if not paths:
             raise NotAnalysable("the series has no stored instance")
+        missing = [p for p in paths if not p.is_file()]
+        if missing:
+            # Received and acknowledged, so ours to keep: storage (a shared volume not
+            # mounted) is at fault, not the series. Failing the attempt retries it.
+            raise FileNotFoundError(f"{len(missing)} stored instance file(s) missing")
         source = dcmread(paths[0], stop_before_pixels=True)
         bundle = self.bundle
         volume, result = self._analyse(source, paths, bundle)
@@ -136,8 +141,10 @@ class SeriesJob:
 
         try:
             volume, result = analyze_series(paths, bundle, check=analysable)
-        except (NotAnalysable, ValueError) as exc:
-            # DecodeError is a ValueError: unreadable pixel data is a reason, not a crash.
+        except (NotAnalysable, DecodeError) as exc:
+            # Only the series' own faults are findings. Anything else (a ValueError
+            # from numpy, the model or Grad-CAM, a full disk, no memory) propagates:
+            # the attempt fails, nothing is sent, and the job is retried.
             logger.warning("series not analysed: %s", exc)
             return None, AnalysisResult.not_analysed(str(exc), bundle.identity)
         self.on_stage_timings(result.timings_s)

@@ -80,6 +80,80 @@ def test_retry_a_dead_delivery(node_rows: API) -> None:
         assert session.query(AuditEvent).filter_by(action="delivery.retry").count() == 1
 
 
+@pytest.fixture
+def job_rows(api: API) -> dict[str, int]:
+    """A failed job, one waiting out its back-off after a failed attempt, and a done one."""
+    with api.app.extensions["lungnode"]["sessions"].begin() as session:
+        series = Series(study_instance_uid="1.2", series_instance_uid="1.2.7", state="complete")
+        session.add(series)
+        session.flush()
+        error = "ValueError: shape mismatch"
+        jobs = {
+            "failed": Job(
+                series_id=series.id,
+                version=1,
+                state="failed",
+                attempts=3,
+                last_error=error,
+                reason=f"gave up after 3 attempt(s); last error: {error}",
+            ),
+            "retrying": Job(
+                series_id=series.id,
+                version=2,
+                state="queued",
+                attempts=1,
+                last_error="OSError: [Errno 28] No space left on device",
+                next_attempt_at=datetime(2026, 1, 1, 12, tzinfo=UTC),
+            ),
+            "done": Job(series_id=series.id, version=3, state="done", attempts=1),
+        }
+        session.add_all(jobs.values())
+        session.flush()
+        return {state: job.id for state, job in jobs.items()}
+
+
+def test_jobs_show_attempts_next_attempt_and_last_error(api: API, job_rows: dict[str, int]) -> None:
+    admin = api.headers("admin")
+    (failed,) = api.client.get("/api/v1/jobs?state=failed", headers=admin).json["items"]
+    assert (failed["attempts"], failed["next_attempt_at"]) == (3, None)
+    assert failed["last_error"] == "ValueError: shape mismatch"
+    assert failed["reason"].startswith("gave up after 3 attempt(s)")
+    (queued,) = api.client.get("/api/v1/jobs?state=queued", headers=admin).json["items"]
+    assert queued["attempts"] == 1 and queued["next_attempt_at"].startswith("2026-01-01T12:00")
+    assert queued["last_error"].startswith("OSError")
+    metrics = api.client.get("/api/v1/metrics").get_data(as_text=True)
+    assert 'lungnode_jobs{state="failed"} 1.0' in metrics
+    assert "lungnode_jobs_retrying 1.0" in metrics
+
+
+def test_retry_a_failed_job(api: API, job_rows: dict[str, int]) -> None:
+    admin = api.headers("admin")
+    retried = api.client.post(f"/api/v1/jobs/{job_rows['failed']}/retry", headers=admin)
+    assert retried.status_code == 200, retried.json
+    body = retried.json
+    assert (body["state"], body["attempts"], body["reason"], body["next_attempt_at"]) == (
+        "queued",
+        0,
+        None,
+        None,
+    )
+    assert body["last_error"] == "ValueError: shape mismatch"  # kept: why it was retried
+    for state in ("failed", "retrying", "done"):  # the first is queued now
+        again = api.client.post(f"/api/v1/jobs/{job_rows[state]}/retry", headers=admin)
+        assert again.status_code == 409 and again.json["error"]["code"] == "conflict"
+    missing = api.client.post("/api/v1/jobs/999/retry", headers=admin)
+    assert missing.status_code == 404 and missing.json["error"]["code"] == "not_found"
+    for role in ("radiologist", "viewer"):
+        refused = api.client.post(
+            f"/api/v1/jobs/{job_rows['done']}/retry", headers=api.headers(role)
+        )
+        assert refused.status_code == 403
+    assert api.client.post(f"/api/v1/jobs/{job_rows['done']}/retry").status_code == 401
+    with api.app.extensions["lungnode"]["sessions"]() as session:
+        events = session.query(AuditEvent).filter_by(action="job.retry").all()
+        assert [(e.actor, e.target) for e in events] == [("admin", str(job_rows["failed"]))]
+
+
 def test_peers(make_api: object) -> None:
     api = make_api(  # type: ignore[operator]
         peers="pacs=ORTHANC@10.0.0.5:4242,ws=WS@10.0.0.9:104", result_destinations="pacs"
@@ -112,6 +186,7 @@ MATRIX = [
     ("GET", "/api/v1/stats", EVERYONE),
     ("GET", "/api/v1/series", ADMINS),
     ("GET", "/api/v1/jobs", ADMINS),
+    ("POST", "/api/v1/jobs/1/retry", ADMINS),
     ("GET", "/api/v1/deliveries", ADMINS),
     ("POST", "/api/v1/deliveries/1/retry", ADMINS),
     ("GET", "/api/v1/peers", ADMINS),

@@ -131,3 +131,46 @@ def test_deliveries_list_and_retry_dead_letters(tmp_path: Path) -> None:
         assert row is not None and (row.state, row.attempts) == ("pending", 0)
     assert "no dead letters" in run(["deliveries", "list"], storage).stdout
     engine.dispose()
+
+
+def test_jobs_list_and_retry_failed_jobs(tmp_path: Path) -> None:
+    from lungnode.db.migrate import upgrade
+    from lungnode.db.models import AuditEvent, Job, Series
+    from lungnode.db.session import make_engine, make_session_factory
+
+    storage = tmp_path / "storage"
+    url = f"sqlite:///{storage / 'lungnode.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    with make_session_factory(engine).begin() as session:
+        series = Series(study_instance_uid="1.2", series_instance_uid="1.2.3")
+        session.add(series)
+        session.flush()
+        error = "ValueError: shape mismatch"
+        reason = f"gave up after 3 attempt(s); last error: {error}"
+        session.add_all(
+            [
+                Job(series_id=series.id, version=1, state="failed", attempts=3, reason=reason),
+                Job(series_id=series.id, version=2, state="done", attempts=1),
+                Job(series_id=series.id, version=3, state="failed", attempts=3, reason=reason),
+            ]
+        )
+    assert run(["jobs", "list", "--state", "queued"], storage).stdout == "no queued jobs\n"
+    listed = run(["jobs", "list", "--state", "failed"], storage).stdout.splitlines()
+    assert [line.split("\t")[0] for line in listed] == ["1", "3"]
+    assert "attempts=3" in listed[0] and "ValueError: shape mismatch" in listed[0]
+    assert len(run(["jobs", "list"], storage).stdout.splitlines()) == 3
+    assert run(["jobs", "retry"], storage).returncode == 2
+    # A job that is not failed is left alone, and said so.
+    some = run(["jobs", "retry", "1", "2"], storage)
+    assert some.returncode == 1 and "not failed, left alone: 2" in some.stderr
+    assert some.stdout.startswith("1 failed job(s) queued again")
+    every = run(["jobs", "retry", "--all"], storage)
+    assert every.returncode == 0 and every.stdout.startswith("1 failed job(s)")
+    with make_session_factory(engine)() as session:
+        states = [(j.state, j.attempts, j.reason) for j in session.query(Job).order_by(Job.id)]
+        audit = [(e.actor, e.action, e.target) for e in session.query(AuditEvent)]
+    assert states == [("queued", 0, None), ("done", 1, None), ("queued", 0, None)]
+    assert audit == [("cli", "job.retry", "1"), ("cli", "job.retry", "3")]
+    assert "no failed jobs" in run(["jobs", "list", "--state", "failed"], storage).stdout
+    engine.dispose()

@@ -342,3 +342,35 @@ def test_plain_16_bit_series_match_pydicom(signed: bool, bits_stored: int, tmp_p
         ]
     )
     assert np.array_equal(load_series(_shuffled(paths)).hu, expected.astype(np.float32))
+
+
+def test_a_rescale_that_is_not_a_number_is_a_decode_error(tmp_path: Path) -> None:
+    """The series' fault, so a "not analysed" answer; a bare ValueError would be a bug's."""
+    (path,) = write_series(make_ct_series(1, rows=SIZE, columns=SIZE), tmp_path)
+    raw = path.read_bytes()
+    slope = raw.index(b"\x28\x00\x53\x10DS\x04\x00")  # (0028,1053) Rescale Slope, 4 bytes
+    path.write_bytes(raw[: slope + 8] + b"abc " + raw[slope + 12 :])
+    with pytest.raises(DecodeError, match="Rescale Slope/Intercept is not a number"):
+        load_image(path)
+
+
+@pytest.mark.parametrize("enhanced", [False, True])
+def test_out_of_memory_while_decoding_is_not_the_files_fault(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, enhanced: bool
+) -> None:
+    """MemoryError is the node's fault: it must not become a DecodeError ("not analysed")."""
+    from pydicom.uid import RLELossless
+
+    import lungnode.dicom.decode as decode
+
+    def exhausted(*args: object, **kwargs: object) -> np.ndarray:
+        raise MemoryError
+
+    monkeypatch.setattr(decode, "pixel_array", exhausted)
+    monkeypatch.setattr(decode, "iter_pixels", exhausted)
+    paths = write_series(
+        make_ct_series(2, rows=SIZE, columns=SIZE, transfer_syntax=RLELossless, enhanced=enhanced),
+        tmp_path,
+    )
+    with pytest.raises(MemoryError):
+        load_series(paths)
