@@ -119,11 +119,15 @@ def test_a_job_that_fails_once_then_succeeds_is_done_with_one_set_of_results(
     assert job.last_error is not None and "shape mismatch" in job.last_error  # kept as history
     predictions, deliveries, files = _outputs(node)
     assert len(predictions) == 1 and predictions[0].prediction_class
-    modalities = sorted(str(dcmread(d.path).Modality) for d in deliveries)
+    modalities = sorted(str(_read(node, d.path).Modality) for d in deliveries)
     assert modalities.count("DOC") == 1 and modalities.count("SR") == 1 and len(modalities) > 2
     assert len({d.sop_instance_uid for d in deliveries}) == len(deliveries)
     assert {d.destination for d in deliveries} == {"scu"}
     assert len([f for f in files if f.suffix == ".dcm"]) == len(deliveries)
+
+
+def _read(node: Node, stored: str) -> Dataset:
+    return dcmread(node.settings.resolve_stored(stored))
 
 
 def _undecodable(series: list[Dataset]) -> list[Dataset]:
@@ -149,7 +153,7 @@ def test_pixels_that_cannot_be_decoded_are_answered_not_analysed(
     assert "cannot decode pixel data" in job.details["not_analysed_reason"]
     predictions, deliveries, _ = _outputs(node)
     assert len(predictions) == 1 and predictions[0].prediction_class is None
-    assert sorted(str(dcmread(d.path).Modality) for d in deliveries) == ["DOC", "SR"]
+    assert sorted(str(_read(node, d.path).Modality) for d in deliveries) == ["DOC", "SR"]
 
 
 def test_a_missing_stored_file_is_a_storage_fault_not_a_finding(
@@ -164,7 +168,7 @@ def test_a_missing_stored_file_is_a_storage_fault_not_a_finding(
     (job_id,) = node.repo.queued_job_ids()
     with node.sessions() as session:
         paths = list(session.scalars(select(Instance.path).order_by(Instance.instance_number)))
-    Path(paths[-1]).unlink()
+    settings.resolve_stored(paths[-1]).unlink()
     handler = make_series_job(settings, node.sessions)
     assert run_job(node.repo, handler, job_id, JobRetryPolicy(max_attempts=3, base_seconds=60))
     with node.sessions() as session:
