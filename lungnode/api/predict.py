@@ -31,7 +31,7 @@ from lungnode.api.schemas import (
 )
 from lungnode.api.uploads import StoredUpload, find_upload, remove_tree, store_upload
 from lungnode.db.models import AuditEvent, BatchPrediction, Prediction, Role, utcnow
-from lungnode.errors import BundleError
+from lungnode.errors import BundleError, NotCTError
 
 if TYPE_CHECKING:
     from lungnode.domain import HUVolume
@@ -56,11 +56,20 @@ MIN_SIDE = 32
 
 
 def _decode(upload: StoredUpload) -> HUVolume:
-    """The upload as a HU volume: a picture is read in the lung window, DICOM keeps its HU."""
+    """The upload as a HU volume: a picture is read in the lung window, DICOM keeps its HU.
+
+    DICOM must be a CT image in HU, by the rule every route applies
+    (``dicom.modality``); anything else answers 422 ``not_ct`` before decoding.
+    """
     try:
         if upload.kind == "DICOM":
             from lungnode.dicom.decode import load_image
+            from lungnode.dicom.modality import require_ct_file
 
+            try:
+                require_ct_file(upload.path, name="")
+            except NotCTError as exc:
+                raise APIError(422, "not_ct", str(exc), {"modality": exc.modality}) from exc
             volume = load_image(upload.path)
         else:
             from lungnode.pipeline.analyze import load_picture

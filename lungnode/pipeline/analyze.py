@@ -254,9 +254,12 @@ def series_files(folder: Path) -> list[Path]:
     Raises:
         DecodeError: no DICOM file, or files of more than one series (the
             Series Instance UIDs are named, so the user can split them).
+        NotCTError: a file is not a CT image in HU (``dicom.modality``).
     """
     import pydicom
     from pydicom.errors import InvalidDicomError
+
+    from lungnode.dicom.modality import RULE_KEYWORDS, require_ct
 
     by_series: dict[str, list[Path]] = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
@@ -264,10 +267,13 @@ def series_files(folder: Path) -> list[Path]:
             continue
         try:
             header = pydicom.dcmread(
-                path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"]
+                path,
+                stop_before_pixels=True,
+                specific_tags=["SeriesInstanceUID", *RULE_KEYWORDS],
             )
         except (InvalidDicomError, OSError, EOFError, ValueError) as exc:
             raise DecodeError(f"{path.name}: not a readable DICOM file: {exc}") from exc
+        require_ct(header, path.name)
         by_series.setdefault(str(header.get("SeriesInstanceUID", "")), []).append(path)
     if not by_series:
         raise DecodeError(f"{folder} holds no DICOM file")
@@ -284,12 +290,18 @@ def series_files(folder: Path) -> list[Path]:
 def analyze_path(path: Path, bundle: ModelBundle, *, with_heatmaps: bool = True) -> PathAnalysis:
     """Analyse what a user points at: a DICOM file, a folder of one series, a PNG or a JPEG.
 
+    A DICOM input must be a CT image in HU, by the rule every route applies
+    (``dicom.modality``).
+
     Raises:
         FileNotFoundError: ``path`` does not exist.
         DecodeError: unreadable input, or a folder of several series.
+        NotCTError: DICOM that is not CT, or has no Hounsfield units.
         ValueError: a file that is neither a picture nor DICOM.
     """
     import pydicom
+
+    from lungnode.dicom.modality import require_ct_file
 
     path = Path(path)
     if not path.exists():
@@ -308,6 +320,7 @@ def analyze_path(path: Path, bundle: ModelBundle, *, with_heatmaps: bool = True)
     if path.is_dir():
         files = series_files(path)
     elif _is_dicom(path):
+        require_ct_file(path)
         files = [path]
     else:
         raise ValueError(f"{path.name}: expected a PNG, JPEG or DICOM file, or a series folder")

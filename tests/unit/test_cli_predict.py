@@ -177,3 +177,23 @@ def test_bad_inputs_exit_2(tmp_path: Path, in_process: Any) -> None:
 
     code, _, err = in_process("predict", str(notes), "--model", "no-such-model")
     assert code == 2
+
+
+@pytest.mark.parametrize(("name", "modality"), [("MR_small.dcm", "MR"), ("SC_rgb_rle.dcm", "OT")])
+def test_dicom_that_is_not_ct_exits_2(
+    tmp_path: Path, in_process: Any, name: str, modality: str
+) -> None:
+    """The rule of every route (``dicom.modality``): MR_small.dcm used to get a lung verdict."""
+    from pydicom.data import get_testdata_file
+
+    source = str(get_testdata_file(name))
+    code, out, err = in_process("predict", source, "--json")
+    assert code == 2 and out == ""
+    assert f"lungnode predict: {name}: Modality {modality} is not CT" in err
+    assert "Hounsfield units" in err
+    # A series folder with one such file among CT files is refused too.
+    folder = tmp_path / "mixed"
+    write_series(make_ct_series(2, rows=32, columns=32), folder)
+    (folder / name).write_bytes(Path(source).read_bytes())
+    code, _, err = in_process("predict", str(folder))
+    assert code == 2 and f"Modality {modality} is not CT" in err
