@@ -129,7 +129,7 @@ def predict_upload(
             series_instance_uid=upload.series_instance_uid,
             image_path=str(upload.path),
             prediction_class=result.verdict,
-            confidence_score=float(result.confidence),
+            confidence_score=result.confidence,
             all_scores={label: float(score) for label, score in result.class_scores.items()},
             model_name=identity.name,
             model_version=identity.version,
@@ -161,10 +161,9 @@ def predict_upload(
         answer = prediction_answer(prediction, len(result.heatmaps), identity)
     metrics.observe_analysis(result.timings_s, answer["processing_time"])
     logger.info(
-        "prediction %d: %s (%.3f) in %.3f s",
+        "prediction %d: %s in %.3f s",
         answer["prediction_id"],
-        result.verdict,
-        result.confidence,
+        result.verdict_text(),
         answer["processing_time"],
     )
     return answer
@@ -177,7 +176,7 @@ def prediction_answer(
     return {
         "prediction_id": prediction.id,
         "prediction": prediction.prediction_class or "",
-        "confidence": prediction.confidence_score or 0.0,
+        "confidence": prediction.confidence_score,
         "confidence_scores": prediction.all_scores or {},
         "heatmap_url": urls[0] if urls else None,
         "heatmap_urls": urls,

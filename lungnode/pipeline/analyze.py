@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import cv2
 import numpy as np
 
-from lungnode.domain import AnalysisResult, HUVolume, SliceRef
+from lungnode.domain import AnalysisResult, HUVolume, SliceRef, verdict_text
 from lungnode.errors import DecodeError
 from lungnode.imaging.windowing import picture_to_hu
 from lungnode.ml.bundle import ModelBundle
@@ -51,9 +51,9 @@ def analyze_volume(
 
     The volume is scored ``batch_size`` slices at a time, so memory beyond
     the volume itself is bounded by one batch. Heatmaps explain the verdict
-    class on each key slice; for a Normal verdict they explain the most
-    likely lesion class of that slice instead, since "why normal" has no
-    useful map.
+    class on each key slice; for a Normal or Indeterminate verdict they
+    explain the most likely lesion class of that slice instead, since "why
+    normal" has no useful map.
     """
     started = time.perf_counter()
     if volume.hu.shape[0] == 0:
@@ -102,10 +102,9 @@ def conclude(
         timings["gradcam"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - started
     logger.info(
-        "analysed %d slices: %s (%.3f) with %s %s",
+        "analysed %d slices: %s with %s %s",
         volume.hu.shape[0],
-        verdict.verdict,
-        verdict.confidence,
+        verdict_text(verdict.verdict, verdict.confidence, verdict.class_scores),
         bundle.identity.name,
         bundle.identity.version,
     )
@@ -132,7 +131,9 @@ def _explained_classes(
     labels: tuple[str, ...],
     normal: str,
 ) -> list[int]:
-    if verdict != normal:
+    # A lesion verdict explains its class; Normal and Indeterminate explain
+    # what came closest to a lesion on each slice, since "why not" has no map.
+    if verdict in labels and verdict != normal:
         return [labels.index(verdict)] * len(key_slices)
     lesion = np.array([i for i, label in enumerate(labels) if label != normal])
     return [int(lesion[np.argmax(scores[i, lesion])]) for i in key_slices]
@@ -333,6 +334,8 @@ def analyze_path(path: Path, bundle: ModelBundle, *, with_heatmaps: bool = True)
 def result_json(result: AnalysisResult) -> dict[str, Any]:
     """The JSON form of a result, as ``lungnode predict --json`` prints it.
 
+    ``prediction`` is a label or "Indeterminate"; ``confidence`` is its class
+    score, null for Indeterminate (see ``ml.inference``).
     ``confidence_scores`` maps every label to its probability (they sum to 1);
     ``key_slices`` name each key slice by index and SOP Instance UID (empty
     for a picture), so a reader can find it in the PACS.
@@ -384,8 +387,7 @@ def report_pdf(analysis: PathAnalysis) -> bytes:
         picture = render_key_image(
             analysis.volume.hu[index],
             heatmap,
-            label=result.verdict,
-            series_score=result.confidence,
+            verdict=result.verdict_text(),
             slice_score=float(result.slice_scores[index].max()),
             model=result.model,
         )
