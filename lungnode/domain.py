@@ -19,6 +19,27 @@ CLASS_LABELS: tuple[str, ...] = (
     "Squamous Cell Carcinoma",
 )
 
+#: The verdict when no class clears its bar under the series rule
+#: (``ml.inference.aggregate``): no lesion class on enough slices, and a Normal
+#: score below the threshold. It has no confidence of its own.
+INDETERMINATE = "Indeterminate"
+
+
+def verdict_text(verdict: str, confidence: float | None, class_scores: dict[str, float]) -> str:
+    """The verdict as every output words it: the CLI, the PDF, the SC banner and the SR.
+
+    A class verdict carries its own score ("Adenocarcinoma (confidence 0.912)").
+    Indeterminate has no score of its own, so it names the highest class score
+    instead, saying that it did not reach the rule's threshold; a reader then
+    never meets a verdict beside a number that belongs to another class.
+    """
+    if verdict != INDETERMINATE:
+        return f"{verdict} (confidence {float(confidence or 0.0):.3f})"
+    if not class_scores:
+        return f"{INDETERMINATE} (no class reached its threshold)"
+    label, score = max(class_scores.items(), key=lambda item: item[1])
+    return f"{INDETERMINATE} (no class reached its threshold; highest score {label} {score:.3f})"
+
 
 @dataclass(frozen=True)
 class SliceRef:
@@ -78,10 +99,12 @@ class AnalysisResult:
     ``slice_scores`` is float32 (slices, classes) with columns in ``labels``
     order; ``class_scores`` sums to 1. ``key_slices`` are indices into the
     analysed volume, most suspicious first, and ``heatmaps`` line up with them.
+    ``verdict`` is one of ``labels`` or :data:`INDETERMINATE`; ``confidence`` is
+    the verdict's class score, and None for Indeterminate.
     """
 
     verdict: str
-    confidence: float
+    confidence: float | None
     class_scores: dict[str, float]
     slice_scores: np.ndarray
     key_slices: list[int]
@@ -103,10 +126,10 @@ class AnalysisResult:
     def explanation(self) -> str:
         """One sentence on how the series rule (``ml.inference``) reached the verdict.
 
-        A Normal verdict's confidence is the mean Normal score, which can be
-        low on a series where one slice looked suspicious without passing
-        the rule; saying how close the series came keeps that from reading
-        as a contradiction. Empty for a result without a rule (not analysed).
+        For a Normal or an Indeterminate verdict it also says how close the
+        series came to a lesion verdict, and for Indeterminate why it is not
+        Normal either: a reader checking a negative or open result wants to
+        know what came closest. Empty for a result without a rule (not analysed).
         """
         rule = self.rule
         if not self.analysed or rule.get("rule") != "lesion_slices":
@@ -120,14 +143,25 @@ class AnalysisResult:
             f"lesion threshold {threshold:.2f}; the rule needs {needed} for a lesion verdict."
         )
         lesion = [i for i, label in enumerate(self.labels) if label != normal]
-        if self.verdict != normal or n == 0 or not lesion:
+        if self.verdict not in (normal, INDETERMINATE) or n == 0 or not lesion:
             return counted
+        if self.verdict == INDETERMINATE:
+            counted += (
+                f" The mean {normal} score {self.class_scores.get(normal, 0.0):.3f} is below "
+                f"{threshold:.2f}, so the series is not {normal} either."
+            )
         columns = self.slice_scores[:, lesion]
         slice_index, column = divmod(int(np.argmax(columns)), len(lesion))
         return (
             f"{counted} Highest lesion score: {float(columns[slice_index, column]):.3f} "
             f"({self.labels[lesion[column]]}, slice {slice_index + 1})."
         )
+
+    def verdict_text(self) -> str:
+        """The verdict and its confidence in words, as every output shows it (``verdict_text``)."""
+        if not self.analysed:
+            return "Not analysed"
+        return verdict_text(self.verdict, self.confidence, self.class_scores)
 
     @classmethod
     def not_analysed(cls, reason: str, model: ModelIdentity) -> AnalysisResult:

@@ -31,3 +31,15 @@ class BundleError(LungnodeError, ValueError):
 
 class DecodeError(LungnodeError, ValueError):
     """Pixel data cannot be read or turned into HU; the message says which file and why."""
+
+
+class NotCTError(LungnodeError):
+    """A DICOM image that is not CT, or has no Hounsfield units: it is never analysed.
+
+    The rule is ``dicom.modality.why_not_ct``; ``modality`` is the image's
+    Modality, None when it has none.
+    """
+
+    def __init__(self, message: str, modality: str | None = None) -> None:
+        super().__init__(message)
+        self.modality = modality

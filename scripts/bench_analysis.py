@@ -82,7 +82,7 @@ def run_once(paths: list[Path], bundle_path: Path) -> dict[str, float]:
     timings["total"] = total
     timings["forward_alone"] = forward_alone(bundle, volume.hu)
     print(
-        f"  {result.verdict} ({result.confidence:.3f}), key slices {result.key_slices}: "
+        f"  {result.verdict_text()}, key slices {result.key_slices}: "
         f"total {total:.2f} s, model alone {timings['forward_alone']:.2f} s"
     )
     return timings

@@ -73,7 +73,7 @@ def main() -> None:
         result = analyze_volume(volume, bundle)
         peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         timings_text = ", ".join(f"{k} {v:.2f} s" for k, v in result.timings_s.items())
-        verdict = f"{result.verdict} ({result.confidence:.3f})"
+        verdict = result.verdict_text()
         print(f"series of {args.series} slices: {verdict}; {timings_text}")
         volume_mib = volume_hu.nbytes / 2**20
         print(f"peak RSS of this process: {peak_mib:.0f} MiB (volume alone {volume_mib:.0f} MiB)")

@@ -33,7 +33,7 @@ from lungnode.api.schemas import (
 )
 from lungnode.api.uploads import StoredUpload, find_upload, remove_tree, store_upload
 from lungnode.db.models import AuditEvent, BatchPrediction, Prediction, Role, utcnow
-from lungnode.errors import BundleError
+from lungnode.errors import BundleError, NotCTError
 
 if TYPE_CHECKING:
     from lungnode.domain import HUVolume
@@ -58,11 +58,20 @@ MIN_SIDE = 32
 
 
 def _decode(upload: StoredUpload) -> HUVolume:
-    """The upload as a HU volume: a picture is read in the lung window, DICOM keeps its HU."""
+    """The upload as a HU volume: a picture is read in the lung window, DICOM keeps its HU.
+
+    DICOM must be a CT image in HU, by the rule every route applies
+    (``dicom.modality``); anything else answers 422 ``not_ct`` before decoding.
+    """
     try:
         if upload.kind == "DICOM":
             from lungnode.dicom.decode import load_image
+            from lungnode.dicom.modality import require_ct_file
 
+            try:
+                require_ct_file(upload.path, name="")
+            except NotCTError as exc:
+                raise APIError(422, "not_ct", str(exc), {"modality": exc.modality}) from exc
             volume = load_image(upload.path)
         else:
             from lungnode.pipeline.analyze import load_picture
@@ -119,7 +128,7 @@ def predict_upload(
             series_instance_uid=upload.series_instance_uid,
             image_path=context.stored_path(upload.path),
             prediction_class=result.verdict,
-            confidence_score=float(result.confidence),
+            confidence_score=result.confidence,
             all_scores={label: float(score) for label, score in result.class_scores.items()},
             model_name=identity.name,
             model_version=identity.version,
@@ -154,10 +163,9 @@ def predict_upload(
         answer = prediction_answer(prediction, len(result.heatmaps))
     context.metrics().observe_analysis(result.timings_s, answer["processing_time"])
     logger.info(
-        "prediction %d: %s (%.3f) in %.3f s",
+        "prediction %d: %s in %.3f s",
         answer["prediction_id"],
-        result.verdict,
-        result.confidence,
+        result.verdict_text(),
         answer["processing_time"],
     )
     return answer
@@ -168,7 +176,7 @@ def prediction_answer(prediction: Prediction, heatmaps: int) -> dict[str, Any]:
     return {
         "prediction_id": prediction.id,
         "prediction": prediction.prediction_class or "",
-        "confidence": prediction.confidence_score or 0.0,
+        "confidence": prediction.confidence_score,
         "confidence_scores": prediction.all_scores or {},
         "heatmap_url": urls[0] if urls else None,
         "heatmap_urls": urls,

@@ -140,8 +140,14 @@ class ModelOut(Schema):
 
 class PredictionOut(Schema):
     prediction_id = Integer(required=True)
-    prediction = String(required=True)
-    confidence = Float(required=True)
+    prediction = String(
+        required=True, metadata={"description": 'a class label, or "Indeterminate"'}
+    )
+    confidence = Float(
+        required=True,
+        allow_none=True,
+        metadata={"description": "the verdict's class score; null for Indeterminate"},
+    )
     confidence_scores = Dict(keys=String(), values=Float(), required=True)
     heatmap_url = String(allow_none=True, required=True)
     heatmap_urls = List(String(), required=True)

@@ -42,7 +42,7 @@ def _describe(result: AnalysisResult, source: Path) -> str:
 
     count = result.slice_scores.shape[0]
     lines = [f"{source.name}: {count} slice{'s' if count != 1 else ''} analysed"]
-    lines.append(f"Verdict: {result.verdict} (confidence {result.confidence:.3f})")
+    lines.append(f"Verdict: {result.verdict_text()}")
     if explanation := result.explanation():
         lines.append(explanation)
     lines.append("Class scores:")

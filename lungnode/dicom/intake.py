@@ -25,6 +25,8 @@ from pydicom.encaps import generate_fragments
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
+from lungnode.dicom.modality import ACCEPTED_SOP_CLASSES as ACCEPTED_SOP_CLASSES
+from lungnode.dicom.modality import why_not_ct
 from lungnode.domain import InstanceFacts
 from lungnode.errors import IntakeError
 
@@ -39,11 +41,6 @@ STATUS_CANNOT_UNDERSTAND = 0xC000
 STATUS_MISSING_ATTRIBUTE = 0xC001
 STATUS_INVALID_UID = 0xC002
 STATUS_PIXEL_DATA_INVALID = 0xC003
-
-#: The SOP classes this node stores (PS3.4 B.5): CT Image and Enhanced CT Image.
-CT_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.2")
-ENHANCED_CT_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.2.1")
-ACCEPTED_SOP_CLASSES = (CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE)
 
 # PS3.5 9.1: digits and dots, no empty component, at most 64 characters. Being
 # strict here is what makes a UID safe to use as a path component.
@@ -214,12 +211,11 @@ class Intake:
 
     def store(self, encoded: bytes, association_id: int | None = None) -> InstanceFacts:
         """Store one data set (preamble, file meta and data set bytes); raise IntakeError."""
-        _dataset, facts = parse_instance(encoded)
-        if facts.sop_class_uid not in ACCEPTED_SOP_CLASSES:
-            raise IntakeError(
-                STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS,
-                f"SOP Class {facts.sop_class_uid} is not CT Image or Enhanced CT Image Storage",
-            )
+        dataset, facts = parse_instance(encoded)
+        # The same rule as every other route in (``dicom.modality``).
+        reason = why_not_ct(dataset)
+        if reason is not None:
+            raise IntakeError(STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS, reason)
         path = instance_path(self.incoming_dir, facts)
         self._check_free_space(len(encoded))
         try:

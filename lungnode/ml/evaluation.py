@@ -4,8 +4,8 @@ The folder is laid out as for ``lungnode train --data`` (one folder per class,
 names mapped by ``ml.train.folder_label``). Every image is scored as one
 slice; the predicted class is the highest score (argmax). The accuracy under
 the bundle's series rule, as ``lungnode predict`` gives a verdict for one
-image, is reported beside it, because the rule's lesion threshold turns
-unconfident lesion scores into Normal.
+image, is reported beside it, because the rule's threshold turns an image
+that no class scores confidently into Indeterminate, which counts as a miss.
 
 ROC AUC is computed here with NumPy (the Mann-Whitney U statistic, ties
 counted half) so the node does not depend on scikit-learn. The plot is drawn
@@ -23,6 +23,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from lungnode.domain import INDETERMINATE
 from lungnode.imaging.windowing import build_model_input
 from lungnode.ml.bundle import ModelBundle
 from lungnode.ml.inference import aggregate
@@ -40,7 +41,7 @@ class Evaluation:
     scores: np.ndarray
     #: True class index of each image.
     truth: np.ndarray
-    #: Class index the series rule gives each image on its own.
+    #: Class index the series rule gives each image on its own; -1 for Indeterminate.
     rule_verdicts: np.ndarray
     files: list[Path]
 
@@ -159,7 +160,7 @@ def evaluate_folder(data_dir: Path, bundle: ModelBundle, batch_size: int = 32) -
     rule = manifest.aggregation
     verdicts = np.array(
         [
-            labels.index(aggregate(scores[i : i + 1], labels, rule).verdict)
+            _label_index(aggregate(scores[i : i + 1], labels, rule).verdict, labels)
             for i in range(len(pairs))
         ],
         dtype=np.int64,
@@ -167,6 +168,11 @@ def evaluate_folder(data_dir: Path, bundle: ModelBundle, batch_size: int = 32) -
     truth = np.array([index for _, index in pairs], dtype=np.int64)
     logger.info("evaluated %s on %d images from %s", manifest.name, truth.size, root)
     return Evaluation(labels, scores, truth, verdicts, [path for path, _ in pairs])
+
+
+def _label_index(verdict: str, labels: tuple[str, ...]) -> int:
+    """The verdict's column, or -1 for Indeterminate (no class)."""
+    return labels.index(verdict) if verdict != INDETERMINATE else -1
 
 
 # -- the plot ------------------------------------------------------------------

@@ -7,15 +7,23 @@ rule; the only rule today is ``lesion_slices``:
 
 - a slice is a *lesion slice* when its highest lesion-class score (any class
   but ``normal_label``) is at least ``threshold``;
-- the series is ``normal_label`` unless at least ``min_slices`` slices are
-  lesion slices (for inputs with fewer slices than ``min_slices``, all of
-  them must be: a single image needs one);
-- otherwise the verdict is the lesion class with the highest mean score over
-  the ``top_n`` most suspicious slices.
+- when at least ``min_slices`` slices are lesion slices (for inputs with
+  fewer slices than ``min_slices``, all of them must be: a single image needs
+  one), the verdict is the lesion class with the highest mean score over the
+  ``top_n`` most suspicious slices;
+- otherwise the series is ``normal_label`` when the mean Normal score over
+  all slices is at least ``threshold`` too;
+- otherwise no class cleared its bar, and the verdict is
+  :data:`~lungnode.domain.INDETERMINATE`, with no confidence.
 
 One lesion slice is not enough because a real lesion spans several
 contiguous slices, while an isolated false positive (a vessel seen end-on)
-does not.
+does not. Normal must clear the same bar as a lesion class because "no
+lesion slice passed" is not the same as "normal": a slice that scores 0.75
+Adenocarcinoma and 0.02 Normal is not a normal slice, and calling it Normal
+with a 2% confidence would tell a reader nothing they can act on.
+Indeterminate says what happened: the model was not sure, so read the
+images as usual.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from lungnode.domain import INDETERMINATE
 from lungnode.imaging.windowing import build_model_input
 from lungnode.ml.bundle import ModelBundle
 
@@ -43,7 +52,8 @@ class SeriesVerdict:
     """The outcome of the aggregation rule over slice scores."""
 
     verdict: str
-    confidence: float
+    #: The verdict's class score; None for Indeterminate.
+    confidence: float | None
     class_scores: dict[str, float]
     key_slices: list[int]
     lesion_slices: list[int]
@@ -175,8 +185,9 @@ def aggregate(
 
     ``class_scores`` is the mean softmax vector over the slices that decide:
     the ``top_n`` most suspicious slices for a lesion verdict, every slice for
-    a Normal verdict. Both are means of probability vectors, so they sum to 1.
-    ``confidence`` is the verdict's class score.
+    a Normal or Indeterminate verdict. Both are means of probability vectors,
+    so they sum to 1. ``confidence`` is the verdict's class score, None for
+    Indeterminate (which is no class).
 
     ``key_slices`` are always the ``top_n`` slices with the highest lesion
     score, most suspicious first, also for a Normal verdict: a reader checking
@@ -210,17 +221,19 @@ def aggregate(
         "top_n": top_n,
         "lesion_slice_count": int(lesion_slices.size),
     }
+    verdict_index: int | None
     if lesion_slices.size >= needed:
         mean = slice_scores[ranked].mean(axis=0, dtype=np.float64)
+        mean = mean / mean.sum()
         verdict_index = lesion_columns[int(np.argmax(mean[lesion_columns]))]
     else:
         mean = slice_scores.mean(axis=0, dtype=np.float64)
-        verdict_index = normal_index
-    mean = mean / mean.sum()
+        mean = mean / mean.sum()
+        verdict_index = normal_index if mean[normal_index] >= threshold else None
     class_scores = {label: float(mean[i]) for i, label in enumerate(labels)}
     return SeriesVerdict(
-        verdict=labels[verdict_index],
-        confidence=float(mean[verdict_index]),
+        verdict=labels[verdict_index] if verdict_index is not None else INDETERMINATE,
+        confidence=float(mean[verdict_index]) if verdict_index is not None else None,
         class_scores=class_scores,
         key_slices=[int(i) for i in ranked],
         lesion_slices=[int(i) for i in lesion_slices],

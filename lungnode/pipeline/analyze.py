@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import cv2
 import numpy as np
 
-from lungnode.domain import AnalysisResult, HUVolume, SliceRef
+from lungnode.domain import AnalysisResult, HUVolume, SliceRef, verdict_text
 from lungnode.errors import DecodeError
 from lungnode.imaging.windowing import picture_to_hu
 from lungnode.ml.bundle import ModelBundle
@@ -51,9 +51,9 @@ def analyze_volume(
 
     The volume is scored ``batch_size`` slices at a time, so memory beyond
     the volume itself is bounded by one batch. Heatmaps explain the verdict
-    class on each key slice; for a Normal verdict they explain the most
-    likely lesion class of that slice instead, since "why normal" has no
-    useful map.
+    class on each key slice; for a Normal or Indeterminate verdict they
+    explain the most likely lesion class of that slice instead, since "why
+    normal" has no useful map.
     """
     started = time.perf_counter()
     if volume.hu.shape[0] == 0:
@@ -102,10 +102,9 @@ def conclude(
         timings["gradcam"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - started
     logger.info(
-        "analysed %d slices: %s (%.3f) with %s %s",
+        "analysed %d slices: %s with %s %s",
         volume.hu.shape[0],
-        verdict.verdict,
-        verdict.confidence,
+        verdict_text(verdict.verdict, verdict.confidence, verdict.class_scores),
         bundle.identity.name,
         bundle.identity.version,
     )
@@ -132,7 +131,9 @@ def _explained_classes(
     labels: tuple[str, ...],
     normal: str,
 ) -> list[int]:
-    if verdict != normal:
+    # A lesion verdict explains its class; Normal and Indeterminate explain
+    # what came closest to a lesion on each slice, since "why not" has no map.
+    if verdict in labels and verdict != normal:
         return [labels.index(verdict)] * len(key_slices)
     lesion = np.array([i for i, label in enumerate(labels) if label != normal])
     return [int(lesion[np.argmax(scores[i, lesion])]) for i in key_slices]
@@ -225,9 +226,12 @@ def series_files(folder: Path) -> list[Path]:
     Raises:
         DecodeError: no DICOM file, or files of more than one series (the
             Series Instance UIDs are named, so the user can split them).
+        NotCTError: a file is not a CT image in HU (``dicom.modality``).
     """
     import pydicom
     from pydicom.errors import InvalidDicomError
+
+    from lungnode.dicom.modality import RULE_KEYWORDS, require_ct
 
     by_series: dict[str, list[Path]] = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
@@ -235,10 +239,13 @@ def series_files(folder: Path) -> list[Path]:
             continue
         try:
             header = pydicom.dcmread(
-                path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"]
+                path,
+                stop_before_pixels=True,
+                specific_tags=["SeriesInstanceUID", *RULE_KEYWORDS],
             )
         except (InvalidDicomError, OSError, EOFError, ValueError) as exc:
             raise DecodeError(f"{path.name}: not a readable DICOM file: {exc}") from exc
+        require_ct(header, path.name)
         by_series.setdefault(str(header.get("SeriesInstanceUID", "")), []).append(path)
     if not by_series:
         raise DecodeError(f"{folder} holds no DICOM file")
@@ -255,12 +262,18 @@ def series_files(folder: Path) -> list[Path]:
 def analyze_path(path: Path, bundle: ModelBundle, *, with_heatmaps: bool = True) -> PathAnalysis:
     """Analyse what a user points at: a DICOM file, a folder of one series, a PNG or a JPEG.
 
+    A DICOM input must be a CT image in HU, by the rule every route applies
+    (``dicom.modality``).
+
     Raises:
         FileNotFoundError: ``path`` does not exist.
         DecodeError: unreadable input, or a folder of several series.
+        NotCTError: DICOM that is not CT, or has no Hounsfield units.
         ValueError: a file that is neither a picture nor DICOM.
     """
     import pydicom
+
+    from lungnode.dicom.modality import require_ct_file
 
     path = Path(path)
     if not path.exists():
@@ -279,6 +292,7 @@ def analyze_path(path: Path, bundle: ModelBundle, *, with_heatmaps: bool = True)
     if path.is_dir():
         files = series_files(path)
     elif _is_dicom(path):
+        require_ct_file(path)
         files = [path]
     else:
         raise ValueError(f"{path.name}: expected a PNG, JPEG or DICOM file, or a series folder")
@@ -291,6 +305,8 @@ def analyze_path(path: Path, bundle: ModelBundle, *, with_heatmaps: bool = True)
 def result_json(result: AnalysisResult) -> dict[str, Any]:
     """The JSON form of a result, as ``lungnode predict --json`` prints it.
 
+    ``prediction`` is a label or "Indeterminate"; ``confidence`` is its class
+    score, null for Indeterminate (see ``ml.inference``).
     ``confidence_scores`` maps every label to its probability (they sum to 1);
     ``key_slices`` name each key slice by index and SOP Instance UID (empty
     for a picture), so a reader can find it in the PACS.
@@ -342,8 +358,7 @@ def report_pdf(analysis: PathAnalysis) -> bytes:
         picture = render_key_image(
             analysis.volume.hu[index],
             heatmap,
-            label=result.verdict,
-            series_score=result.confidence,
+            verdict=result.verdict_text(),
             slice_score=float(result.slice_scores[index].max()),
             model=result.model,
         )

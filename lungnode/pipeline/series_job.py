@@ -177,8 +177,7 @@ class SeriesJob:
                 picture = render_key_image(
                     volume.hu[index],
                     heatmap,
-                    label=result.verdict,
-                    series_score=result.confidence,
+                    verdict=result.verdict_text(),
                     slice_score=float(result.slice_scores[index].max()),
                     model=result.model,
                 )

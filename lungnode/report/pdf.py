@@ -2,10 +2,12 @@
 
 The report is what a radiologist opens from the PACS (as an Encapsulated PDF,
 :mod:`lungnode.dicom.writers.pdf`) or downloads from the API: the patient and
-study facts that are known, the verdict and its confidence, a bar chart of all
-class scores, the key-slice heatmaps, the time each stage took, the model's
-identity and the time of writing. When a series could not be analysed, the
-report says so and why, so the reader is never left wondering.
+study facts that are known, the verdict and its confidence (worded as every
+output words it, ``AnalysisResult.verdict_text``) with how the series rule
+reached it, a bar chart of all class scores, the key-slice heatmaps, the time
+each stage took, the model's identity and the time of writing. When a series
+could not be analysed, the report says so and why, so the reader is never left
+wondering.
 
 Every page carries a "For Research Use Only" watermark, drawn diagonally and
 repeated in the footer as plain text so that it survives text extraction.
@@ -50,6 +52,14 @@ from lungnode.domain import AnalysisResult
 WATERMARK = "For Research Use Only"
 NOT_FOR_DIAGNOSTIC_USE = "Not for diagnostic use"
 SYNTHETIC_MODEL_NOTICE = "Trained on synthetic phantoms \N{EN DASH} not for diagnostic use"
+#: How the series rule (``ml.inference``) reaches a verdict, and why it may say Indeterminate.
+VERDICT_RULE_NOTE = (
+    "How the verdict is reached: a lesion class is the verdict when enough slices score at "
+    "least the threshold for a lesion class; Normal when there are not, and the mean Normal "
+    "score reaches the same threshold. Otherwise the verdict is Indeterminate, not Normal: "
+    '"no lesion slice passed" is not "normal", and a Normal verdict with a low Normal score '
+    "would hide that the model was unsure. Read an Indeterminate series as usual."
+)
 
 _PAGE_W, _PAGE_H = A4
 _MARGIN = 18 * mm
@@ -190,10 +200,7 @@ def _result_section(result: AnalysisResult, styles: dict[str, ParagraphStyle]) -
         ]
         return story
     story += [
-        Paragraph(
-            f"Verdict: {escape(result.verdict)} (confidence {result.confidence:.1%})",
-            styles["verdict"],
-        ),
+        Paragraph(f"Verdict: {escape(result.verdict_text())}", styles["verdict"]),
         Spacer(1, 2 * mm),
     ]
     if result.model.synthetic:
@@ -210,6 +217,7 @@ def _result_section(result: AnalysisResult, styles: dict[str, ParagraphStyle]) -
         story.append(Paragraph(f"Series rule: {escape(rule)}", styles["small"]))
     if explanation := result.explanation():
         story.append(Paragraph(escape(explanation), styles["small"]))
+    story.append(Paragraph(escape(VERDICT_RULE_NOTE), styles["small"]))
     story.append(Spacer(1, 4 * mm))
     return story
 

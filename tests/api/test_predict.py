@@ -35,9 +35,10 @@ def test_predict_a_file(model_api: API) -> None:
     )
     assert response.status_code == 201, response.json
     body = response.json
-    assert body["prediction"] in body["confidence_scores"]
     assert sum(body["confidence_scores"].values()) == pytest.approx(1.0, abs=1e-4)
-    assert body["confidence"] == pytest.approx(body["confidence_scores"][body["prediction"]])
+    # An untrained model is sure of nothing: no class reaches the rule's threshold.
+    assert max(body["confidence_scores"].values()) < 0.8
+    assert body["prediction"] == "Indeterminate" and body["confidence"] is None
     assert body["model"]["name"] == "tiny" and body["model"]["synthetic"] is True
     assert body["processing_time"] > 0
     pid = body["prediction_id"]

@@ -212,3 +212,21 @@ def test_implicit_vr_instance_is_stored_as_received(node: Node) -> None:
     assert store_all(node.scp.port, datasets) == [0, 0]
     stored = next(node.settings.incoming_dir.rglob("*.dcm"))
     assert dcmread(stored).file_meta.TransferSyntaxUID == ImplicitVRLittleEndian
+
+
+def test_ct_sop_class_that_is_not_ct_inside_is_refused(node: Node) -> None:
+    """The same rule as the API and the CLI (``dicom.modality``): Modality and pixels count
+    too, not only the SOP Class, so a mislabelled MR or a colour image is never analysed."""
+    mislabelled, colour = make_ct_series(2, rows=32, columns=32)
+    mislabelled.Modality = "MR"
+    colour.SamplesPerPixel = 3
+    colour.PhotometricInterpretation = "RGB"
+    colour.PlanarConfiguration = 0
+    colour.PixelData = bytes(32 * 32 * 3 * 2)
+    assoc = associate(node.scp.port, [(str(colour.SOPClassUID), ExplicitVRLittleEndian)])
+    responses = [assoc.send_c_store(ds) for ds in (mislabelled, colour)]
+    assoc.release()
+    assert [int(r.Status) for r in responses] == [0xA900, 0xA900]
+    assert str(responses[0].ErrorComment).startswith("Modality MR is not CT")
+    assert "3 samples per pixel" in str(responses[1].ErrorComment)
+    assert count(node, Instance) == 0

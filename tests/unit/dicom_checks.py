@@ -13,7 +13,14 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 
-from lungnode.domain import CLASS_LABELS, AnalysisResult, HUVolume, ModelIdentity, SliceRef
+from lungnode.domain import (
+    CLASS_LABELS,
+    INDETERMINATE,
+    AnalysisResult,
+    HUVolume,
+    ModelIdentity,
+    SliceRef,
+)
 from tests.conftest import require_tool
 
 DEMO_MODEL = ModelIdentity(
@@ -100,14 +107,18 @@ def make_result(
     volume = HUVolume(hu=hu, slices=slices)
     scores = {"Adenocarcinoma": 0.05, "Large Cell Carcinoma": 0.07, "Normal": 0.08}
     scores["Squamous Cell Carcinoma"] = 0.06
-    scores[verdict] = 0.0
-    scores[verdict] = round(1.0 - sum(scores.values()), 6)
+    if verdict == INDETERMINATE:  # CT_small.dcm's pattern: no class over 0.8
+        scores = {"Adenocarcinoma": 0.749, "Large Cell Carcinoma": 0.166, "Normal": 0.023}
+        scores["Squamous Cell Carcinoma"] = 0.062
+    else:
+        scores[verdict] = 0.0
+        scores[verdict] = round(1.0 - sum(scores.values()), 6)
     slice_scores = np.tile(
         np.array([scores[label] for label in CLASS_LABELS], dtype=np.float32), (n, 1)
     )
     result = AnalysisResult(
         verdict=verdict,
-        confidence=scores[verdict],
+        confidence=scores.get(verdict),
         class_scores=scores,
         slice_scores=slice_scores,
         key_slices=list(key_slices),
@@ -117,7 +128,7 @@ def make_result(
             blob_heatmap(rows, columns, (0.4, 0.3 + 0.1 * i)) for i in range(len(key_slices))
         ],
         timings_s={"decode": 0.21, "inference": 0.84, "gradcam": 0.15},
-        lesion_slices=list(range(n)) if verdict != "Normal" else [],
+        lesion_slices=list(range(n)) if verdict not in ("Normal", INDETERMINATE) else [],
         rule={
             "rule": "lesion_slices",
             "normal_label": "Normal",

@@ -74,8 +74,10 @@ def test_predict_real_ct_file_json_and_report(tmp_path: Path) -> None:
     scores = answer["confidence_scores"]
     assert list(scores) == MANIFEST["labels"]
     assert sum(scores.values()) == pytest.approx(1.0, abs=1e-5)
-    assert answer["prediction"] in MANIFEST["labels"]
-    assert answer["confidence"] == pytest.approx(scores[answer["prediction"]])
+    # Adenocarcinoma 0.75 is under the 0.8 threshold and Normal is 0.02: no class
+    # clears its bar, so the verdict is Indeterminate, with no confidence of its own.
+    assert answer["prediction"] == "Indeterminate" and answer["confidence"] is None
+    assert max(scores, key=scores.__getitem__) == "Adenocarcinoma"
     assert answer["model"]["sha256"] == MANIFEST["sha256"]
     assert answer["model"]["name"] == "lung-ct-demo"
     assert answer["model"]["version"] == MANIFEST["version"]
@@ -96,7 +98,7 @@ def test_predict_real_ct_file_json_and_report(tmp_path: Path) -> None:
         [pdftotext, str(report), "-"], capture_output=True, text=True, check=True
     ).stdout
     assert "For Research Use Only" in text
-    assert answer["prediction"] in text
+    assert "Verdict: Indeterminate" in text and "How the verdict is reached" in text
     assert "lung-ct-demo" in text
 
 
@@ -104,8 +106,12 @@ def test_predict_summary_is_readable(tmp_path: Path) -> None:
     result = run(["predict", str(examples.get_path("ct"))], tmp_path)
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    assert "Verdict: " in out and "confidence" in out
+    assert (
+        "Verdict: Indeterminate (no class reached its threshold; "
+        "highest score Adenocarcinoma 0.7" in out
+    )
     assert "of 1 slice reached the lesion threshold" in out  # how the rule decided
+    assert "so the series is not Normal either" in out
     for label in MANIFEST["labels"]:
         assert label in out
     assert "SOP Instance UID 1.3.6.1.4.1.5962.1.1.1.1.1.20040119072730.12322" in out
@@ -177,3 +183,23 @@ def test_bad_inputs_exit_2(tmp_path: Path, in_process: Any) -> None:
 
     code, _, err = in_process("predict", str(notes), "--model", "no-such-model")
     assert code == 2
+
+
+@pytest.mark.parametrize(("name", "modality"), [("MR_small.dcm", "MR"), ("SC_rgb_rle.dcm", "OT")])
+def test_dicom_that_is_not_ct_exits_2(
+    tmp_path: Path, in_process: Any, name: str, modality: str
+) -> None:
+    """The rule of every route (``dicom.modality``): MR_small.dcm used to get a lung verdict."""
+    from pydicom.data import get_testdata_file
+
+    source = str(get_testdata_file(name))
+    code, out, err = in_process("predict", source, "--json")
+    assert code == 2 and out == ""
+    assert f"lungnode predict: {name}: Modality {modality} is not CT" in err
+    assert "Hounsfield units" in err
+    # A series folder with one such file among CT files is refused too.
+    folder = tmp_path / "mixed"
+    write_series(make_ct_series(2, rows=32, columns=32), folder)
+    (folder / name).write_bytes(Path(source).read_bytes())
+    code, _, err = in_process("predict", str(folder))
+    assert code == 2 and f"Modality {modality} is not CT" in err

@@ -9,7 +9,7 @@ import keras
 import numpy as np
 import pytest
 
-from lungnode.domain import CLASS_LABELS, AnalysisResult, HUVolume, SliceRef
+from lungnode.domain import CLASS_LABELS, INDETERMINATE, AnalysisResult, HUVolume, SliceRef
 from lungnode.imaging.windowing import build_model_input
 from lungnode.ml.bundle import ModelBundle, load_bundle
 from lungnode.ml.inference import BackgroundScorer, aggregate, score_slices
@@ -54,12 +54,12 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> ModelBundle:
 
 def test_normal_unless_enough_lesion_slices() -> None:
     # Two confident adenocarcinoma slices are not enough for min_slices=3.
-    scores = _scores(_normal_rows(10) + [[0.9, 0.03, 0.05, 0.02]] * 2)
+    scores = _scores(_normal_rows(20) + [[0.9, 0.03, 0.05, 0.02]] * 2)
     verdict = aggregate(scores, CLASS_LABELS, RULE)
     assert verdict.verdict == "Normal"
-    assert verdict.lesion_slices == [10, 11]
+    assert verdict.lesion_slices == [20, 21]
     # Key slices are still the most suspicious ones, most suspicious first.
-    assert verdict.key_slices[:2] == [10, 11]
+    assert verdict.key_slices[:2] == [20, 21]
     assert verdict.class_scores["Normal"] == pytest.approx(verdict.confidence)
     assert sum(verdict.class_scores.values()) == pytest.approx(1.0)
 
@@ -93,8 +93,25 @@ def test_threshold_is_inclusive_and_applies_to_any_lesion_class() -> None:
 def test_short_inputs_need_only_as_many_lesion_slices_as_they_have() -> None:
     one = aggregate(_scores([[0.95, 0.01, 0.02, 0.02]]), CLASS_LABELS, RULE)
     assert one.verdict == "Adenocarcinoma" and one.rule["min_slices_applied"] == 1
-    weak = aggregate(_scores([[0.6, 0.01, 0.37, 0.02]]), CLASS_LABELS, RULE)
-    assert weak.verdict == "Normal"
+    confident_normal = aggregate(_scores([[0.1, 0.01, 0.87, 0.02]]), CLASS_LABELS, RULE)
+    assert confident_normal.verdict == "Normal"
+    assert confident_normal.confidence == pytest.approx(0.87, rel=1e-5)
+
+
+def test_no_class_over_its_bar_is_indeterminate_without_a_confidence() -> None:
+    """pydicom's CT_small.dcm scores like this: Adenocarcinoma 0.75, under the 0.8
+    lesion threshold, and Normal 0.02. It used to be "Normal, confidence 0.023"."""
+    ct_small = aggregate(_scores([[0.749, 0.166, 0.023, 0.062]]), CLASS_LABELS, RULE)
+    assert ct_small.verdict == INDETERMINATE and ct_small.confidence is None
+    assert ct_small.class_scores["Adenocarcinoma"] == pytest.approx(0.749, rel=1e-4)
+    assert ct_small.key_slices == [0] and ct_small.lesion_slices == []
+    # A series: too few lesion slices for a lesion verdict, too many doubtful ones
+    # (mean Normal 0.6 < 0.8) for Normal.
+    rows = _normal_rows(5) + [[0.6, 0.01, 0.37, 0.02]] * 5 + [[0.85, 0.05, 0.05, 0.05]]
+    series = aggregate(_scores(rows), CLASS_LABELS, RULE)
+    assert series.verdict == INDETERMINATE and series.confidence is None
+    assert series.class_scores["Normal"] == pytest.approx(0.6, abs=1e-3)
+    assert sum(series.class_scores.values()) == pytest.approx(1.0)
 
 
 def test_rule_validation() -> None:
@@ -235,3 +252,18 @@ def test_the_explanation_of_a_lesion_verdict_counts_the_slices(tiny_bundle: Mode
     )
     not_analysed = AnalysisResult.not_analysed("no pixels", result.model)
     assert not_analysed.explanation() == ""
+
+
+def test_an_indeterminate_result_says_why_in_one_wording(tiny_bundle: ModelBundle) -> None:
+    result = _result(_scores([[0.749, 0.166, 0.023, 0.062]]), tiny_bundle)
+    assert result.verdict == INDETERMINATE and result.confidence is None
+    assert result.verdict_text() == (
+        "Indeterminate (no class reached its threshold; highest score Adenocarcinoma 0.749)"
+    )
+    assert result.explanation() == (
+        "0 of 1 slice reached the lesion threshold 0.80; the rule needs 1 for a lesion "
+        "verdict. The mean Normal score 0.023 is below 0.80, so the series is not Normal "
+        "either. Highest lesion score: 0.749 (Adenocarcinoma, slice 1)."
+    )
+    lesion = _result(_scores(_normal_rows(5) + [[0.9, 0.03, 0.05, 0.02]] * 4), tiny_bundle)
+    assert lesion.verdict_text() == f"Adenocarcinoma (confidence {lesion.confidence:.3f})"

@@ -48,7 +48,8 @@ def test_analysed_report_says_what_was_found(series: list[Dataset], tmp_path: Pa
     facts = StudyFacts.from_dataset(series[0])
     pdf = build_report(ReportInput(result, facts, created=WHEN))
     text = " ".join(_pages(pdf, tmp_path))
-    assert f"Verdict: Adenocarcinoma (confidence {result.confidence:.1%})" in text
+    assert f"Verdict: Adenocarcinoma (confidence {result.confidence:.3f})" in text
+    assert f"Verdict: {result.verdict_text()}" in text
     assert "reached the lesion threshold" in result.explanation()
     assert result.explanation() in text
     for label in result.labels:  # the bar chart's categories

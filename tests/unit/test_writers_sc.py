@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from pydicom.dataset import Dataset
 
-from lungnode.dicom.writers.sc import render_key_image, write_sc_images
-from lungnode.domain import AnalysisResult
+from lungnode.dicom.writers.sc import banner_text, render_key_image, write_sc_images
+from lungnode.domain import INDETERMINATE, AnalysisResult
 from tests.support.synthetic import make_ct_series
 from tests.unit.dicom_checks import (
     DEMO_MODEL,
@@ -122,7 +122,7 @@ def _yellow_pixels(picture: np.ndarray) -> int:
 def test_synthetic_notice_is_burned_in_only_for_the_demo_model(series: list[Dataset]) -> None:
     result, volume = make_result(series)
     hu, heat = volume.hu[2], result.heatmaps[0]
-    kwargs = {"label": "Adenocarcinoma", "series_score": 0.8, "slice_score": 0.9}
+    kwargs = {"verdict": "Adenocarcinoma (confidence 0.800)", "slice_score": 0.9}
     demo = render_key_image(hu, heat, model=DEMO_MODEL, **kwargs)  # type: ignore[arg-type]
     real = render_key_image(hu, heat, model=REAL_MODEL, **kwargs)  # type: ignore[arg-type]
     assert demo.shape[1] == 512 and demo.shape[0] > real.shape[0] > 512
@@ -131,6 +131,22 @@ def test_synthetic_notice_is_burned_in_only_for_the_demo_model(series: list[Data
     assert _yellow_pixels(real[:banner]) == 0
     # The red "NOT FOR DIAGNOSTIC USE" line is in both.
     assert (real[:banner, :, 0] > 200).sum() > 50
+
+
+def test_indeterminate_images_say_the_verdict_as_the_report_does(
+    series: list[Dataset], tmp_path: Path
+) -> None:
+    result, _ = make_result(series, verdict=INDETERMINATE)
+    images = _write(series, verdict=INDETERMINATE)
+    errors, _ = dciodvfy(images[0], tmp_path)
+    assert errors == []
+    for image in images:
+        assert f"Verdict: {result.verdict_text()}" in image.ImageComments
+        assert "Grad-CAM of the most likely lesion class" in image.DerivationDescription
+    # The burned-in banner states the same words, wrapped to the image's width.
+    lines = [text for text, _ in banner_text(result.verdict_text(), 0.749, DEMO_MODEL)]
+    assert f"Verdict: {result.verdict_text()}" in lines
+    assert "slice score 0.749" in " ".join(lines)
 
 
 def test_not_analysed_has_no_images(series: list[Dataset]) -> None:

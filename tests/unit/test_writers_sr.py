@@ -13,7 +13,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import ComprehensiveSRStorage
 
 from lungnode.dicom.writers.sr import PRIVATE_SCHEME, class_code, write_sr
-from lungnode.domain import AnalysisResult
+from lungnode.domain import INDETERMINATE, AnalysisResult
 from tests.support.synthetic import make_ct_series
 from tests.unit.dicom_checks import (
     DEMO_MODEL,
@@ -50,7 +50,7 @@ def _tracking(group: Dataset) -> str:
     return str(_items(group, "112039")[0].TextValue)
 
 
-@pytest.mark.parametrize("verdict", ["Adenocarcinoma", "Normal"])
+@pytest.mark.parametrize("verdict", ["Adenocarcinoma", "Normal", "Indeterminate"])
 def test_dciodvfy_finds_no_errors(series: list[Dataset], verdict: str, tmp_path: Path) -> None:
     result, _ = make_result(series, verdict=verdict)
     errors, _ = dciodvfy(write_sr(series[0], result, analysis_version=1), tmp_path)
@@ -106,6 +106,23 @@ def test_states_verdict_and_every_class_probability(series: list[Dataset]) -> No
         assert site.CodeValue == "39607008"  # Lung
         value = _items(group, "111012")[0].MeasuredValueSequence[0].NumericValue
         assert float(value) == pytest.approx(100 * result.class_scores[label], abs=1e-3)
+
+
+def test_indeterminate_is_coded_without_a_certainty_and_says_why(
+    series: list[Dataset],
+) -> None:
+    result, _ = make_result(series, verdict=INDETERMINATE)
+    verdict, *classes = _groups(write_sr(series[0], result, analysis_version=1))
+    indeterminate = codes.SCT.Indeterminate
+    assert _items(verdict, "121071")[0].ConceptCodeSequence[0].CodeValue == indeterminate.value
+    assert _items(verdict, "121073")[0].ConceptCodeSequence[0].CodeValue == indeterminate.value
+    # No class, so no certainty of its own, and neither "with" nor "without findings".
+    assert _items(verdict, "111012") == [] and _items(verdict, "111017") == []
+    comments = [item.TextValue for item in _items(verdict, "121106")]
+    assert comments[0].startswith(f"{result.verdict_text()}. ")
+    assert "highest score Adenocarcinoma 0.749" in comments[0]
+    # Every class score is still stated.
+    assert [_tracking(g) for g in classes] == [f"Class score: {k}" for k in result.labels]
 
 
 def test_identifies_the_algorithm(series: list[Dataset]) -> None:

@@ -17,7 +17,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from lungnode import __version__
-from lungnode.domain import AnalysisResult, ModelIdentity, SliceRef
+from lungnode.domain import INDETERMINATE, AnalysisResult, ModelIdentity, SliceRef
 
 #: Manufacturer (0008,0070) of every object lungnode writes.
 MANUFACTURER = "lungnode"
@@ -66,9 +66,12 @@ def check_result(result: AnalysisResult) -> None:
         if not result.not_analysed_reason:
             raise ValueError("a result that was not analysed needs not_analysed_reason")
         return
-    if result.verdict not in result.labels:
+    if result.verdict == INDETERMINATE:
+        if result.confidence is not None:
+            raise ValueError(f"{INDETERMINATE} has no confidence, got {result.confidence}")
+    elif result.verdict not in result.labels:
         raise ValueError(f"verdict {result.verdict!r} is not one of the labels {result.labels}")
-    if not 0.0 <= result.confidence <= 1.0:
+    elif result.confidence is None or not 0.0 <= result.confidence <= 1.0:
         raise ValueError(f"confidence {result.confidence} is outside [0, 1]")
     for label, score in result.class_scores.items():
         if label not in result.labels:

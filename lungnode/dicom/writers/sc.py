@@ -2,8 +2,9 @@
 
 Each image is the key slice in the lung window with the heatmap blended over
 it and a colour bar (:func:`lungnode.imaging.heatmap.overlay`), under a banner with
-burned-in text: "NOT FOR DIAGNOSTIC USE", the class and its scores, the model,
-and the synthetic-model notice for the demo model. A viewer shows it in the
+burned-in text: "NOT FOR DIAGNOSTIC USE", the verdict worded as every output
+words it (:meth:`~lungnode.domain.AnalysisResult.verdict_text`), the slice's
+score, the model, and the synthetic-model notice for the demo model. A viewer shows it in the
 source study, next to the CT, as a new series "LUNGNODE Grad-CAM".
 
 The object is a Secondary Capture Image (PS3.3 A.8.1) built by highdicom's
@@ -62,16 +63,17 @@ def render_key_image(
     hu_slice: np.ndarray,
     heatmap: np.ndarray,
     *,
-    label: str,
-    series_score: float,
+    verdict: str,
     slice_score: float | None,
     model: ModelIdentity,
     min_width: int = MIN_WIDTH,
 ) -> np.ndarray:
     """The RGB uint8 picture of one key slice: banner of text over the overlay.
 
-    The overlay keeps the slice's aspect ratio; it is enlarged (never shrunk)
-    to ``min_width`` columns so that the text stays legible on small slices.
+    ``verdict`` is the series verdict in words (``AnalysisResult.verdict_text()``),
+    so the picture says what the report and the SR say. The overlay keeps the
+    slice's aspect ratio; it is enlarged (never shrunk) to ``min_width``
+    columns so that the text stays legible on small slices.
     """
     if hu_slice.ndim != 2:
         raise ValueError(f"a key slice must be 2D, got shape {hu_slice.shape}")
@@ -87,17 +89,12 @@ def render_key_image(
         heat = np.clip(cv2.resize(heat, size, interpolation=cv2.INTER_LINEAR), 0.0, 1.0)
     rgb = overlay(hu, heat, legend=True)
     width = rgb.shape[1]
-    scores = f"series score {series_score:.2f}"
-    if slice_score is not None:
-        scores += f", slice score {slice_score:.2f}"
-    lines: list[tuple[str, tuple[int, int, int]]] = [
-        (NOT_FOR_DIAGNOSTIC_USE, _RED),
-        (f"Grad-CAM: {label} ({scores})", _WHITE),
-        (f"Model: {model_text(model)}", _WHITE),
-    ]
-    if model.synthetic:
-        lines.append(("Synthetic phantom model - trained on synthetic phantoms", _YELLOW))
     font_scale = max(0.45, width / 1100)
+    lines = [
+        (line, colour)
+        for text, colour in banner_text(verdict, slice_score, model)
+        for line in _wrap(text, width - 16, font_scale)
+    ]
     line_h = int(28 * font_scale) + 8
     banner = np.zeros((line_h * len(lines) + 8, width, 3), dtype=np.uint8)
     for i, (text, colour) in enumerate(lines):
@@ -113,6 +110,44 @@ def render_key_image(
         )
     picture: np.ndarray = np.ascontiguousarray(np.vstack([banner, rgb]))
     return picture
+
+
+def banner_text(
+    verdict: str, slice_score: float | None, model: ModelIdentity
+) -> list[tuple[str, tuple[int, int, int]]]:
+    """The burned-in lines of a key image, with their colours, before wrapping."""
+    grad_cam = "Grad-CAM heatmap of this key slice"
+    if slice_score is not None:
+        grad_cam += f", slice score {slice_score:.3f}"
+    lines: list[tuple[str, tuple[int, int, int]]] = [
+        (NOT_FOR_DIAGNOSTIC_USE, _RED),
+        (f"Verdict: {verdict}", _WHITE),
+        (grad_cam, _WHITE),
+        (f"Model: {model_text(model)}", _WHITE),
+    ]
+    if model.synthetic:
+        lines.append(("Synthetic phantom model - trained on synthetic phantoms", _YELLOW))
+    return lines
+
+
+def _wrap(text: str, width: int, font_scale: float) -> list[str]:
+    """``text`` broken at spaces into lines no wider than ``width`` pixels, as drawn."""
+
+    def fits(candidate: str) -> bool:
+        (w, _h), _ = cv2.getTextSize(_ascii(candidate), cv2.FONT_HERSHEY_SIMPLEX, font_scale, 1)
+        return bool(w <= width)
+
+    lines: list[str] = []
+    current = ""
+    for word in text.split(" "):
+        candidate = f"{current} {word}" if current else word
+        if current and not fits(candidate):
+            lines.append(current)
+            current = word
+        else:
+            current = candidate
+    lines.append(current)
+    return lines
 
 
 def write_sc_image(
@@ -146,13 +181,13 @@ def write_sc_image(
     picture = render_key_image(
         hu_slice,
         heatmap,
-        label=result.verdict,
-        series_score=result.confidence,
+        verdict=result.verdict_text(),
         slice_score=slice_score,
         model=result.model,
     )
+    explained = _explained(result)
     equipment = algorithm_equipment(
-        result.model, when, f"Grad-CAM heatmap of {result.verdict} burned into the key slice"
+        result.model, when, f"Grad-CAM heatmap of {explained} burned into the key slice"
     )
     try:
         sc = hd.sc.SCImage.from_ref_dataset(
@@ -187,14 +222,16 @@ def write_sc_image(
     sc.DateOfSecondaryCapture = DA(when.date())
     sc.TimeOfSecondaryCapture = TM(when.time())
     sc.DerivationDescription = (
-        f"Grad-CAM of {result.verdict} by {model_text(result.model)} over the lung window"
+        f"Grad-CAM of {explained} by {model_text(result.model)} over the lung window"
     )[:1024]
     reference = sop_instance_reference(source, slice_ref)
     reference.PurposeOfReferenceCodeSequence = [
         hd.sr.CodedConcept.from_code(codes.DCM.SourceImageForImageProcessingOperation)
     ]
     sc.SourceImageSequence = [reference]
-    sc.ImageComments = f"{NOT_FOR_DIAGNOSTIC_USE}. Key slice {index + 1}: {result.verdict}"
+    sc.ImageComments = (
+        f"{NOT_FOR_DIAGNOSTIC_USE}. Key slice {index + 1}. Verdict: {result.verdict_text()}"
+    )
     if result.model.synthetic:
         sc.ImageComments += ". Synthetic phantom model, trained on synthetic phantoms"
     return sc
@@ -222,7 +259,8 @@ def write_sc_images(
     if len(result.heatmaps) != len(result.key_slices):
         raise ValueError(f"{len(result.key_slices)} key slices but {len(result.heatmaps)} heatmaps")
     when = resolve_created(created)
-    column = result.labels.index(result.verdict)
+    # Indeterminate has no column: each slice then shows its highest score.
+    column = result.labels.index(result.verdict) if result.verdict in result.labels else None
     images = []
     for index, (slice_index, ref, heatmap) in enumerate(
         zip(result.key_slices, result.key_slice_refs, result.heatmaps, strict=True)
@@ -281,11 +319,22 @@ def _direction_letters(cosines: Sequence[float]) -> str:
     return letters[axis][0 if cosines[axis] > 0 else 1]
 
 
-def _slice_score(result: AnalysisResult, slice_index: int, column: int) -> float | None:
+def _slice_score(result: AnalysisResult, slice_index: int, column: int | None) -> float | None:
     scores = result.slice_scores
-    if scores.ndim == 2 and slice_index < scores.shape[0] and column < scores.shape[1]:
-        return float(scores[slice_index, column])
-    return None
+    if scores.ndim != 2 or slice_index >= scores.shape[0]:
+        return None
+    if column is None:
+        return float(scores[slice_index].max())
+    return float(scores[slice_index, column]) if column < scores.shape[1] else None
+
+
+def _explained(result: AnalysisResult) -> str:
+    """What the heatmaps explain (see ``pipeline.analyze``): the verdict's lesion class,
+    or for Normal and Indeterminate the most likely lesion class of each slice."""
+    normal = str(result.rule.get("normal_label", "Normal"))
+    if result.verdict in result.labels and result.verdict != normal:
+        return result.verdict
+    return "the most likely lesion class"
 
 
 def _ascii(text: str) -> str:

@@ -20,6 +20,14 @@ content tree is::
           +- Finding: the class code, Finding Site: Lung, Algorithm
           +- Certainty of Finding = that class's probability, in %
 
+An Indeterminate verdict (no class cleared the series rule's bar, see
+``ml.inference``) is coded (82334004, SCT, "Indeterminate") as Finding and
+Impression. It has no Certainty of Finding, since it is no class and has no
+score of its own, and no CAD Processing and Findings Summary, since neither
+"with findings" nor "without findings" is true of it; a Comment carries the
+verdict and the rule's explanation in words, as the PDF words them. The class
+score groups follow as for any verdict.
+
 A series that was not analysed gets one group whose CAD Processing and
 Findings Summary is (111245, DCM, "No algorithms succeeded; without
 findings"), with a Comment (121106, DCM) TEXT saying why; the demo model's
@@ -66,7 +74,7 @@ from lungnode.dicom.writers.common import (
     key_slice_refs,
     resolve_created,
 )
-from lungnode.domain import AnalysisResult, ModelIdentity, SliceRef
+from lungnode.domain import INDETERMINATE, AnalysisResult, ModelIdentity, SliceRef
 
 SERIES_DESCRIPTION = "LUNGNODE Classification SR"
 PRIVATE_SCHEME = "99LUNGNODE"
@@ -79,6 +87,8 @@ CLASS_CODES: dict[str, Code] = {
     "Squamous Cell Carcinoma": codes.SCT.SquamousCellCarcinomaOfLung,
 }
 _NORMAL_LABELS = frozenset({"Normal"})
+#: The code of the Indeterminate verdict (see the module docstring).
+INDETERMINATE_CODE: Code = codes.SCT.Indeterminate
 
 _CERTAINTY = codes.DCM.CertaintyOfFinding
 _PERCENT = codes.UCUM.Percent
@@ -190,26 +200,32 @@ def _groups(
         )
         return [group]
 
-    verdict_code = class_code(result.verdict)
-    summary = (
-        codes.DCM.AllAlgorithmsSucceededWithoutFindings
-        if result.verdict in _NORMAL_LABELS
-        else codes.DCM.AllAlgorithmsSucceededWithFindings
-    )
+    indeterminate = result.verdict == INDETERMINATE
+    verdict_code = INDETERMINATE_CODE if indeterminate else class_code(result.verdict)
+    evaluations = [hd.sr.QualitativeEvaluation(codes.DCM.Impression, verdict_code)]
+    if not indeterminate:
+        summary = (
+            codes.DCM.AllAlgorithmsSucceededWithoutFindings
+            if result.verdict in _NORMAL_LABELS
+            else codes.DCM.AllAlgorithmsSucceededWithFindings
+        )
+        evaluations.append(hd.sr.QualitativeEvaluation(_CAD_SUMMARY, summary))
     groups = [
         hd.sr.MeasurementsAndQualitativeEvaluations(
             tracking_identifier=tracking("Series classification"),
             finding_type=verdict_code,
             algorithm_id=algorithm,
             finding_sites=lung,
-            measurements=[_certainty(result.confidence)],
-            qualitative_evaluations=[
-                hd.sr.QualitativeEvaluation(codes.DCM.Impression, verdict_code),
-                hd.sr.QualitativeEvaluation(_CAD_SUMMARY, summary),
-            ],
+            measurements=(
+                [_certainty(result.confidence)] if result.confidence is not None else None
+            ),
+            qualitative_evaluations=evaluations,
             source_images=[_source_image(source, ref) for ref in refs] or None,
         )
     ]
+    if indeterminate:
+        said = f"{result.verdict_text()}. {result.explanation()}".strip()
+        groups[0][0].ContentSequence.append(_comment(said))
     if result.model.synthetic:
         groups[0][0].ContentSequence.append(_comment(SYNTHETIC_NOTICE))
     for label in result.labels:
