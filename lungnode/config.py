@@ -151,6 +151,8 @@ class Settings(BaseSettings):
     trust_pickle: bool = False
     #: A series with fewer slices is answered "not analysed" instead of classified.
     min_series_slices: int = Field(default=5, ge=1)
+    #: Seconds a stop waits for running jobs; a job still running then is queued again.
+    stop_timeout_seconds: float = Field(default=8.0, ge=0)
 
     # -- result delivery (the outbox) -------------------------------------------
     #: Back-off after the n-th failed attempt: base * 2^(n-1), capped, with jitter.

@@ -31,3 +31,7 @@ class BundleError(LungnodeError, ValueError):
 
 class DecodeError(LungnodeError, ValueError):
     """Pixel data cannot be read or turned into HU; the message says which file and why."""
+
+
+class JobNotRunning(LungnodeError):
+    """A job's results came after its row left ``running`` (a stop gave it up); not recorded."""

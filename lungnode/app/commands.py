@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import logging
+import os
 import signal
 import sys
 import threading
@@ -48,7 +49,15 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
         while not stop.wait(1.0):
             pass
     finally:
-        node.stop()
+        left_running = node.stop()
+    if left_running:
+        # A job given up by the stop (queued again) or the model's warm-up still
+        # runs on a daemon thread, maybe inside TensorFlow: end now rather than
+        # let the interpreter tear its modules down under it.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 

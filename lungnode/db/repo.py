@@ -326,6 +326,16 @@ class NodeRepository:
             if details is not None:
                 job.details = details
 
+    def requeue_job(self, job_id: int) -> bool:
+        """running -> queued, for a job a stopping node gives up; False if it finished."""
+        with self._write() as session:
+            result = session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.state == JobState.RUNNING.value)
+                .values(state=JobState.QUEUED.value)
+            )
+            return bool(result.rowcount)  # type: ignore[attr-defined]
+
     def requeue_interrupted_jobs(self) -> list[int]:
         """At start: a job left running by a crash is queued again."""
         with self._write() as session:

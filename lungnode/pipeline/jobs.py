@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -58,6 +59,9 @@ class LocalJobQueue:
         self.workers = workers
         self._ids: queue.Queue[int | None] = queue.Queue()
         self._threads: list[threading.Thread] = []
+        #: The job each worker thread runs now, by thread name (for a bounded stop).
+        self._running: dict[str, int] = {}
+        self._stopping = False
 
     def submit(self, job_id: int) -> None:
         if self.handler is not None and self.workers > 0:
@@ -78,20 +82,52 @@ class LocalJobQueue:
         for job_id in self.repo.queued_job_ids():
             self._ids.put(job_id)
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 30.0) -> list[int]:
+        """Let running jobs finish for at most ``timeout`` seconds; queued ones stay queued.
+
+        A job still running then is given up: its row goes back to ``queued`` for
+        the next start. It has recorded nothing, since a job records its results
+        and deliveries in one transaction, which refuses a job no longer
+        ``running`` (``db.results.record_job_results``). Returns the ids given up;
+        their threads are daemons, left to end with the process.
+        """
+        self._stopping = True
+        while True:  # what waits in the queue stays queued in the database
+            try:
+                self._ids.get_nowait()
+            except queue.Empty:
+                break
         for _ in self._threads:
             self._ids.put(None)
+        deadline = time.monotonic() + timeout
         for thread in self._threads:
-            thread.join(timeout=30)
+            thread.join(max(0.0, deadline - time.monotonic()))
+        given_up = [
+            job_id
+            for thread in self._threads
+            if thread.is_alive() and (job_id := self._running.get(thread.name)) is not None
+        ]
+        for job_id in given_up:
+            if self.repo.requeue_job(job_id):
+                logger.warning(
+                    "job %d still running when the stop's time ran out: "
+                    "left queued for the next start",
+                    job_id,
+                )
         self._threads.clear()
+        return given_up
 
     def _work(self) -> None:
         assert self.handler is not None
         while True:
             job_id = self._ids.get()
-            if job_id is None:
+            if job_id is None or self._stopping:
                 return
+            name = threading.current_thread().name
+            self._running[name] = job_id
             try:
                 run_job(self.repo, self.handler, job_id)
             except Exception:
                 logger.exception("worker error on job %d", job_id)
+            finally:
+                self._running.pop(name, None)
