@@ -8,6 +8,7 @@ only then listen.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -176,9 +177,6 @@ class Node:
             )
         if self.analyse and settings.workers > 0:
             self._check_model_bundle()
-        if self.model is not None:
-            # In the background: the SCP listens at once, and a job waits for the model.
-            self.model.start()
         self.jobs.start()
         self.watcher.start()
         self.outbox.start()
@@ -195,11 +193,18 @@ class Node:
                 model=self.model,
             )
             self._http = make_server(settings.http_host, settings.http_port, app, threaded=True)
+            # A short poll interval: a stop waits up to one for the server's loop.
             self._http_thread = threading.Thread(
-                target=self._http.serve_forever, name="http", daemon=True
+                target=functools.partial(self._http.serve_forever, poll_interval=0.1),
+                name="http",
+                daemon=True,
             )
             self._http_thread.start()
             logger.info("API listening on http://%s:%d/api/v1", settings.http_host, self.http_port)
+        if self.model is not None:
+            # Last, and in the background: importing TensorFlow would slow the
+            # SCP's start. A job that starts first waits for the model.
+            self.model.start()
 
     def _check_model_bundle(self) -> None:
         """Refuse to start analysing with a bundle that is missing or does not verify.

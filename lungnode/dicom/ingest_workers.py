@@ -103,6 +103,9 @@ class _Slot:
     ready: threading.Event = field(default_factory=threading.Event)
     #: time.monotonic() when the current process was started.
     started_at: float = 0.0
+    #: One thread at a time waits for the process: two waitpid() calls race,
+    #: and the loser would take a reaped worker for a live one.
+    reaping: threading.Lock = field(default_factory=threading.Lock)
 
 
 class IngestWorkers:
@@ -173,12 +176,13 @@ class IngestWorkers:
                     pass
                 slot.channel.close()
         for slot in slots:
-            if slot.process is not None:
-                slot.process.join(_JOIN_SECONDS)
-                if slot.process.is_alive():
-                    logger.warning("%s did not stop; killing it", slot.name)
-                    slot.process.kill()
+            with slot.reaping:
+                if slot.process is not None:
                     slot.process.join(_JOIN_SECONDS)
+                    if slot.process.is_alive():
+                        logger.warning("%s did not stop; killing it", slot.name)
+                        slot.process.kill()
+                        slot.process.join(_JOIN_SECONDS)
         for reader in self._readers:
             reader.join(1.0)
 
@@ -208,6 +212,8 @@ class IngestWorkers:
             with self._lock:
                 slot.alive, slot.active = False, 0
             slot.ready.set()  # a worker that died starting is not waited for
+            if self._stopping.is_set():
+                return  # stop() waits for the process
             exitcode = self._reap(slot)
             if self._stopping.is_set():
                 return
@@ -242,11 +248,12 @@ class IngestWorkers:
             slot.channel.close()
         if process is None:
             return None
-        process.join(_JOIN_SECONDS)
-        if process.exitcode is None and not self._stopping.is_set():
-            process.kill()  # it closed its channel but did not exit: it is of no use
+        with slot.reaping:
             process.join(_JOIN_SECONDS)
-        return process.exitcode
+            if process.exitcode is None and not self._stopping.is_set():
+                process.kill()  # it closed its channel but did not exit: it is of no use
+                process.join(_JOIN_SECONDS)
+            return process.exitcode
 
     @property
     def pids(self) -> list[int]:

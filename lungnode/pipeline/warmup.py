@@ -63,17 +63,19 @@ class WarmModel:
         self._bundle: ModelBundle | None = None
         self._error: str | None = None
         self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
         self._started = 0.0
         #: Seconds from start() to ready (or failed); None while warming.
         self.seconds: float | None = None
 
     def start(self) -> None:
-        """Begin loading and warming on a daemon thread; returns at once."""
-        if self._thread is not None:
-            return
-        self._started = time.perf_counter()
-        self._thread = threading.Thread(target=self._run, name="model-warm-up", daemon=True)
-        self._thread.start()
+        """Begin loading and warming on a daemon thread, once; returns at once."""
+        with self._start_lock:
+            if self._thread is not None:
+                return
+            self._started = time.perf_counter()
+            self._thread = threading.Thread(target=self._run, name="model-warm-up", daemon=True)
+            self._thread.start()
 
     @property
     def state(self) -> ModelState:
