@@ -136,7 +136,7 @@ def test_a_worker_stopped_alone_by_sigterm_is_a_warning_and_restarted(
     two_process_node: Node, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Exit code 0 while the node runs: not a crash, but not the node's stop either."""
-    monkeypatch.setattr(ingest_workers, "_STOP_GRACE_SECONDS", 0.5)
+    monkeypatch.setattr(ingest_workers, "_STOP_GRACE_SECONDS", 0.5, raising=False)
     workers = two_process_node.ingest_workers
     assert workers is not None
     (pid,) = workers.pids
