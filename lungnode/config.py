@@ -188,6 +188,8 @@ class Settings(BaseSettings):
     job_retry_cap_seconds: float = Field(default=600.0, gt=0)
     #: Seconds between looks for queued jobs that are due (a new job also wakes the pool).
     job_check_interval: float = Field(default=1.0, gt=0)
+    #: Seconds a stop waits for running jobs; a job still running then is queued again.
+    stop_timeout_seconds: float = Field(default=8.0, ge=0)
 
     # -- result delivery (the outbox) -------------------------------------------
     #: Back-off after the n-th failed attempt: base * 2^(n-1), capped, with jitter.

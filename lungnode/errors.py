@@ -43,3 +43,7 @@ class NotCTError(LungnodeError):
     def __init__(self, message: str, modality: str | None = None) -> None:
         super().__init__(message)
         self.modality = modality
+
+
+class JobNotRunning(LungnodeError):
+    """A job's results came after its row left ``running`` (a stop gave it up); not recorded."""

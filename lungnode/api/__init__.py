@@ -29,7 +29,7 @@ from lungnode.api.auth import (
     login,
     login_username_key,
 )
-from lungnode.api.context import NodeStatus
+from lungnode.api.context import ModelSource, NodeStatus
 from lungnode.api.docs_assets import init_docs_assets
 from lungnode.api.errors import register_error_handlers
 from lungnode.api.health import health, health_blueprint
@@ -115,6 +115,7 @@ def create_app(
     test_config: dict[str, Any] | None = None,
     engine: Engine | None = None,
     metrics: Metrics | None = None,
+    model: ModelSource | None = None,
 ) -> Flask:
     """Build the app. ``node_status`` is given when the SCP runs in this process.
 
@@ -122,6 +123,8 @@ def create_app(
     the API's writers and the node's take turns on one SQLite write lock.
     ``metrics``: the process's histograms (``lungnode.app`` passes its own);
     without it the app keeps its own.
+    ``model``: the node's own model bundle, warmed at its start, for ``/predict``
+    and ``/health``; without it the app loads the bundle at the first prediction.
 
     The database must already be migrated (``lungnode serve`` and ``wsgi.py`` do it).
     """
@@ -157,6 +160,7 @@ def create_app(
         "node_status": node_status,
         "metrics": metrics or Metrics(),
         "bundle": None,
+        "model": model,
     }
     app.url_map.converters["int"] = RowIdConverter
     register_error_handlers(app)

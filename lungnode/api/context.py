@@ -27,6 +27,18 @@ class NodeStatus(Protocol):
     def scp_listening(self) -> bool: ...
 
 
+class ModelSource(Protocol):
+    """The node's model bundle, loaded and warmed at its start (``pipeline.warmup``)."""
+
+    def bundle(self, timeout: float | None = None) -> ModelBundle:
+        """The bundle, once warmed; raises ``BundleError`` when it failed or timed out."""
+        ...
+
+    def status(self) -> dict[str, Any]:
+        """``state`` (warming, ready, failed), and ``error`` when failed."""
+        ...
+
+
 def _extension() -> dict[str, Any]:
     return cast(dict[str, Any], current_app.extensions["lungnode"])
 
@@ -85,15 +97,32 @@ def stored_file(stored: str) -> Path:
     return settings().resolve_stored(stored)
 
 
+def model_source() -> ModelSource | None:
+    return cast("ModelSource | None", _extension().get("model"))
+
+
+def model_loaded() -> bool:
+    """The API alone: whether a prediction has loaded the bundle yet."""
+    return _extension().get("bundle") is not None
+
+
+#: How long a prediction waits for the node's model to finish warming.
+MODEL_WAIT_SECONDS = 60.0
+
 _bundle_lock = threading.Lock()
 
 
 def model_bundle() -> ModelBundle:
-    """The configured model bundle, loaded (with TensorFlow) on first use.
+    """The node's warmed bundle (waiting while it warms), or the configured bundle,
+    loaded (with TensorFlow) on first use when the API runs without a node.
 
-    Raises ``BundleError`` when the bundle is missing or does not verify.
+    Raises ``BundleError`` when the bundle is missing, does not verify, failed
+    to warm, or is still warming after ``MODEL_WAIT_SECONDS``.
     """
     extension = _extension()
+    source = model_source()
+    if source is not None:
+        return source.bundle(MODEL_WAIT_SECONDS)
     bundle = extension.get("bundle")
     if bundle is None:
         with _bundle_lock:

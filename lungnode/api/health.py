@@ -67,7 +67,16 @@ def _sha256(path: Path) -> str:
 
 
 def _check_model() -> dict[str, Any]:
-    """The bundle's manifest is readable and the weights match its hash (no TensorFlow here)."""
+    """The bundle's manifest is readable and the weights match its hash (no TensorFlow here),
+    and the model's state: ``warming``, ``ready`` or ``failed`` in a node, which warms its
+    model at start; ``on_demand`` or ``ready`` for the API alone, which loads it at the
+    first prediction.
+
+    Warming is ok: the node receives and stores while it warms, and jobs wait for
+    the model, so a load balancer must not take it out of service (a PACS would
+    then be refused for nothing). A failed warm-up fails the check: the node
+    can receive, but never analyse.
+    """
     settings = context.settings()
     candidate = Path(settings.model)
     bundle = candidate if candidate.is_dir() else settings.models_dir / settings.model
@@ -85,6 +94,17 @@ def _check_model() -> dict[str, Any]:
     }
     if not ok:
         result["error"] = "weights do not match the manifest's sha256"
+    source = context.model_source()
+    if source is not None:
+        status = source.status()
+        result["state"] = status["state"]
+        if "warm_up_seconds" in status:
+            result["warm_up_seconds"] = status["warm_up_seconds"]
+        if status["state"] == "failed":
+            result["ok"] = False
+            result["error"] = status.get("error", "the model failed to load")
+    else:
+        result["state"] = "ready" if context.model_loaded() else "on_demand"
     return result
 
 

@@ -111,6 +111,11 @@ def predict_upload(
     try:
         bundle = context.model_bundle()
     except BundleError as exc:
+        source = context.model_source()
+        if source is not None and source.status()["state"] == "warming":
+            raise APIError(
+                503, "model_warming", "the model is still warming up; retry in a few seconds"
+            ) from exc
         logger.error("model bundle unusable: %s", exc)
         raise APIError(503, "model_unavailable", "the model bundle cannot be loaded") from exc
     started = time.perf_counter()

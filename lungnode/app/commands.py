@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import logging
+import os
 import signal
 import sys
 import threading
@@ -28,7 +29,21 @@ def _log_settings(settings: Settings) -> None:
         logger.info("  %s = %s", name, value)
 
 
+def _no_huge_pages_for_numpy() -> None:
+    """Ask NumPy not to madvise huge pages for its large arrays (unless the user chose).
+
+    Each series job fills a fresh volume (300 slices of 512x512 float32: 315 MB).
+    With huge pages madvised and the kernel's usual ``defrag = madvise``, the
+    first such allocations wait on memory compaction: the first series after a
+    start took 1.5x a warm one, all of it in decoding, and 0.9x without
+    (``scripts/bench_cold_start.py``, docs/benchmarks.md). NumPy reads the
+    variable once, at import: this runs before the node imports NumPy.
+    """
+    os.environ.setdefault("NUMPY_MADVISE_HUGEPAGE", "0")
+
+
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
+    _no_huge_pages_for_numpy()
     from lungnode.app.node import Node
 
     settings.check_safe_to_start()
@@ -48,7 +63,17 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
         while not stop.wait(1.0):
             pass
     finally:
-        node.stop()
+        left_running = node.stop()
+    if left_running or "tensorflow" in sys.modules:
+        # Everything durable is closed. A job given up by the stop (queued again)
+        # or the model's warm-up may still run on a daemon thread, inside
+        # TensorFlow: end now rather than let the interpreter tear its modules
+        # down under it; and TensorFlow's own teardown takes about a second
+        # that saves nothing.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 

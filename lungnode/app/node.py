@@ -8,9 +8,12 @@ only then listen.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
+import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from werkzeug.serving import BaseWSGIServer, make_server
 
@@ -30,7 +33,11 @@ from lungnode.errors import BundleError
 from lungnode.pipeline.completion import CompletionWatcher
 from lungnode.pipeline.jobs import JobHandler, JobRetryPolicy, LocalJobQueue
 from lungnode.pipeline.outbox import Outbox, RetryPolicy
+from lungnode.pipeline.warmup import ModelState, WarmModel
 from lungnode.series.assembler import CompletionRules
+
+if TYPE_CHECKING:  # loads TensorFlow only when a bundle is loaded
+    from lungnode.ml.bundle import ModelBundle
 
 logger = logging.getLogger(__name__)
 
@@ -72,14 +79,20 @@ class Node:
             timeout=settings.delivery_timeout,
         )
         self.analyse = analyse
+        #: The model bundle, loaded and warmed in the background from start():
+        #: for the series jobs and the API's /predict alike.
+        self.model: WarmModel | None = None
         if analyse and job_handler is None:
             from lungnode.pipeline.series_job import make_series_job
 
+            if settings.workers > 0:
+                self.model = WarmModel(self._load_bundle)
             job_handler = make_series_job(
                 settings,
                 self.sessions,
                 on_recorded=self.outbox.wake,
                 on_stage_timings=PROCESS_METRICS.observe_stages,
+                bundle=self.model.bundle if self.model is not None else None,
             )
         self.intake = Intake(
             settings.incoming_dir,
@@ -184,19 +197,31 @@ class Node:
         self.scp.start()
         if self.serve_http:
             app = create_app(
-                settings, node_status=_Status(self), engine=self.engine, metrics=PROCESS_METRICS
+                settings,
+                node_status=_Status(self),
+                engine=self.engine,
+                metrics=PROCESS_METRICS,
+                model=self.model,
             )
             self._http = make_server(settings.http_host, settings.http_port, app, threaded=True)
+            # A short poll interval: a stop waits up to one for the server's loop.
             self._http_thread = threading.Thread(
-                target=self._http.serve_forever, name="http", daemon=True
+                target=functools.partial(self._http.serve_forever, poll_interval=0.1),
+                name="http",
+                daemon=True,
             )
             self._http_thread.start()
             logger.info("API listening on http://%s:%d/api/v1", settings.http_host, self.http_port)
+        if self.model is not None:
+            # Last, and in the background: importing TensorFlow would slow the
+            # SCP's start. A job that starts first waits for the model.
+            self.model.start()
 
     def _check_model_bundle(self) -> None:
         """Refuse to start analysing with a bundle that is missing or does not verify.
 
-        Reads the manifest and hashes the weights; TensorFlow loads later, in a worker.
+        Reads the manifest and hashes the weights; TensorFlow loads later, while
+        the model warms (:class:`lungnode.pipeline.warmup.WarmModel`).
         """
         from lungnode.ml.bundle import read_manifest, resolve_bundle_path, sha256_file
 
@@ -207,13 +232,28 @@ class Node:
             raise BundleError(f"model bundle {bundle_dir}: weights do not match the manifest")
         logger.info("model bundle %s %s at %s", manifest.name, manifest.version, bundle_dir)
 
+    def _load_bundle(self) -> ModelBundle:
+        from lungnode.ml.bundle import load_bundle
+
+        settings = self.settings
+        return load_bundle(settings.model, settings.models_dir, trust_pickle=settings.trust_pickle)
+
     @property
     def http_port(self) -> int:
         return int(self._http.server_port) if self._http else self.settings.http_port
 
-    def stop(self) -> None:
-        """Stop listening first, then let the timer and workers finish."""
+    def stop(self) -> bool:
+        """Stop listening first, then let the timer and workers finish.
+
+        Running jobs get until ``stop_timeout_seconds`` after the stop began; a
+        job still running then is queued again for the next start. Returns
+        True when threads are left running (a given-up job, or the model still
+        warming): the process should then end at once, without waiting on them.
+        """
+        deadline = time.monotonic() + self.settings.stop_timeout_seconds
         logger.info("stopping")
+        if self.ingest_workers is not None:
+            self.ingest_workers.stopping()
         self.housekeeping.stop()
         self.scp.stop()
         if self.ingest_workers is not None:
@@ -222,7 +262,12 @@ class Node:
             self._http.shutdown()
             self._http = None
         self.watcher.stop()
-        self.jobs.stop()
+        given_up = self.jobs.stop(timeout=max(0.0, deadline - time.monotonic()))
         self.outbox.stop()
         self.engine.dispose()
-        logger.info("stopped")
+        warming = self.model is not None and self.model.state is ModelState.WARMING
+        logger.info(
+            "stopped%s",
+            f"; job(s) {given_up} queued again for the next start" if given_up else "",
+        )
+        return bool(given_up) or warming

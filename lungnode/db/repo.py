@@ -417,6 +417,18 @@ class NodeRepository:
                 statement = statement.where(Job.state == state.value)
             return list(session.scalars(statement))
 
+    def requeue_job(self, job_id: int) -> bool:
+        """running -> queued, for a job a stopping node gives up; False if it finished.
+
+        The attempt given up did not fail, so it is not counted against the job."""
+        with self._write() as session:
+            result = session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.state == JobState.RUNNING.value)
+                .values(state=JobState.QUEUED.value, attempts=Job.attempts - 1)
+            )
+            return bool(result.rowcount)  # type: ignore[attr-defined]
+
     def requeue_interrupted_jobs(self) -> list[int]:
         """At start: a job left running by a crash is queued again, due now."""
         with self._write() as session:

@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from lungnode.config import resolve_stored, stored_path
 from lungnode.db.models import Delivery, Instance, Job, JobState, Prediction, Series
 from lungnode.db.session import read_sessions, write_transaction
+from lungnode.errors import JobNotRunning
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,8 @@ def record_job_results(
 ) -> int:
     """Finish the job with its prediction and deliveries, atomically. Returns the prediction id.
 
+    Only a ``running`` job is finished: ``JobNotRunning`` otherwise, with nothing recorded.
+
     A re-run (after a crash) replaces nothing already recorded: deliveries are
     unique per (destination, SOP Instance UID) and output UIDs are deterministic.
     """
@@ -111,6 +114,10 @@ def record_job_results(
         job = session.get(Job, job_id)
         if job is None:
             raise LookupError(f"job {job_id} does not exist")
+        if job.state != JobState.RUNNING.value:
+            # A stop gave the job up (it is queued again) while it ran on: its
+            # next run records the results, this one records nothing.
+            raise JobNotRunning(f"job {job_id} is {job.state}, no longer running")
         series = session.get(Series, job.series_id)
         assert series is not None
         prediction = Prediction(

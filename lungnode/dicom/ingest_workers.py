@@ -19,6 +19,17 @@ does for the node's own associations). A worker that loses the node (stop,
 crash, ``kill -9``) sees its Unix socket close, stops receiving and exits;
 what it acknowledged is on disk and in the database already.
 
+A worker that stops while the node runs (a crash, ``kill -9``, the OOM
+killer) is restarted after a back-off that doubles from 1 s to 60 s (and
+starts again from 1 s once a worker has lived 60 s); meanwhile the others
+and the node take its connections. A worker exits 0 only when the node closes
+its channel or on SIGTERM; a SIGTERM to the whole process group (a service
+manager's stop) reaches the worker at the same moment as the node, so the
+worker may be gone before the node has begun to stop. Such an exit is waited
+on for a few seconds: if the node stops meanwhile, it was a clean stop and
+nothing is logged as a fault; if not, the worker was stopped alone, which is
+said (a warning) and it is restarted.
+
 Workers never import TensorFlow: they only receive.
 """
 
@@ -27,8 +38,10 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
+import signal
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
@@ -49,6 +62,16 @@ _READY_SECONDS = 60.0
 
 #: Seconds a stopping node waits for each worker to exit before killing it.
 _JOIN_SECONDS = 10.0
+
+#: Back-off before restarting a worker that stopped while the node runs: it
+#: doubles from the first to the last, and starts again from the first once a
+#: worker has lived as long as the last.
+RESTART_FIRST_SECONDS = 1.0
+RESTART_MAX_SECONDS = 60.0
+
+#: Seconds to wait, after a worker exited 0, for the node's own stop to begin
+#: (a SIGTERM to the process group reaches the worker and the node at once).
+_STOP_GRACE_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -80,6 +103,11 @@ class _Slot:
     #: Taking connections: the node always; a worker from its READY until it is gone.
     alive: bool = False
     ready: threading.Event = field(default_factory=threading.Event)
+    #: time.monotonic() when the current process was started.
+    started_at: float = 0.0
+    #: One thread at a time waits for the process: two waitpid() calls race,
+    #: and the loser would take a reaped worker for a live one.
+    reaping: threading.Lock = field(default_factory=threading.Lock)
 
 
 class IngestWorkers:
@@ -103,27 +131,21 @@ class IngestWorkers:
         self._slots = [_Slot("node", alive=True)]
         self._slots += [_Slot(f"ingest-{k}") for k in range(1, workers + 1)]
         self._lock = threading.Lock()
+        #: Held while a process is started or the workers are told to stop, so
+        #: that no worker starts once the stop has begun.
+        self._life_lock = threading.Lock()
         self._next = 0
         self._readers: list[threading.Thread] = []
-        self._stopping = False
+        self._stopping = threading.Event()
+        self._context = multiprocessing.get_context("spawn")
 
     # -- life cycle ----------------------------------------------------------------
 
     def start(self) -> None:
-        context = multiprocessing.get_context("spawn")
         for slot in self._slots[1:]:
-            node_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            process = context.Process(
-                target=self.worker_main,
-                args=(self.config, worker_end, slot.name),
-                name=f"lungnode-{slot.name}",
-                daemon=True,
-            )
-            process.start()
-            worker_end.close()
-            slot.channel, slot.process = node_end, process
+            self._spawn(slot)
             reader = threading.Thread(
-                target=self._read, args=(slot,), name=f"{slot.name}-reader", daemon=True
+                target=self._supervise, args=(slot,), name=f"{slot.name}-reader", daemon=True
             )
             reader.start()
             self._readers.append(reader)
@@ -135,25 +157,105 @@ class IngestWorkers:
         ready = sum(1 for slot in self._slots if slot.alive)
         logger.info("receiving in %d process(es): the node and %d worker(s)", ready, ready - 1)
 
+    def stopping(self) -> None:
+        """The node has begun to stop: a worker that exits now is not a fault, nor restarted.
+
+        The node says so first thing in its stop, before the SCP stops, so that a
+        worker that got the same SIGTERM as the node is seen as part of the stop.
+        """
+        self._stopping.set()
+
     def stop(self) -> None:
         """Close the channels (workers stop receiving and exit); wait for them."""
-        self._stopping = True
-        for slot in self._slots[1:]:
+        with self._life_lock:
+            self._stopping.set()
+            slots = list(self._slots[1:])
+        for slot in slots:
             if slot.channel is not None:
                 try:
                     slot.channel.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
                 slot.channel.close()
-        for slot in self._slots[1:]:
-            if slot.process is not None:
-                slot.process.join(_JOIN_SECONDS)
-                if slot.process.is_alive():
-                    logger.warning("%s did not stop; killing it", slot.name)
-                    slot.process.kill()
+        for slot in slots:
+            with slot.reaping:
+                if slot.process is not None:
                     slot.process.join(_JOIN_SECONDS)
+                    if slot.process.is_alive():
+                        logger.warning("%s did not stop; killing it", slot.name)
+                        slot.process.kill()
+                        slot.process.join(_JOIN_SECONDS)
         for reader in self._readers:
             reader.join(1.0)
+
+    def _spawn(self, slot: _Slot) -> bool:
+        """Start the worker process of ``slot``; False when the node is stopping."""
+        with self._life_lock:
+            if self._stopping.is_set():
+                return False
+            node_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            process = self._context.Process(
+                target=self.worker_main,
+                args=(self.config, worker_end, slot.name),
+                name=f"lungnode-{slot.name}",
+                daemon=True,
+            )
+            process.start()
+            worker_end.close()
+            slot.channel, slot.process = node_end, process
+            slot.started_at = time.monotonic()
+            return True
+
+    def _supervise(self, slot: _Slot) -> None:
+        """Read the worker's messages; when it is gone, say why and start another."""
+        delay = RESTART_FIRST_SECONDS
+        while True:
+            self._read(slot)
+            with self._lock:
+                slot.alive, slot.active = False, 0
+            slot.ready.set()  # a worker that died starting is not waited for
+            if self._stopping.is_set():
+                return  # stop() waits for the process
+            exitcode = self._reap(slot)
+            if self._stopping.is_set():
+                return
+            if exitcode == 0 and self._stopping.wait(_STOP_GRACE_SECONDS):
+                return  # the same SIGTERM as the node's: part of a clean stop
+            if time.monotonic() - slot.started_at >= RESTART_MAX_SECONDS:
+                delay = RESTART_FIRST_SECONDS
+            if exitcode == 0:
+                logger.warning(
+                    "%s exited (exit code 0, as on a SIGTERM of its own) while the node runs; "
+                    "receiving without it, restarting it in %g s",
+                    slot.name,
+                    delay,
+                )
+            else:
+                logger.error(
+                    "%s stopped unexpectedly (%s); receiving without it, restarting it in %g s",
+                    slot.name,
+                    _describe_exit(exitcode),
+                    delay,
+                )
+            if self._stopping.wait(delay) or not self._spawn(slot):
+                return
+            delay = min(delay * 2, RESTART_MAX_SECONDS)
+            assert slot.process is not None
+            logger.info("%s restarted (pid %s)", slot.name, slot.process.pid)
+
+    def _reap(self, slot: _Slot) -> int | None:
+        """The exit code of the worker whose channel closed (killed if it lingers)."""
+        process = slot.process
+        if slot.channel is not None:
+            slot.channel.close()
+        if process is None:
+            return None
+        with slot.reaping:
+            process.join(_JOIN_SECONDS)
+            if process.exitcode is None and not self._stopping.is_set():
+                process.kill()  # it closed its channel but did not exit: it is of no use
+                process.join(_JOIN_SECONDS)
+            return process.exitcode
 
     @property
     def pids(self) -> list[int]:
@@ -222,17 +324,17 @@ class IngestWorkers:
                     slot.active = max(0, slot.active - 1)
             elif message == ASSOCIATION_ENDED:
                 self.on_association_ended()
-        with self._lock:
-            slot.alive, slot.active = False, 0
-        slot.ready.set()  # a worker that died starting is not waited for
-        if not self._stopping:
-            exitcode = None
-            if slot.process is not None:
-                slot.process.join(1.0)
-                exitcode = slot.process.exitcode
-            logger.error(
-                "%s stopped unexpectedly (exit code %s); receiving without it", slot.name, exitcode
-            )
+
+
+def _describe_exit(exitcode: int | None) -> str:
+    if exitcode is None:
+        return "still running, killed"
+    if exitcode < 0:
+        try:
+            return f"killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"killed by signal {-exitcode}"
+    return f"exit code {exitcode}"
 
 
 # -- the worker's side of the channel ------------------------------------------------

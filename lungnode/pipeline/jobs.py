@@ -22,12 +22,14 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from lungnode.db.models import JobState
 from lungnode.db.repo import NodeRepository
+from lungnode.errors import JobNotRunning
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +62,9 @@ def run_job(
     logger.info("job %d running (attempt %d of %d)", job_id, attempt, policy.max_attempts)
     try:
         details = handler(job_id)
+    except JobNotRunning:
+        # A stop gave this attempt up and queued the job again: no longer ours.
+        logger.info("job %d was given up by the stop; it runs again at the next start", job_id)
     except Exception as exc:
         error = f"{type(exc).__name__}: {exc}"
         if attempt >= policy.max_attempts:
@@ -116,6 +121,8 @@ class LocalJobQueue:
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
         self._scheduler: threading.Thread | None = None
+        #: The job each worker thread runs now, by thread name (for a bounded stop).
+        self._running: dict[str, int] = {}
 
     def submit(self, job_id: int) -> None:
         """A job was queued: look for due jobs now (the row, not the id, is what runs)."""
@@ -137,17 +144,44 @@ class LocalJobQueue:
         self._scheduler = threading.Thread(target=self._schedule, name="job-scheduler", daemon=True)
         self._scheduler.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 30.0) -> list[int]:
+        """Let running jobs finish for at most ``timeout`` seconds; queued ones stay queued.
+
+        A job still running then is given up: its row goes back to ``queued`` for
+        the next start. It has recorded nothing, since a job records its results
+        and deliveries in one transaction, which refuses a job no longer
+        ``running`` (``db.results.record_job_results``). Returns the ids given up;
+        their threads are daemons, left to end with the process.
+        """
         self._stopping.set()
         self._wake.set()
         if self._scheduler is not None:
-            self._scheduler.join(timeout=30)
+            self._scheduler.join(timeout=5)
             self._scheduler = None
+        while True:  # what waits in the queue stays queued in the database
+            try:
+                self._ids.get_nowait()
+            except queue.Empty:
+                break
         for _ in self._threads:
             self._ids.put(None)
+        deadline = time.monotonic() + timeout
         for thread in self._threads:
-            thread.join(timeout=30)
+            thread.join(max(0.0, deadline - time.monotonic()))
+        given_up = [
+            job_id
+            for thread in self._threads
+            if thread.is_alive() and (job_id := self._running.get(thread.name)) is not None
+        ]
+        for job_id in given_up:
+            if self.repo.requeue_job(job_id):
+                logger.warning(
+                    "job %d still running when the stop's time ran out: "
+                    "left queued for the next start",
+                    job_id,
+                )
         self._threads.clear()
+        return given_up
 
     def feed_due(self) -> int:
         """Hand every due job not yet handed to the workers. Returns how many."""
@@ -174,14 +208,17 @@ class LocalJobQueue:
         assert self.handler is not None
         while True:
             job_id = self._ids.get()
-            if job_id is None:
+            if job_id is None or self._stopping.is_set():
                 return
+            name = threading.current_thread().name
+            self._running[name] = job_id
             try:
                 if not self._stopping.is_set():  # left queued for the next start
                     run_job(self.repo, self.handler, job_id, self.policy)
             except Exception:
                 logger.exception("worker error on job %d", job_id)
             finally:
+                self._running.pop(name, None)
                 with self._handed_lock:
                     self._handed.discard(job_id)
                 self._wake.set()

@@ -75,9 +75,12 @@ class SeriesJob:
         destinations_for: Callable[[str | None], list[str]],
         on_recorded: Callable[[], None] = lambda: None,
         on_stage_timings: Callable[[Mapping[str, float]], None] = lambda _timings: None,
+        bundle: Callable[[], ModelBundle] | None = None,
     ) -> None:
         """``on_recorded`` runs after a job's results are recorded (wakes the outbox);
-        ``on_stage_timings`` receives each analysis's stage timings (the metrics)."""
+        ``on_stage_timings`` receives each analysis's stage timings (the metrics);
+        ``bundle`` hands out the model (the node's warmed one, waiting while it
+        warms); without it the first job loads the bundle."""
         self.settings = settings
         self.sessions = sessions
         self.destinations_for = destinations_for
@@ -85,9 +88,12 @@ class SeriesJob:
         self.on_stage_timings = on_stage_timings
         self._bundle: ModelBundle | None = None
         self._bundle_lock = threading.Lock()
+        self._provided_bundle = bundle
 
     @property
     def bundle(self) -> ModelBundle:
+        if self._provided_bundle is not None:
+            return self._provided_bundle()
         with self._bundle_lock:
             if self._bundle is None:
                 self._bundle = load_bundle(
@@ -239,6 +245,7 @@ def make_series_job(
     sessions: sessionmaker[Session],
     on_recorded: Callable[[], None] = lambda: None,
     on_stage_timings: Callable[[Mapping[str, float]], None] = lambda _timings: None,
+    bundle: Callable[[], ModelBundle] | None = None,
 ) -> JobHandler:
     """The handler for ``LocalJobQueue``: results go to the configured destinations,
     or back to the peer that sent the series."""
@@ -249,4 +256,4 @@ def make_series_job(
         peer = settings.peer_by_ae(calling_ae) if calling_ae else None
         return [peer.name] if peer else []
 
-    return SeriesJob(settings, sessions, destinations_for, on_recorded, on_stage_timings)
+    return SeriesJob(settings, sessions, destinations_for, on_recorded, on_stage_timings, bundle)

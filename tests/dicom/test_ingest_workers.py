@@ -7,7 +7,9 @@ completion timer must hear of the worker's associations.
 
 from __future__ import annotations
 
+import logging
 import os
+import signal
 import threading
 from collections.abc import Callable
 
@@ -18,6 +20,7 @@ from sqlalchemy import select
 from lungnode.app.node import Node
 from lungnode.config import Settings
 from lungnode.db.models import Association, Instance, Job, Series
+from lungnode.dicom import ingest_workers
 from lungnode.series.assembler import RULE_ASSOCIATION_RELEASED
 from tests.dicom.helpers import associate, process_alive, row_count, store_all, wait_until
 from tests.support.synthetic import make_ct_series
@@ -60,10 +63,14 @@ def test_four_associations_at_once_are_stored_by_both_processes(two_process_node
     # Every instance is a file and a row, whoever received it.
     assert row_count(node, Instance) == 24
     assert len(list(node.settings.incoming_dir.rglob("*.dcm"))) == 24
-    with node.sessions() as session:
-        associations = session.scalars(select(Association)).all()
-        assert len(associations) == 4
-        assert {a.outcome for a in associations} == {"released"}
+
+    def outcomes() -> list[str | None]:
+        with node.sessions() as session:
+            return [a.outcome for a in session.scalars(select(Association))]
+
+    # A worker records the outcome as its association ends, maybe just after the
+    # sender's release has returned.
+    assert wait_until(lambda: outcomes() == ["released"] * 4, timeout=10), outcomes()
 
     # The worker's releases reach the completion timer: one job, by the release rule,
     # long before the quiet timer (120 s) could have completed the series.
@@ -92,19 +99,52 @@ def test_workers_exit_with_the_node(
     assert wait_until(lambda: not any(process_alive(pid) for pid in pids), timeout=15)
 
 
-def test_the_node_receives_alone_when_a_worker_dies(
+def test_a_worker_that_dies_is_restarted_with_back_off(
     two_process_node: Node, caplog: pytest.LogCaptureFixture
 ) -> None:
-    import signal
-
+    caplog.set_level(logging.INFO, logger=ingest_workers.__name__)
     node = two_process_node
-    assert node.ingest_workers is not None
-    (pid,) = node.ingest_workers.pids
+    workers = node.ingest_workers
+    assert workers is not None
+    (pid,) = workers.pids
     os.kill(pid, signal.SIGKILL)
-    assert wait_until(lambda: "stopped unexpectedly" in caplog.text, timeout=10)
-    for _ in range(3):  # every connection now goes to the node itself
-        assert store_all(node.scp.port, make_ct_series(2, rows=16, columns=16)) == [0, 0]
-    assert row_count(node, Instance) == 6
+    assert wait_until(lambda: "ingest-1 stopped unexpectedly" in caplog.text, timeout=10)
+    assert "killed by SIGKILL" in caplog.text and "restarting it in 1 s" in caplog.text
+    # Meanwhile the node receives alone.
+    assert store_all(node.scp.port, make_ct_series(2, rows=16, columns=16)) == [0, 0]
+
+    # A new worker takes connections again.
+    assert wait_until(lambda: workers.pids not in ([], [pid]), timeout=15), caplog.text
+    (new_pid,) = workers.pids
+    assert process_alive(new_pid)
+    before = workers.handed_over()["ingest-1"]
+    assert wait_until(
+        lambda: (
+            store_all(node.scp.port, make_ct_series(1, rows=16, columns=16)) == [0]
+            and workers.handed_over()["ingest-1"] > before
+        ),
+        timeout=30,
+    ), caplog.text
+    assert "ingest-1 restarted" in caplog.text
+
+    # It died young: the next restart waits twice as long.
+    os.kill(new_pid, signal.SIGKILL)
+    assert wait_until(lambda: "restarting it in 2 s" in caplog.text, timeout=10), caplog.text
+
+
+def test_a_worker_stopped_alone_by_sigterm_is_a_warning_and_restarted(
+    two_process_node: Node, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Exit code 0 while the node runs: not a crash, but not the node's stop either."""
+    monkeypatch.setattr(ingest_workers, "_STOP_GRACE_SECONDS", 0.5, raising=False)
+    workers = two_process_node.ingest_workers
+    assert workers is not None
+    (pid,) = workers.pids
+    os.kill(pid, signal.SIGTERM)
+    assert wait_until(lambda: workers.pids not in ([], [pid]), timeout=15), caplog.text
+    records = [r for r in caplog.records if r.name == ingest_workers.__name__]
+    assert [r.levelname for r in records if "ingest-1 exited" in r.getMessage()] == ["WARNING"]
+    assert not [r for r in records if r.levelno >= logging.ERROR], caplog.text
 
 
 @pytest.mark.parametrize("processes", [1, 2], ids=["one-process", "two-processes"])
