@@ -159,3 +159,19 @@ def test_the_pool_gives_up_and_runs_one_job_on_one_worker(repo: NodeRepository) 
     job = _job(repo, job_id)
     assert job.attempts == 3 and overlaps == []
     assert job.reason is not None and "RuntimeError: model crashed" in job.reason
+
+
+def test_an_attempt_a_stop_gives_up_is_not_counted(repo: NodeRepository) -> None:
+    """A stop that gives a running job up queues it again; that attempt did not fail,
+    and the given-up thread's late results are refused (JobNotRunning), not a failure."""
+    from lungnode.errors import JobNotRunning
+
+    job_id = _queue_job(repo)
+
+    def handler(job_id: int) -> dict[str, Any]:
+        assert repo.requeue_job(job_id)  # the stop's time ran out meanwhile
+        raise JobNotRunning(f"job {job_id} is queued, no longer running")
+
+    assert run_job(repo, handler, job_id, FAST)
+    job = _job(repo, job_id)
+    assert (job.state, job.attempts, job.last_error) == ("queued", 0, None)
