@@ -17,7 +17,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,7 @@ from lungnode.domain import AnalysisResult, HUVolume
 from lungnode.errors import DecodeError, LungnodeError
 from lungnode.ml.bundle import ModelBundle, load_bundle
 from lungnode.pipeline.jobs import JobHandler
+from lungnode.pipeline.outputs import dataset_bytes, render_results
 
 logger = logging.getLogger(__name__)
 
@@ -57,12 +57,6 @@ def check_analysable(volume: HUVolume, min_slices: int) -> None:
     normal = volume.slice_normal
     if normal is not None and abs(normal[2]) < _AXIAL_MIN_COSINE:
         raise NotAnalysable("the slices are not axial")
-
-
-def _dataset_bytes(dataset: Dataset) -> bytes:
-    buffer = BytesIO()
-    dataset.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
 
 
 class SeriesJob:
@@ -159,48 +153,25 @@ class SeriesJob:
     def _write_outputs(
         self, inputs: JobInputs, source: Dataset, volume: HUVolume | None, result: AnalysisResult
     ) -> JobResults:
-        from lungnode.dicom.writers.pdf import write_pdf_document
-        from lungnode.dicom.writers.sc import render_key_image, write_sc_images
-        from lungnode.dicom.writers.sr import write_sr
         from lungnode.imaging.heatmap import save_png
-        from lungnode.report.pdf import KeyImage, ReportInput, StudyFacts, build_report
 
         version = inputs.version
         storage = self.settings.storage_dir
-        datasets: list[tuple[str, Dataset]] = []
-        key_images: list[KeyImage] = []
+        rendered = render_results(source, volume, result, version)
+        datasets = rendered.datasets
         heatmap_dir: Path | None = None
-        if result.analysed and volume is not None:
-            datasets += [
-                ("sc", ds)
-                for ds in write_sc_images(source, result, volume, analysis_version=version)
-            ]
+        if rendered.key_pictures:
             heatmap_dir = storage / "heatmaps" / f"job-{inputs.job_id}"
             heatmap_dir.mkdir(parents=True, exist_ok=True)
-            for n, (index, heatmap) in enumerate(
-                zip(result.key_slices, result.heatmaps, strict=False)
-            ):
-                picture = render_key_image(
-                    volume.hu[index],
-                    heatmap,
-                    verdict=result.verdict_text(),
-                    slice_score=float(result.slice_scores[index].max()),
-                    model=result.model,
-                )
+            for n, picture in enumerate(rendered.key_pictures):
                 save_png(heatmap_dir / f"{n}.png", picture)
-                key_images.append(KeyImage(picture, f"slice {index + 1}"))
-        pdf = build_report(
-            ReportInput(result=result, facts=StudyFacts.from_dataset(source), key_images=key_images)
-        )
         report_path = (
             storage
             / "reports"
             / inputs.study_instance_uid
             / f"{inputs.series_instance_uid}_v{version}.pdf"
         )
-        write_atomically(report_path, pdf)
-        datasets.append(("pdf", write_pdf_document(source, result, pdf, analysis_version=version)))
-        datasets.append(("sr", write_sr(source, result, analysis_version=version)))
+        write_atomically(report_path, rendered.pdf)
 
         objects = []
         for kind, dataset in datasets:
@@ -211,7 +182,7 @@ class SeriesJob:
                 / str(dataset.SeriesInstanceUID)
                 / f"{dataset.SOPInstanceUID}.dcm"
             )
-            write_atomically(path, _dataset_bytes(dataset))
+            write_atomically(path, dataset_bytes(dataset))
             objects.append(
                 ResultObject(kind, str(dataset.SOPClassUID), str(dataset.SOPInstanceUID), str(path))
             )

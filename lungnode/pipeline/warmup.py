@@ -28,7 +28,6 @@ import threading
 import time
 from collections.abc import Callable
 from enum import StrEnum
-from io import BytesIO
 from typing import Any
 
 import numpy as np
@@ -131,6 +130,7 @@ class WarmModel:
 def warm_up(bundle: ModelBundle) -> None:
     """Analyse a synthetic volume with heatmaps and write its results in memory."""
     from lungnode.pipeline.analyze import analyze_volume
+    from lungnode.pipeline.outputs import dataset_bytes, render_results
 
     rows, columns = bundle.manifest.input_size
     # Soft tissue with noise: any HU will do, the graphs only depend on the shapes.
@@ -142,37 +142,8 @@ def warm_up(bundle: ModelBundle) -> None:
         hu=hu, slices=[SliceRef(sop_instance_uid=generate_uid()) for _ in range(count)]
     )
     result = analyze_volume(volume, bundle, with_heatmaps=True)
-    _write_in_memory(source, volume, result)
-
-
-def _write_in_memory(source: Dataset, volume: HUVolume, result: Any) -> None:
-    """The writers the series job runs, on the warm-up's result; nothing is kept."""
-    from lungnode.dicom.writers.pdf import write_pdf_document
-    from lungnode.dicom.writers.sc import render_key_image, write_sc_images
-    from lungnode.dicom.writers.sr import write_sr
-    from lungnode.report.pdf import KeyImage, ReportInput, StudyFacts, build_report
-
-    datasets = write_sc_images(source, result, volume, analysis_version=1)
-    key_images = [
-        KeyImage(
-            render_key_image(
-                volume.hu[index],
-                heatmap,
-                verdict=result.verdict_text(),
-                slice_score=float(result.slice_scores[index].max()),
-                model=result.model,
-            ),
-            f"slice {index + 1}",
-        )
-        for index, heatmap in zip(result.key_slices, result.heatmaps, strict=False)
-    ]
-    pdf = build_report(
-        ReportInput(result=result, facts=StudyFacts.from_dataset(source), key_images=key_images)
-    )
-    datasets.append(write_pdf_document(source, result, pdf, analysis_version=1))
-    datasets.append(write_sr(source, result, analysis_version=1))
-    for dataset in datasets:
-        dataset.save_as(BytesIO(), enforce_file_format=True)
+    for _kind, dataset in render_results(source, volume, result, version=1).datasets:
+        dataset_bytes(dataset)
 
 
 def _source_header(rows: int, columns: int) -> Dataset:

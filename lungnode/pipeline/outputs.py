@@ -1,0 +1,73 @@
+"""What one analysis becomes, in memory: the DICOM objects, the key pictures, the report.
+
+The series job writes and queues these (``pipeline.series_job``); the model's
+warm-up at start builds them once and throws them away (``pipeline.warmup``),
+so that every writer the first job needs has already run. One function for
+both, so that the warm-up warms exactly what a job runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from io import BytesIO
+
+import numpy as np
+from pydicom import Dataset
+
+from lungnode.domain import AnalysisResult, HUVolume
+
+
+@dataclass
+class RenderedResults:
+    #: (kind, dataset) in sending order: "sc" per key slice, then "pdf", then "sr".
+    datasets: list[tuple[str, Dataset]] = field(default_factory=list)
+    #: The RGB key-slice pictures (heatmap over the slice, with the banner), in order.
+    key_pictures: list[np.ndarray] = field(default_factory=list)
+    #: The PDF report.
+    pdf: bytes = b""
+
+
+def render_results(
+    source: Dataset, volume: HUVolume | None, result: AnalysisResult, version: int
+) -> RenderedResults:
+    """The Secondary Captures (when analysed), the PDF report as Encapsulated PDF, and the SR.
+
+    ``source`` is a slice of the series (patient and study are copied from it);
+    ``version`` is the analysis version, which the output UIDs derive from.
+    """
+    from lungnode.dicom.writers.pdf import write_pdf_document
+    from lungnode.dicom.writers.sc import render_key_image, write_sc_images
+    from lungnode.dicom.writers.sr import write_sr
+    from lungnode.report.pdf import KeyImage, ReportInput, StudyFacts, build_report
+
+    rendered = RenderedResults()
+    key_images: list[KeyImage] = []
+    if result.analysed and volume is not None:
+        rendered.datasets += [
+            ("sc", ds) for ds in write_sc_images(source, result, volume, analysis_version=version)
+        ]
+        for index, heatmap in zip(result.key_slices, result.heatmaps, strict=False):
+            picture = render_key_image(
+                volume.hu[index],
+                heatmap,
+                verdict=result.verdict_text(),
+                slice_score=float(result.slice_scores[index].max()),
+                model=result.model,
+            )
+            rendered.key_pictures.append(picture)
+            key_images.append(KeyImage(picture, f"slice {index + 1}"))
+    rendered.pdf = build_report(
+        ReportInput(result=result, facts=StudyFacts.from_dataset(source), key_images=key_images)
+    )
+    rendered.datasets.append(
+        ("pdf", write_pdf_document(source, result, rendered.pdf, analysis_version=version))
+    )
+    rendered.datasets.append(("sr", write_sr(source, result, analysis_version=version)))
+    return rendered
+
+
+def dataset_bytes(dataset: Dataset) -> bytes:
+    """The dataset as a DICOM file (PS3.10: preamble, file meta), in memory."""
+    buffer = BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
