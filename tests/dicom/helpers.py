@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -9,8 +10,10 @@ from pydicom import Dataset
 from pynetdicom import AE, build_context
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from sqlalchemy import select
 
 from lungnode.app.node import Node
+from lungnode.db.models import Job
 from tests.conftest import SENDER_AE
 
 
@@ -109,3 +112,15 @@ def process_alive(pid: int) -> bool:
         return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
     except FileNotFoundError:
         return False
+
+
+def finished_job(node: Node, timeout: float = 120) -> Job:
+    """The node's first job once it is done or failed; fails the test after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with node.sessions() as session:
+            job = session.scalars(select(Job).order_by(Job.id)).first()
+        if job is not None and job.state in ("done", "failed"):
+            return job
+        assert time.monotonic() < deadline, f"job did not finish: {job and job.state}"
+        time.sleep(0.05)

@@ -3,17 +3,14 @@ API of the same node serves."""
 
 from __future__ import annotations
 
-import time
 import urllib.request
 from collections.abc import Callable
 
 import pytest
-from sqlalchemy import select
 
 from lungnode.app.node import Node
 from lungnode.config import Settings
-from lungnode.db.models import Job
-from tests.dicom.helpers import store_all
+from tests.dicom.helpers import finished_job, store_all
 from tests.support.synthetic import make_ct_series
 
 
@@ -32,14 +29,7 @@ def test_series_job_timings_reach_the_nodes_metrics(
     with urllib.request.urlopen(url, timeout=10) as response:
         before = _stage_count(response.read().decode(), "inference")
     assert store_all(node.scp.port, make_ct_series(8, rows=64, columns=64)) == [0] * 8
-    deadline = time.monotonic() + 120
-    while True:
-        with node.sessions() as session:
-            job = session.scalars(select(Job)).first()
-        if job is not None and job.state in ("done", "failed"):
-            break
-        assert time.monotonic() < deadline, "job did not finish"
-        time.sleep(0.2)
+    job = finished_job(node)
     assert job.state == "done", job.reason
     with urllib.request.urlopen(url, timeout=10) as response:
         after = _stage_count(response.read().decode(), "inference")

@@ -5,7 +5,6 @@ heatmaps download over HTTP, and every path the database keeps is relative."""
 from __future__ import annotations
 
 import shutil
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,8 +14,8 @@ from sqlalchemy import select
 
 from lungnode.app.node import Node
 from lungnode.config import Settings
-from lungnode.db.models import Delivery, Instance, Job, Prediction
-from tests.dicom.helpers import store_all
+from lungnode.db.models import Delivery, Instance, Prediction
+from tests.dicom.helpers import finished_job, store_all
 from tests.support.synthetic import make_ct_series
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,14 +44,7 @@ def test_series_results_download_with_make_run_defaults(
     assert settings.storage_dir == root / "storage"
     node = start_node(settings, analyse=True)
     assert store_all(node.scp.port, make_ct_series(6, rows=64, columns=64)) == [0] * 6
-    deadline = time.monotonic() + 120
-    while True:
-        with node.sessions() as session:
-            job = session.scalars(select(Job)).first()
-        if job is not None and job.state in ("done", "failed"):
-            break
-        assert time.monotonic() < deadline, "job did not finish"
-        time.sleep(0.2)
+    job = finished_job(node)
     assert job.state == "done", job.reason
 
     with node.sessions() as session:

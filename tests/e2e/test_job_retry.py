@@ -26,7 +26,7 @@ from lungnode.config import Settings
 from lungnode.db.models import Delivery, Instance, Job, Prediction
 from lungnode.pipeline.jobs import JobRetryPolicy, run_job
 from lungnode.pipeline.series_job import make_series_job
-from tests.dicom.helpers import store_all, wait_until
+from tests.dicom.helpers import finished_job, store_all, wait_until
 from tests.support.synthetic import make_ct_series
 
 #: Small back-offs, so three attempts take about a second.
@@ -68,17 +68,6 @@ def broken_analysis(monkeypatch: pytest.MonkeyPatch) -> Callable[[int], list[flo
     return _break
 
 
-def _finished_job(node: Node, timeout: float = 120) -> Job:
-    deadline = time.monotonic() + timeout
-    while True:
-        with node.sessions() as session:
-            job = session.scalars(select(Job)).first()
-        if job is not None and job.state in ("done", "failed"):
-            return job
-        assert time.monotonic() < deadline, f"job did not finish: {job and job.state}"
-        time.sleep(0.05)
-
-
 def _outputs(node: Node) -> tuple[list[Prediction], list[Delivery], list[Path]]:
     with node.sessions() as session:
         predictions = list(session.scalars(select(Prediction)))
@@ -97,7 +86,7 @@ def test_an_internal_error_sends_nothing_and_the_job_fails_after_its_attempts(
     calls = broken_analysis(99)
     node = start_node(make_settings(**FAST_RETRY), analyse=True, serve_http=False)
     assert store_all(node.scp.port, make_ct_series(6, rows=64, columns=64)) == [0] * 6
-    job = _finished_job(node)
+    job = finished_job(node)
     # Before: "done", with a "Not analysed, because shape mismatch ..." SR and PDF sent.
     assert job.state == "failed", (job.state, job.details)
     assert job.attempts == 3 and len(calls) == 3
@@ -118,7 +107,7 @@ def test_a_job_that_fails_once_then_succeeds_is_done_with_one_set_of_results(
     calls = broken_analysis(1)
     node = start_node(make_settings(**FAST_RETRY), analyse=True, serve_http=False)
     assert store_all(node.scp.port, make_ct_series(6, rows=64, columns=64)) == [0] * 6
-    job = _finished_job(node)
+    job = finished_job(node)
     assert job.state == "done", job.reason
     assert job.attempts == 2 and len(calls) == 2 and job.next_attempt_at is None
     assert job.details is not None and job.details["analysed"] is True
@@ -153,7 +142,7 @@ def test_pixels_that_cannot_be_decoded_are_answered_not_analysed(
     node = start_node(make_settings(**FAST_RETRY), analyse=True, serve_http=False)
     series = _undecodable(make_ct_series(6, rows=64, columns=64, transfer_syntax=RLELossless))
     assert store_all(node.scp.port, series) == [0] * 6
-    job = _finished_job(node)
+    job = finished_job(node)
     assert (job.state, job.attempts) == ("done", 1), job.reason
     assert job.details is not None and job.details["analysed"] is False
     assert "cannot decode pixel data" in job.details["not_analysed_reason"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import time
 from collections.abc import Callable
 
 import pytest
@@ -13,9 +12,9 @@ from sqlalchemy import select
 
 from lungnode.app.node import Node
 from lungnode.config import Settings
-from lungnode.db.models import Delivery, Job, Prediction
+from lungnode.db.models import Delivery, Prediction
 from tests.conftest import require_tool
-from tests.dicom.helpers import store_all
+from tests.dicom.helpers import finished_job, store_all
 from tests.support.synthetic import make_ct_series
 
 
@@ -26,14 +25,7 @@ def test_too_few_slices_is_answered_not_analysed(
     settings = make_settings(min_series_slices=5, model="lung-ct-demo")
     node = start_node(settings, analyse=True, serve_http=False)
     assert store_all(node.scp.port, make_ct_series(3, rows=64, columns=64)) == [0, 0, 0]
-    deadline = time.monotonic() + 120
-    while True:
-        with node.sessions() as session:
-            job = session.scalars(select(Job)).first()
-        if job is not None and job.state in ("done", "failed"):
-            break
-        assert time.monotonic() < deadline, "job did not finish"
-        time.sleep(0.2)
+    job = finished_job(node)
     assert job.state == "done", job.reason
     assert job.details is not None and job.details["analysed"] is False
     assert "only 3 slice(s)" in job.details["not_analysed_reason"]
