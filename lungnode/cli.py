@@ -25,8 +25,10 @@ def _configure_logging(level: str) -> None:
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    # pynetdicom logs every PDU at INFO; keep its warnings and errors only.
-    logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, logging.getLogger().level))
+    # pynetdicom logs every PDU at INFO, highdicom every module it copies into an
+    # output: keep their warnings and errors only.
+    for chatty in ("pynetdicom", "highdicom"):
+        logging.getLogger(chatty).setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
 def build_parser() -> argparse.ArgumentParser:
