@@ -180,7 +180,10 @@ class Node:
         if closed:
             logger.info("closed %d association(s) interrupted by a stop", closed)
         registered, unreadable = reconcile(
-            settings.incoming_dir, self.repo.known_instance_paths(), self.repo.register_instance
+            settings.incoming_dir,
+            self.repo.known_instance_paths(),
+            self.repo.register_instance,
+            stale_part_seconds=2 * settings.network_timeout,
         )
         if registered or unreadable:
             logger.info(

@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from io import BytesIO
 from pathlib import Path
@@ -245,17 +246,33 @@ class Intake:
             )
 
 
-def reconcile(incoming_dir: Path, known_paths: set[str], register: Registrar) -> tuple[int, int]:
+def reconcile(
+    incoming_dir: Path,
+    known_paths: set[str],
+    register: Registrar,
+    *,
+    stale_part_seconds: float = 0.0,
+    now: float | None = None,
+) -> tuple[int, int]:
     """Register stored files the database does not know, e.g. after a crash between the
     file's rename and its row's commit. Returns (registered, unreadable).
 
-    Leftover temporary files (``.*.part``) were never acknowledged: they are removed.
+    Leftover temporary files (``.*.part``) were never acknowledged: they are removed
+    once untouched for ``stale_part_seconds``. On storage shared by several receiving
+    processes another one may be writing a ``.part`` right now; a store in progress
+    writes to it at least every ``network_timeout`` (silence longer than that aborts
+    the association), so the node passes twice that.
     """
     registered = unreadable = 0
     if not incoming_dir.is_dir():
         return registered, unreadable
+    cutoff = (time.time() if now is None else now) - stale_part_seconds
     for leftover in incoming_dir.glob("*/*/.*.part"):
-        leftover.unlink(missing_ok=True)
+        try:
+            if leftover.stat().st_mtime <= cutoff:
+                leftover.unlink()
+        except FileNotFoundError:
+            continue  # finished (renamed) or removed meanwhile
     for path in sorted(incoming_dir.glob("*/*/*.dcm")):
         if str(path) in known_paths:
             continue
