@@ -15,7 +15,6 @@ model is not synthetic without knowing it.
 from __future__ import annotations
 
 import logging
-import os
 from typing import TYPE_CHECKING
 
 from apiflask import APIBlueprint
@@ -25,6 +24,7 @@ from lungnode.api import context
 from lungnode.api.auth import roles, the_user
 from lungnode.api.history import get_visible, heatmap_files
 from lungnode.db.models import Prediction
+from lungnode.dicom.intake import write_atomically
 
 if TYPE_CHECKING:  # domain brings numpy: imported when a report is built
     from lungnode.domain import ModelIdentity
@@ -111,12 +111,10 @@ def download(prediction_id: int) -> Response:
         existing = context.stored_file(prediction.report_path) if prediction.report_path else None
         if existing is None or not existing.is_file():
             pdf = build_prediction_report(prediction)
-            directory = context.reports_dir()
-            directory.mkdir(parents=True, exist_ok=True)
-            existing = directory / f"{prediction_id}.pdf"
-            partial = existing.with_suffix(".pdf.part")
-            partial.write_bytes(pdf)
-            os.replace(partial, existing)
+            existing = context.reports_dir() / f"{prediction_id}.pdf"
+            # A unique temporary name: API processes sharing the storage may build
+            # the same report at once; each rename leaves a whole file.
+            write_atomically(existing, pdf)
             prediction.report_path = context.stored_path(existing)
             logger.info("report for prediction %d built", prediction_id)
     return send_file(
