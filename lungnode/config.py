@@ -167,6 +167,10 @@ class Settings(BaseSettings):
     rate_limit_login: str = "10/minute"
     #: Flask-Limiter storage; empty: in memory, or broker_url when queue is celery with Redis.
     rate_limit_storage_uri: str = ""
+    #: Redis for the API's cache; empty: the rate limiter's Redis if it has one, else in process.
+    cache_url: str = ""
+    #: How long ``/stats`` answers are kept (a written prediction invalidates them); 0: never.
+    stats_cache_seconds: float = Field(default=30.0, ge=0)
     max_upload_mb: int = Field(default=10, ge=1)
     max_batch_size: int = Field(default=10, ge=1)
     #: Uploads no prediction refers to are removed by ``lungnode cleanup`` after this long.
@@ -210,6 +214,13 @@ class Settings(BaseSettings):
     def _absolute(cls, value: Path) -> Path:
         # Once, at load: against the working directory the node was started in.
         return value.expanduser().resolve()
+
+    @field_validator("cache_url")
+    @classmethod
+    def _check_cache_url(cls, value: str) -> str:
+        if value and not value.startswith(("redis://", "rediss://", "memory://")):
+            raise ValueError(f"cache_url {value!r}: expected redis://, rediss:// or memory://")
+        return value
 
     @field_validator("peers", mode="before")
     @classmethod
@@ -314,6 +325,8 @@ class Settings(BaseSettings):
             shown[name] = text
         shown["database_url"] = _mask_url_password(self.effective_database_url)
         shown["broker_url"] = _mask_url_password(self.broker_url)
+        shown["rate_limit_storage_uri"] = _mask_url_password(self.rate_limit_storage_uri)
+        shown["cache_url"] = _mask_url_password(self.cache_url)
         return shown
 
 

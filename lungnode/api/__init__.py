@@ -29,6 +29,7 @@ from lungnode.api.auth import (
     login,
     login_username_key,
 )
+from lungnode.api.cache import make_cache
 from lungnode.api.context import ModelSource, NodeStatus
 from lungnode.api.docs_assets import init_docs_assets
 from lungnode.api.errors import register_error_handlers
@@ -159,6 +160,7 @@ def create_app(
         "read_sessions": read_sessions(sessions),
         "node_status": node_status,
         "metrics": metrics or Metrics(),
+        "cache": make_cache(settings),
         "bundle": None,
         "model": model,
     }
