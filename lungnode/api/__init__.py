@@ -45,6 +45,7 @@ from lungnode.api.middleware import (
 )
 from lungnode.api.node import node_blueprint
 from lungnode.api.predict import predict_blueprint
+from lungnode.api.proxies import TrustedProxies
 from lungnode.api.reports import reports_blueprint
 from lungnode.api.stats import stats_blueprint
 from lungnode.api.uploads import delete_stale_uploads, uploads_blueprint
@@ -195,4 +196,7 @@ def create_app(
         login_limited
     )
     app.view_functions["auth.login"] = login_limited
+    if settings.trusted_proxies:
+        # Outermost: the client address behind a proxy is what the limiter and the log see.
+        app.wsgi_app = TrustedProxies(app.wsgi_app, settings.trusted_proxies)  # type: ignore[method-assign]
     return app

@@ -1,7 +1,8 @@
 """Per-request plumbing: request ids, one access-log line, security headers, CORS, limits.
 
 The access line holds method, path (never the query string, which may carry
-a Study Instance UID), status, duration, user id and request id; nothing
+a Study Instance UID), status, duration, user id, client address (the one
+behind a trusted proxy: :mod:`lungnode.api.proxies`) and request id; nothing
 from bodies, so no patient data reaches the log.
 """
 
@@ -48,12 +49,13 @@ def init_request_logging(app: APIFlask) -> None:
         route = request.url_rule.rule if request.url_rule is not None else "(unmatched)"
         context.metrics().observe_request(request.method, route, response.status_code, duration)
         access_log.info(
-            "%s %s %d %.1fms user=%s request_id=%s",
+            "%s %s %d %.1fms user=%s from=%s request_id=%s",
             request.method,
             request.path,
             response.status_code,
             duration * 1000,
             g.get("user_id") or "-",
+            request.remote_addr or "-",
             g.get("request_id", "-"),
         )
         return response
