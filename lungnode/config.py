@@ -175,6 +175,12 @@ class Settings(BaseSettings):
     trusted_proxies: Annotated[list[str], NoDecode] = Field(default_factory=list)
     #: In production, plain HTTP beyond loopback is refused unless this is set.
     allow_plain_http: bool = False
+    #: The ``api`` role under gunicorn: worker processes, and threads per worker.
+    api_workers: int = Field(default=2, ge=1, le=64)
+    api_threads: int = Field(default=4, ge=1, le=64)
+    #: prometheus-client's multiprocess folder; unset: a fresh temporary folder when
+    #: the ``api`` role runs several workers, none (one process) otherwise.
+    metrics_dir: Path | None = None
     #: Redis for the API's cache; empty: the rate limiter's Redis if it has one, else in process.
     cache_url: str = ""
     #: How long ``/stats`` answers are kept (a written prediction invalidates them); 0: never.
@@ -223,13 +229,13 @@ class Settings(BaseSettings):
         # Once, at load: against the working directory the node was started in.
         return value.expanduser().resolve()
 
-    @field_validator("http_tls_cert", "http_tls_key", mode="before")
+    @field_validator("http_tls_cert", "http_tls_key", "metrics_dir", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
-        # LUNGNODE_HTTP_TLS_CERT="" means unset, not the working directory.
+        # LUNGNODE_METRICS_DIR="" means unset, not the working directory.
         return None if value == "" else value
 
-    @field_validator("http_tls_cert", "http_tls_key")
+    @field_validator("http_tls_cert", "http_tls_key", "metrics_dir")
     @classmethod
     def _absolute_if_set(cls, value: Path | None) -> Path | None:
         return None if value is None else value.expanduser().resolve()
