@@ -82,6 +82,18 @@ def test_stats_are_cached_until_a_prediction_is_written_or_deleted(api: API) -> 
         assert stats(api)["total"] == 5 and len(statements) == 3
 
 
+def test_a_row_id_used_again_after_a_delete_is_a_new_answer(api: API) -> None:
+    """SQLite gives the next row the id of a deleted newest row: the id and the
+    count alone would name the answer from before the delete."""
+    ids = api.add_predictions(3)
+    assert stats(api)["class_distribution"] == {"Normal": 3}
+    deleted = api.client.delete(f"/api/v1/history/{ids[-1]}", headers=api.headers("admin"))
+    assert deleted.status_code == 204
+    assert stats(api)["total"] == 2
+    write_elsewhere(api)  # takes the id the deleted row had: 3 rows again, newest id 3
+    assert stats(api)["class_distribution"] == {"Normal": 2, "Adenocarcinoma": 1}
+
+
 def test_each_user_has_their_own_cached_view(api: API) -> None:
     api.add_predictions(3, user_id=api.users["admin"])
     api.add_predictions(2, user_id=api.users["radiologist"])
