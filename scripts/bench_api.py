@@ -13,6 +13,7 @@ routing, auth, validation, database and serialisation, no network):
 * ``GET /api/v1/stats?days=30`` as the admin and as a radiologist: read
   again and again (median and 95th percentile of ``--stats-repeat``), and the
   first request after a prediction is written (a row inserted before each).
+  ``--cache-url redis://...`` keeps the cache in Redis instead of in process.
 * ``POST /api/v1/predict`` with a 512x512 PNG, the model warm (one
   prediction first loads it): median of ``--predict-repeat`` requests. The
   model is ``--model``, else the configured bundle, else an untrained model
@@ -143,6 +144,7 @@ def main() -> None:
     parser.add_argument("--predict-repeat", type=int, default=20)
     parser.add_argument("--model")
     parser.add_argument("--stats-repeat", type=int, default=50)
+    parser.add_argument("--cache-url", default="", help="the /stats cache (default: in process)")
     parser.add_argument("--skip-predict", action="store_true")
     args = parser.parse_args()
 
@@ -154,6 +156,7 @@ def main() -> None:
         model=model,
         rate_limit_default="1000000/minute",
         rate_limit_login="1000/minute",
+        cache_url=args.cache_url,
     )
     engine = make_engine(settings.effective_database_url)
     app = create_app(settings, engine=engine)
