@@ -16,6 +16,7 @@ another host finds the same files.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import re
@@ -167,6 +168,23 @@ class Settings(BaseSettings):
     rate_limit_login: str = "10/minute"
     #: Flask-Limiter storage; empty: in memory, or broker_url when queue is celery with Redis.
     rate_limit_storage_uri: str = ""
+    #: TLS for the API itself (``serve`` and the ``api`` role); both or neither.
+    http_tls_cert: Path | None = None
+    http_tls_key: Path | None = None
+    #: Addresses or networks of reverse proxies whose X-Forwarded-* headers are honoured.
+    trusted_proxies: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    #: In production, plain HTTP beyond loopback is refused unless this is set.
+    allow_plain_http: bool = False
+    #: The ``api`` role under gunicorn: worker processes, and threads per worker.
+    api_workers: int = Field(default=2, ge=1, le=64)
+    api_threads: int = Field(default=4, ge=1, le=64)
+    #: prometheus-client's multiprocess folder; unset: a fresh temporary folder when
+    #: the ``api`` role runs several workers, none (one process) otherwise.
+    metrics_dir: Path | None = None
+    #: Redis for the API's cache; empty: the rate limiter's Redis if it has one, else in process.
+    cache_url: str = ""
+    #: How long ``/stats`` answers are kept (a written prediction invalidates them); 0: never.
+    stats_cache_seconds: float = Field(default=30.0, ge=0)
     max_upload_mb: int = Field(default=10, ge=1)
     max_batch_size: int = Field(default=10, ge=1)
     #: Uploads no prediction refers to are removed by ``lungnode cleanup`` after this long.
@@ -211,6 +229,30 @@ class Settings(BaseSettings):
         # Once, at load: against the working directory the node was started in.
         return value.expanduser().resolve()
 
+    @field_validator("http_tls_cert", "http_tls_key", "metrics_dir", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        # LUNGNODE_METRICS_DIR="" means unset, not the working directory.
+        return None if value == "" else value
+
+    @field_validator("http_tls_cert", "http_tls_key", "metrics_dir")
+    @classmethod
+    def _absolute_if_set(cls, value: Path | None) -> Path | None:
+        return None if value is None else value.expanduser().resolve()
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _parse_networks(cls, value: Any) -> list[str]:
+        # Each an address or a network (CIDR); kept as text, normalised.
+        return [str(ipaddress.ip_network(text, strict=False)) for text in _split_list(value)]
+
+    @field_validator("cache_url")
+    @classmethod
+    def _check_cache_url(cls, value: str) -> str:
+        if value and not value.startswith(("redis://", "rediss://", "memory://")):
+            raise ValueError(f"cache_url {value!r}: expected redis://, rediss:// or memory://")
+        return value
+
     @field_validator("peers", mode="before")
     @classmethod
     def _parse_peers(cls, value: Any) -> list[Peer]:
@@ -234,6 +276,8 @@ class Settings(BaseSettings):
             raise ValueError(f"result destinations {unknown} are not among the peers {names}")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key must be set together")
+        if (self.http_tls_cert is None) != (self.http_tls_key is None):
+            raise ValueError("http_tls_cert and http_tls_key must be set together")
         return self
 
     @classmethod
@@ -298,6 +342,27 @@ class Settings(BaseSettings):
                     "characters; refusing to start in production"
                 )
 
+    def check_safe_to_serve_http(self) -> None:
+        """Refuse to serve the API unsafely: TLS files that cannot be read, and in
+        production, plain HTTP beyond loopback unless ``allow_plain_http`` says so
+        (a TLS proxy on another host). Called by the roles that serve HTTP."""
+        for name in ("http_tls_cert", "http_tls_key"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ConfigError(f"LUNGNODE_{name.upper()}: {path} is not a readable file")
+        if (
+            self.env == "production"
+            and self.http_tls_cert is None
+            and not self.allow_plain_http
+            and not is_loopback(self.http_host)
+        ):
+            raise ConfigError(
+                f"the API would serve plain HTTP on {self.http_host} in production; set "
+                "LUNGNODE_HTTP_TLS_CERT and LUNGNODE_HTTP_TLS_KEY, or bind LUNGNODE_HTTP_HOST "
+                "to 127.0.0.1 behind a TLS proxy, or set LUNGNODE_ALLOW_PLAIN_HTTP=true when "
+                "a proxy on another host terminates TLS"
+            )
+
     def masked(self) -> dict[str, str]:
         """Every setting as text, secrets masked, for the start-up log."""
         shown: dict[str, str] = {}
@@ -314,7 +379,19 @@ class Settings(BaseSettings):
             shown[name] = text
         shown["database_url"] = _mask_url_password(self.effective_database_url)
         shown["broker_url"] = _mask_url_password(self.broker_url)
+        shown["rate_limit_storage_uri"] = _mask_url_password(self.rate_limit_storage_uri)
+        shown["cache_url"] = _mask_url_password(self.cache_url)
         return shown
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding ``host`` keeps a server reachable from this machine only."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
 
 
 def _mask_url_password(url: str) -> str:

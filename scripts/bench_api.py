@@ -10,6 +10,10 @@ routing, auth, validation, database and serialisation, no network):
   radiologist (own uploads plus DICOM results), pages 1 and 20: median and
   95th percentile of ``--repeat`` requests. The SQLite ``EXPLAIN QUERY PLAN``
   of the page and count queries is printed, to show the indexes in use.
+* ``GET /api/v1/stats?days=30`` as the admin and as a radiologist: read
+  again and again (median and 95th percentile of ``--stats-repeat``), and the
+  first request after a prediction is written (a row inserted before each).
+  ``--cache-url redis://...`` keeps the cache in Redis instead of in process.
 * ``POST /api/v1/predict`` with a 512x512 PNG, the model warm (one
   prediction first loads it): median of ``--predict-repeat`` requests. The
   model is ``--model``, else the configured bundle, else an untrained model
@@ -26,12 +30,13 @@ import io
 import statistics
 import tempfile
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
-from sqlalchemy import func, select, text
+from sqlalchemy import delete, func, insert, select, text
 
 from lungnode.api import create_app
 from lungnode.api.auth import CurrentUser
@@ -92,6 +97,44 @@ def _model(settings_model: str, models_dir: Path, given: str | None) -> str:
     )
 
 
+def _bench_stats(client: Any, engine: Any, headers: Any, repeat: int) -> None:
+    """``GET /stats`` as it is read (nothing written between two requests), and
+    right after a prediction is written (the first request after a write)."""
+    url = "/api/v1/stats?days=30"
+    for who in ("admin", "user1"):
+        auth = headers(who)
+        response = client.get(url, headers=auth)
+        assert response.status_code == 200, response.json
+        median, p95 = _timed(lambda a=auth: client.get(url, headers=a), repeat)
+        print(
+            f"  GET {url} as {who}, read again: median {median:.1f} ms, p95 {p95:.1f} ms "
+            f"(total {response.json['total']})"
+        )
+        samples = []
+        for _ in range(max(1, repeat // 5)):
+            with engine.begin() as connection:
+                connection.execute(
+                    insert(Prediction).values(
+                        source="dicom",
+                        prediction_class="Normal",
+                        all_scores={},
+                        model_name="bench",
+                        model_version="0",
+                        timestamp=datetime.now(UTC),
+                        processing_time=0.1,
+                    )
+                )
+            t0 = time.perf_counter()
+            assert client.get(url, headers=auth).status_code == 200
+            samples.append((time.perf_counter() - t0) * 1000)
+        print(
+            f"  GET {url} as {who}, first after a write: median "
+            f"{statistics.median(samples):.1f} ms ({len(samples)} writes)"
+        )
+    with engine.begin() as connection:  # leave the seeded rows as they were
+        connection.execute(delete(Prediction).where(Prediction.model_name == "bench"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -100,6 +143,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=200)
     parser.add_argument("--predict-repeat", type=int, default=20)
     parser.add_argument("--model")
+    parser.add_argument("--stats-repeat", type=int, default=50)
+    parser.add_argument("--cache-url", default="", help="the /stats cache (default: in process)")
     parser.add_argument("--skip-predict", action="store_true")
     args = parser.parse_args()
 
@@ -111,6 +156,7 @@ def main() -> None:
         model=model,
         rate_limit_default="1000000/minute",
         rate_limit_login="1000/minute",
+        cache_url=args.cache_url,
     )
     engine = make_engine(settings.effective_database_url)
     app = create_app(settings, engine=engine)
@@ -143,6 +189,8 @@ def main() -> None:
             )
         print(f" EXPLAIN QUERY PLAN as {who}:")
         _explain(engine, user)
+
+    _bench_stats(client, engine, headers, args.stats_repeat)
 
     if args.skip_predict:
         return

@@ -29,6 +29,7 @@ from lungnode.api.auth import (
     login,
     login_username_key,
 )
+from lungnode.api.cache import make_cache
 from lungnode.api.context import ModelSource, NodeStatus
 from lungnode.api.docs_assets import init_docs_assets
 from lungnode.api.errors import register_error_handlers
@@ -44,6 +45,7 @@ from lungnode.api.middleware import (
 )
 from lungnode.api.node import node_blueprint
 from lungnode.api.predict import predict_blueprint
+from lungnode.api.proxies import TrustedProxies
 from lungnode.api.reports import reports_blueprint
 from lungnode.api.stats import stats_blueprint
 from lungnode.api.uploads import delete_stale_uploads, uploads_blueprint
@@ -159,6 +161,7 @@ def create_app(
         "read_sessions": read_sessions(sessions),
         "node_status": node_status,
         "metrics": metrics or Metrics(),
+        "cache": make_cache(settings),
         "bundle": None,
         "model": model,
     }
@@ -193,4 +196,7 @@ def create_app(
         login_limited
     )
     app.view_functions["auth.login"] = login_limited
+    if settings.trusted_proxies:
+        # Outermost: the client address behind a proxy is what the limiter and the log see.
+        app.wsgi_app = TrustedProxies(app.wsgi_app, settings.trusted_proxies)  # type: ignore[method-assign]
     return app

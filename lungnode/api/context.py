@@ -16,6 +16,7 @@ from lungnode.config import Settings
 from lungnode.db.session import write_transaction
 
 if TYPE_CHECKING:  # the model bundle loads TensorFlow: only ever imported lazily
+    from lungnode.api.cache import AnswerCache
     from lungnode.api.metrics import Metrics
     from lungnode.ml.bundle import ModelBundle
 
@@ -73,6 +74,10 @@ def node_status() -> NodeStatus | None:
 
 def metrics() -> Metrics:
     return cast("Metrics", _extension()["metrics"])
+
+
+def answer_cache() -> AnswerCache:
+    return cast("AnswerCache", _extension()["cache"])
 
 
 def uploads_dir() -> Path:

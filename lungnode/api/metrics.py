@@ -10,18 +10,24 @@ Two kinds of series:
   aggregate, gradcam, total) of every analysis run in it.
 
 Unauthenticated, like ``/health``: the numbers carry no patient data.
-Under gunicorn with several workers each worker keeps its own histograms.
+Under gunicorn with several workers, prometheus-client's multiprocess mode
+(a folder of memory-mapped files every worker writes its histograms into,
+``PROMETHEUS_MULTIPROC_DIR``) lets any worker serve the sums over all of
+them; ``lungnode.app`` sets it up before prometheus-client is imported.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 from apiflask import APIBlueprint
 from flask import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
+from prometheus_client import values as prometheus_values
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -51,9 +57,22 @@ class Metrics:
     API (``create_app(metrics=...)``) and to the series job, so the analyses
     and requests of one process land in one place. An app built without one
     gets its own (tests, tools).
+
+    ``multiprocess_dir``: prometheus-client's multiprocess folder, when several
+    processes serve (gunicorn workers). The histograms then live in files
+    there, and :meth:`exposition` reads every process's files. The mode is
+    fixed when prometheus-client is imported (from ``PROMETHEUS_MULTIPROC_DIR``),
+    so a folder given here must be the one that variable named then.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, multiprocess_dir: str | Path | None = None) -> None:
+        multiprocess = prometheus_values.ValueClass is not prometheus_values.MutexValue
+        if multiprocess_dir and not multiprocess:
+            raise RuntimeError(
+                "prometheus-client was imported before PROMETHEUS_MULTIPROC_DIR was set: "
+                "its histograms would stay per process"
+            )
+        self.multiprocess_dir = Path(multiprocess_dir) if multiprocess_dir else None
         self.registry = CollectorRegistry(auto_describe=True)
         self.stage_seconds = Histogram(
             "lungnode_stage_seconds",
@@ -87,6 +106,15 @@ class Metrics:
 
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
         self.http_seconds.labels(method, route, str(status)).observe(seconds)
+
+    def exposition(self) -> CollectorRegistry:
+        """What ``/metrics`` shows: this process's histograms, or with a multiprocess
+        folder those of every process writing there, summed."""
+        if self.multiprocess_dir is None:
+            return self.registry
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=str(self.multiprocess_dir))  # type: ignore[no-untyped-call]
+        return registry
 
 
 class DatabaseCollector(Collector):
@@ -170,5 +198,5 @@ def metrics() -> Response:
     """Counters, gauges and latency histograms for Prometheus."""
     scrape = CollectorRegistry(auto_describe=False)
     scrape.register(DatabaseCollector(read_sessions(context.sessions())))
-    body = generate_latest(scrape) + generate_latest(context.metrics().registry)
+    body = generate_latest(scrape) + generate_latest(context.metrics().exposition())
     return Response(body, content_type=CONTENT_TYPE_LATEST)

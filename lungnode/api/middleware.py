@@ -1,7 +1,8 @@
 """Per-request plumbing: request ids, one access-log line, security headers, CORS, limits.
 
 The access line holds method, path (never the query string, which may carry
-a Study Instance UID), status, duration, user id and request id; nothing
+a Study Instance UID), status, duration, user id, client address (the one
+behind a trusted proxy: :mod:`lungnode.api.proxies`) and request id; nothing
 from bodies, so no patient data reaches the log.
 """
 
@@ -48,12 +49,13 @@ def init_request_logging(app: APIFlask) -> None:
         route = request.url_rule.rule if request.url_rule is not None else "(unmatched)"
         context.metrics().observe_request(request.method, route, response.status_code, duration)
         access_log.info(
-            "%s %s %d %.1fms user=%s request_id=%s",
+            "%s %s %d %.1fms user=%s from=%s request_id=%s",
             request.method,
             request.path,
             response.status_code,
             duration * 1000,
             g.get("user_id") or "-",
+            request.remote_addr or "-",
             g.get("request_id", "-"),
         )
         return response
@@ -90,20 +92,41 @@ def init_cors(app: APIFlask, settings: Settings) -> None:
     )
 
 
+#: Seconds a Redis command of the limiter or the cache may take: an unreachable
+#: Redis costs a request this long, never a hang.
+REDIS_TIMEOUT_SECONDS = 0.5
+
+
+def is_redis_url(url: str) -> bool:
+    return url.startswith(("redis://", "rediss://"))
+
+
 def rate_limit_storage(settings: Settings) -> str:
     if settings.rate_limit_storage_uri:
         return settings.rate_limit_storage_uri
-    if settings.queue == "celery" and settings.broker_url.startswith(("redis://", "rediss://")):
+    if settings.queue == "celery" and is_redis_url(settings.broker_url):
         return settings.broker_url
     return "memory://"
 
 
 def init_limiter(app: APIFlask, settings: Settings) -> Limiter:
-    """One limiter per app: per-IP default limits, storage in memory or Redis."""
+    """One limiter per app: per-IP default limits, storage in memory or Redis.
+
+    With Redis, every gunicorn worker and every API process counts against the
+    same limits. When Redis cannot be reached the limiter counts in memory (per
+    process) until it can again, rather than answer every request with 500.
+    """
+    storage = rate_limit_storage(settings)
     app.config.update(
-        RATELIMIT_STORAGE_URI=rate_limit_storage(settings),
+        RATELIMIT_STORAGE_URI=storage,
         RATELIMIT_HEADERS_ENABLED=True,
         RATELIMIT_DEFAULT=settings.rate_limit_default,
         RATELIMIT_KEY_PREFIX="lungnode",
+        RATELIMIT_IN_MEMORY_FALLBACK_ENABLED=True,
     )
+    if is_redis_url(storage):
+        app.config["RATELIMIT_STORAGE_OPTIONS"] = {
+            "socket_timeout": REDIS_TIMEOUT_SECONDS,
+            "socket_connect_timeout": REDIS_TIMEOUT_SECONDS,
+        }
     return Limiter(get_remote_address, app=app)

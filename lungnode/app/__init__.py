@@ -3,7 +3,9 @@
 - :mod:`lungnode.app.node`: the embedded node (``lungnode serve``): SCP,
   completion timer, job workers, outbox, housekeeping and API in one process.
 - :mod:`lungnode.app.ingest_worker`: the main of an ingest worker process.
-- :mod:`lungnode.app.wsgi`: the API alone, for a WSGI server.
+- :mod:`lungnode.app.wsgi`: the API alone, for a WSGI server;
+  :mod:`lungnode.app.api_server` and :mod:`lungnode.app.gunicorn_conf`: the
+  ``api`` role, gunicorn configured from the settings.
 - :mod:`lungnode.app.commands`, :mod:`lungnode.app.model_commands`: what the
   ``lungnode`` commands do (``lungnode.cli`` parses their arguments).
 - :mod:`lungnode.app.database`, :mod:`lungnode.app.metrics`,

@@ -47,6 +47,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     from lungnode.app.node import Node
 
     settings.check_safe_to_start()
+    settings.check_safe_to_serve_http()
     _log_settings(settings)
     node = Node(settings, analyse=True)
     stop = threading.Event()

@@ -19,6 +19,7 @@ from werkzeug.serving import BaseWSGIServer, make_server
 
 from lungnode.api import create_app, ensure_first_admin
 from lungnode.app.housekeeping import Housekeeping
+from lungnode.app.https import server_context
 from lungnode.app.ingest_worker import run_worker
 from lungnode.app.metrics import PROCESS_METRICS
 from lungnode.config import Settings
@@ -206,7 +207,14 @@ class Node:
                 metrics=PROCESS_METRICS,
                 model=self.model,
             )
-            self._http = make_server(settings.http_host, settings.http_port, app, threaded=True)
+            cert, key = settings.http_tls_cert, settings.http_tls_key
+            self._http = make_server(
+                settings.http_host,
+                settings.http_port,
+                app,
+                threaded=True,
+                ssl_context=server_context(cert, key) if cert and key else None,
+            )
             # A short poll interval: a stop waits up to one for the server's loop.
             self._http_thread = threading.Thread(
                 target=functools.partial(self._http.serve_forever, poll_interval=0.1),
@@ -214,7 +222,12 @@ class Node:
                 daemon=True,
             )
             self._http_thread.start()
-            logger.info("API listening on http://%s:%d/api/v1", settings.http_host, self.http_port)
+            logger.info(
+                "API listening on %s://%s:%d/api/v1",
+                "https" if settings.http_tls_cert else "http",
+                settings.http_host,
+                self.http_port,
+            )
         if self.model is not None:
             # Last, and in the background: importing TensorFlow would slow the
             # SCP's start. A job that starts first waits for the model.

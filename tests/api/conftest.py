@@ -4,6 +4,7 @@ a tiny Keras model bundle, pictures and DICOM images to upload."""
 from __future__ import annotations
 
 import io
+import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -22,9 +23,59 @@ from lungnode.db.migrate import upgrade
 from lungnode.db.models import Prediction, Role, User
 from lungnode.db.session import make_engine, make_session_factory
 from lungnode.passwords import hash_password
+from tests.conftest import IN_CI, require_tool
 
 ADMIN_PASSWORD = "admin-password-for-tests"
 PASSWORD = "password-for-tests"
+#: The Redis database the API tests use; their keys hold a per-test part besides.
+REDIS_TEST_DB = 9
+
+
+@dataclass(frozen=True)
+class ServerCertificate:
+    """A self-signed certificate for 127.0.0.1 and localhost, and its key (PEM)."""
+
+    cert: Path
+    key: Path
+
+
+@pytest.fixture(scope="session")
+def server_certificate(tmp_path_factory: pytest.TempPathFactory) -> ServerCertificate:
+    openssl = require_tool("openssl")
+    directory = tmp_path_factory.mktemp("https")
+    cert, key = directory / "api.crt", directory / "api.key"
+    result = subprocess.run(
+        [
+            openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+            "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2", "-sha256",
+            "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+        ],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return ServerCertificate(cert, key)
+
+
+def require_redis() -> str:
+    """The Redis on this machine (127.0.0.1:6379): missing fails under CI=true, skips elsewhere."""
+    import redis
+
+    url = f"redis://127.0.0.1:6379/{REDIS_TEST_DB}"
+    client = redis.Redis.from_url(url, socket_connect_timeout=2)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        if IN_CI:
+            pytest.fail(f"Redis is not reachable at {url}: {exc}")
+        pytest.skip(f"Redis is not reachable at {url}: {exc}")
+    finally:
+        client.close()
+    return url
+
+
+@pytest.fixture
+def redis_url() -> str:
+    return require_redis()
 
 
 @pytest.fixture(scope="session")

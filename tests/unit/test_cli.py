@@ -79,6 +79,19 @@ def test_serve_refuses_default_secret_in_production(tmp_path: Path) -> None:
     assert "LUNGNODE_SECRET_KEY" in result.stderr
 
 
+def test_serve_refuses_plain_http_beyond_loopback_in_production(tmp_path: Path) -> None:
+    result = run(
+        ["serve"],
+        tmp_path / "storage",
+        LUNGNODE_ENV="production",
+        LUNGNODE_SECRET_KEY="a-production-secret-of-32-chars!",
+        LUNGNODE_HTTP_HOST="0.0.0.0",
+    )
+    assert result.returncode == 2
+    assert "LUNGNODE_ALLOW_PLAIN_HTTP" in result.stderr
+    assert not (tmp_path / "storage").exists(), "refused only after touching the storage"
+
+
 def test_invalid_settings_exit_with_a_clear_message(tmp_path: Path) -> None:
     result = run(["db", "upgrade"], tmp_path / "storage", LUNGNODE_PEERS="nonsense")
     assert result.returncode == 2
