@@ -49,7 +49,7 @@ from lungnode.api.stats import stats_blueprint
 from lungnode.api.uploads import delete_stale_uploads, uploads_blueprint
 from lungnode.api.users import users_blueprint
 from lungnode.config import Settings, load_settings
-from lungnode.db.session import make_engine, make_session_factory, read_sessions
+from lungnode.db.session import engine_for, make_session_factory, read_sessions
 
 __all__ = ["Metrics", "create_app", "delete_stale_uploads", "ensure_first_admin"]
 
@@ -147,7 +147,7 @@ def create_app(
     )
     if test_config:
         app.config.update(test_config)
-    engine = engine or make_engine(settings.effective_database_url)
+    engine = engine or engine_for(settings)
     sessions = make_session_factory(engine)
     app.extensions["lungnode"] = {
         "settings": settings,

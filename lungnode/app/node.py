@@ -22,7 +22,7 @@ from lungnode.config import Settings
 from lungnode.db.deliveries import DeliveryRepository
 from lungnode.db.migrate import upgrade
 from lungnode.db.repo import NodeRepository
-from lungnode.db.session import make_engine, make_session_factory
+from lungnode.db.session import engine_for, make_session_factory
 from lungnode.dicom.ingest_workers import IngestWorkers, WorkerConfig
 from lungnode.dicom.intake import Intake, reconcile
 from lungnode.dicom.scp import SCPConfig, StorageSCP
@@ -56,7 +56,7 @@ class Node:
         """``analyse=True`` runs the series job (model, writers, outbox) on completed
         series; otherwise ``job_handler`` runs, and with neither, jobs stay queued."""
         self.settings = settings
-        self.engine = make_engine(settings.effective_database_url)
+        self.engine = engine_for(settings)
         self.sessions = make_session_factory(self.engine)
         self.repo = NodeRepository(self.sessions, settings.storage_dir)
         self.outbox = Outbox(
