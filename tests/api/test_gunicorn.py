@@ -12,6 +12,8 @@ import urllib.request
 from pathlib import Path
 from urllib.error import HTTPError, URLError
 
+from tests.conftest import Databases
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -21,7 +23,7 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def test_wsgi_app_serves_under_gunicorn(tmp_path: Path) -> None:
+def test_wsgi_app_serves_under_gunicorn(tmp_path: Path, databases: Databases) -> None:
     port, dicom_port = _free_port(), _free_port()
     env = {
         **os.environ,
@@ -32,6 +34,7 @@ def test_wsgi_app_serves_under_gunicorn(tmp_path: Path) -> None:
         "LUNGNODE_DICOM_PORT": str(dicom_port),
         "LUNGNODE_MIN_FREE_DISK_MB": "0",
         "LUNGNODE_ADMIN_PASSWORD": "standalone-admin-pw",
+        **databases.env(tmp_path / "storage"),
     }
     gunicorn = Path(sys.executable).with_name("gunicorn")
     process = subprocess.Popen(
