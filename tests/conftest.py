@@ -116,6 +116,12 @@ class Databases:
                 self._by_storage[key] = self.fresh()
         return self._by_storage[key]
 
+    def moved(self, storage_dir: Path, to: Path) -> None:
+        """The storage folder was moved, its database with it (on PostgreSQL: the same
+        database serves the new path, as a volume mounted elsewhere would)."""
+        if self.postgresql:
+            self._by_storage[Path(to).resolve()] = self.url(storage_dir)
+
     def fresh(self) -> str:
         """A new, empty database of its own."""
         if self.admin is None:
