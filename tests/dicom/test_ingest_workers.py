@@ -60,10 +60,12 @@ def test_four_associations_at_once_are_stored_by_both_processes(two_process_node
     # Every instance is a file and a row, whoever received it.
     assert row_count(node, Instance) == 24
     assert len(list(node.settings.incoming_dir.rglob("*.dcm"))) == 24
-    with node.sessions() as session:
-        associations = session.scalars(select(Association)).all()
-        assert len(associations) == 4
-        assert {a.outcome for a in associations} == {"released"}
+    # Each process records a release once the sender has it (after its A-RELEASE-RP).
+    def outcomes() -> list[str | None]:
+        with node.sessions() as session:
+            return [a.outcome for a in session.scalars(select(Association))]
+
+    assert wait_until(lambda: outcomes() == ["released"] * 4, timeout=10), outcomes()
 
     # The worker's releases reach the completion timer: one job, by the release rule,
     # long before the quiet timer (120 s) could have completed the series.

@@ -3,6 +3,8 @@ on each backend (``LUNGNODE_TEST_DATABASE``): a fresh database per test."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
@@ -97,7 +99,20 @@ def test_a_bare_postgresql_url_is_driven_by_psycopg() -> None:
     assert database_url("postgres://u@db/lungnode") == "postgresql+psycopg://u@db/lungnode"
     assert database_url("postgresql+psycopg2://u@db/x") == "postgresql+psycopg2://u@db/x"
     assert database_url("sqlite:///storage/lungnode.db") == "sqlite:///storage/lungnode.db"
-    engine = make_engine("postgresql://u@127.0.0.1:1/none", pool_size=3, max_overflow=1)
+
+
+def test_the_pool_of_a_server_database_is_sized_by_the_settings(tmp_path: Path) -> None:
+    from lungnode.config import load_settings
+    from lungnode.db.session import engine_for
+
+    settings = load_settings(
+        env="testing",
+        storage_dir=tmp_path,
+        database_url="postgresql://u@127.0.0.1:1/none",
+        db_pool_size=3,
+        db_max_overflow=1,
+    )
+    engine = engine_for(settings)  # connects to nothing until used
     assert engine.dialect.driver == "psycopg"
     assert (engine.pool.size(), engine.pool._max_overflow) == (3, 1)  # type: ignore[attr-defined]
     engine.dispose()
