@@ -132,6 +132,8 @@ class Node:
                     storage_dir=settings.storage_dir,
                     min_free_bytes=settings.min_free_disk_mb * 2**20,
                     log_level=settings.log_level,
+                    db_pool_size=settings.db_pool_size,
+                    db_max_overflow=settings.db_max_overflow,
                 ),
                 processes - 1,
                 on_association_ended=self.watcher.wake,

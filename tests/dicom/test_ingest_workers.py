@@ -60,6 +60,7 @@ def test_four_associations_at_once_are_stored_by_both_processes(two_process_node
     # Every instance is a file and a row, whoever received it.
     assert row_count(node, Instance) == 24
     assert len(list(node.settings.incoming_dir.rglob("*.dcm"))) == 24
+
     # Each process records a release once the sender has it (after its A-RELEASE-RP).
     def outcomes() -> list[str | None]:
         with node.sessions() as session:
