@@ -121,8 +121,13 @@ class Settings(BaseSettings):
     env: Literal["development", "production", "testing"] = "development"
     log_level: str = "INFO"
     storage_dir: Path = Path("storage")
-    #: SQLAlchemy URL; empty means SQLite at ``<storage_dir>/lungnode.db``.
+    #: SQLAlchemy URL; empty means SQLite at ``<storage_dir>/lungnode.db``. A bare
+    #: ``postgresql://`` URL is given the psycopg 3 driver (``postgresql+psycopg://``).
     database_url: str = ""
+    #: Connections a process keeps open to a server database (PostgreSQL), and how many
+    #: more it may open at a peak; SQLite ignores both. Sized per role (docs/configuration.md).
+    db_pool_size: int = Field(default=5, ge=1)
+    db_max_overflow: int = Field(default=10, ge=0)
 
     # -- DICOM -----------------------------------------------------------------
     ae_title: str = "LUNGNODE"

@@ -51,7 +51,7 @@ from lungnode.api.stats import stats_blueprint
 from lungnode.api.uploads import delete_stale_uploads, uploads_blueprint
 from lungnode.api.users import users_blueprint
 from lungnode.config import Settings, load_settings
-from lungnode.db.session import make_engine, make_session_factory, read_sessions
+from lungnode.db.session import engine_for, make_session_factory, read_sessions
 
 __all__ = ["Metrics", "create_app", "delete_stale_uploads", "ensure_first_admin"]
 
@@ -103,11 +103,38 @@ def _complete_spec(spec: dict[str, Any] | str) -> dict[str, Any] | str:
     return spec
 
 
+#: The largest row id: the id columns are SQL INTEGER, 32 bits on PostgreSQL.
+MAX_ROW_ID = 2**31 - 1
+
+
+def _digits_at_most(limit: int) -> str:
+    """A regular expression for the decimal numbers from 0 to ``limit``."""
+    digits = str(limit)
+    shorter = [rf"\d{{1,{len(digits) - 1}}}"] if len(digits) > 1 else []
+    same_length = [digits]
+    for i, digit in enumerate(map(int, digits)):
+        lowest = 1 if i == 0 and len(digits) > 1 else 0
+        if digit > lowest:
+            rest = len(digits) - i - 1
+            same_length.append(
+                f"{digits[:i]}[{lowest}-{digit - 1}]" + rf"\d{{{rest}}}" * bool(rest)
+            )
+    return "|".join(shorter + same_length)
+
+
 class RowIdConverter(IntegerConverter):
-    """``<int:...>`` in routes: at most a 64-bit row id; a larger number matches nothing (404)."""
+    """``<int:...>`` in routes: at most the largest row id.
+
+    A larger number matches no route (404), instead of reaching the database,
+    which on PostgreSQL refuses it (a 500). The range is in the pattern, not only
+    checked after matching: werkzeug answers a number that fails the check with
+    405 when another method's route has the same path.
+    """
+
+    regex = f"(?:{_digits_at_most(MAX_ROW_ID)})"
 
     def __init__(self, url_map: Map, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("max", 2**63 - 1)
+        kwargs.setdefault("max", MAX_ROW_ID)
         super().__init__(url_map, *args, **kwargs)
 
 
@@ -152,7 +179,7 @@ def create_app(
     )
     if test_config:
         app.config.update(test_config)
-    engine = engine or make_engine(settings.effective_database_url)
+    engine = engine or engine_for(settings)
     sessions = make_session_factory(engine)
     app.extensions["lungnode"] = {
         "settings": settings,

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from lungnode.config import Settings
 from lungnode.db.migrate import upgrade
-from lungnode.db.session import make_engine, make_session_factory
+from lungnode.db.session import engine_for, make_session_factory
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,7 @@ def connect(settings: Settings, *, migrate: bool = True) -> Database:
     settings.storage_dir.mkdir(parents=True, exist_ok=True)
     if migrate:
         upgrade(settings.effective_database_url)
-    engine = make_engine(settings.effective_database_url)
+    engine = engine_for(settings)
     return Database(engine, make_session_factory(engine))
 
 

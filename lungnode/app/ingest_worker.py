@@ -45,7 +45,9 @@ def run_worker(config: WorkerConfig, channel: socket.socket, name: str) -> None:
     )
     logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, logging.getLogger().level))
     node = NodeChannel(channel)
-    engine = make_engine(config.database_url)
+    engine = make_engine(
+        config.database_url, pool_size=config.db_pool_size, max_overflow=config.db_max_overflow
+    )
     repo = NodeRepository(make_session_factory(engine), config.storage_dir)
     intake = Intake(config.incoming_dir, repo.register_instance, config.min_free_bytes)
     scp = StorageSCP(

@@ -26,7 +26,7 @@ from lungnode.config import Settings
 from lungnode.db.deliveries import DeliveryRepository
 from lungnode.db.migrate import upgrade
 from lungnode.db.repo import NodeRepository
-from lungnode.db.session import make_engine, make_session_factory
+from lungnode.db.session import engine_for, make_session_factory
 from lungnode.dicom.ingest_workers import IngestWorkers, WorkerConfig
 from lungnode.dicom.intake import Intake, reconcile
 from lungnode.dicom.scp import SCPConfig, StorageSCP
@@ -64,7 +64,7 @@ class Node:
         """``analyse=True`` runs the series job (model, writers, outbox) on completed
         series; otherwise ``job_handler`` runs, and with neither, jobs stay queued."""
         self.settings = settings
-        self.engine = make_engine(settings.effective_database_url)
+        self.engine = engine_for(settings)
         self.sessions = make_session_factory(self.engine)
         self.repo = NodeRepository(self.sessions, settings.storage_dir)
         self.outbox = Outbox(
@@ -146,6 +146,8 @@ class Node:
                     storage_dir=settings.storage_dir,
                     min_free_bytes=settings.min_free_disk_mb * 2**20,
                     log_level=settings.log_level,
+                    db_pool_size=settings.db_pool_size,
+                    db_max_overflow=settings.db_max_overflow,
                 ),
                 processes - 1,
                 on_association_ended=self.watcher.wake,

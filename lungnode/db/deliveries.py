@@ -5,10 +5,19 @@ it failed for good (``dead``, the dead letters). Each attempt is recorded:
 the count, the last status and error, and when the next attempt is due.
 The path of a result object is kept relative to ``storage_dir`` and handed
 out absolute.
+
+Several outbox processes may share the database (the scaled roles). An outbox
+sends only the deliveries it has *claimed* (:meth:`DeliveryRepository.claim_due`):
+their next attempt is pushed to the end of a lease in the same transaction that
+picks them, so no other outbox finds them due while they are sent; the outcome
+then records the real next attempt. If the sender dies, the deliveries are due
+again when the lease runs out.
 """
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -70,6 +79,77 @@ class DeliveryRepository:
             )
             for row in rows
         ]
+
+    def claim_due(
+        self,
+        lease_seconds_each: float,
+        *,
+        now: datetime | None = None,
+        limit: int = 500,
+        skip_destinations: Collection[str] = (),
+    ) -> list[DueDelivery]:
+        """Take the due deliveries (oldest first) for this sender, on a lease.
+
+        The lease is ``lease_seconds_each`` per delivery of the largest batch for one
+        destination, plus one, so it outlasts sending that batch one object at a time.
+        On PostgreSQL the rows are picked ``FOR UPDATE SKIP LOCKED``: deliveries
+        another outbox is claiming are passed over, not waited for. SQLite
+        serialises writers (BEGIN IMMEDIATE), so its claims take turns.
+        """
+        moment = now or _now()
+        with write_transaction(self.sessions) as session:
+            statement = (
+                select(
+                    Delivery.id,
+                    Delivery.destination,
+                    Delivery.sop_instance_uid,
+                    Delivery.path,
+                    Delivery.attempts,
+                )
+                .where(
+                    Delivery.state == DeliveryState.PENDING.value,
+                    Delivery.next_attempt_at <= moment,
+                )
+                .order_by(Delivery.next_attempt_at, Delivery.id)
+                .limit(limit)
+                .with_for_update(skip_locked=True)
+            )
+            if skip_destinations:
+                statement = statement.where(Delivery.destination.not_in(skip_destinations))
+            rows = session.execute(statement).all()
+            if not rows:
+                return []
+            per_destination = Counter(row.destination for row in rows)
+            lease = lease_seconds_each * (max(per_destination.values()) + 1)
+            session.execute(
+                update(Delivery)
+                .where(Delivery.id.in_([row.id for row in rows]))
+                .values(next_attempt_at=moment + timedelta(seconds=lease))
+            )
+        return [
+            DueDelivery(
+                row.id,
+                row.destination,
+                row.sop_instance_uid,
+                str(resolve_stored(row.path, self.storage_dir)),
+                row.attempts,
+            )
+            for row in rows
+        ]
+
+    def release(self, delivery_ids: Collection[int]) -> None:
+        """Give claimed deliveries back unsent: due again now, for any sender."""
+        if not delivery_ids:
+            return
+        with write_transaction(self.sessions) as session:
+            session.execute(
+                update(Delivery)
+                .where(
+                    Delivery.id.in_(list(delivery_ids)),
+                    Delivery.state == DeliveryState.PENDING.value,
+                )
+                .values(next_attempt_at=_now())
+            )
 
     def mark_done(self, delivery_id: int, status: int | None) -> None:
         with write_transaction(self.sessions) as session:

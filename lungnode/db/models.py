@@ -28,6 +28,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
 UID = String(64)  # PS3.5 9.1: a UID is at most 64 characters
+#: The longest audit target; PostgreSQL enforces it, longer ones are cut (``repo.audit``).
+AUDIT_TARGET_LENGTH = 200
 
 
 def utcnow() -> datetime:
@@ -278,5 +280,5 @@ class AuditEvent(Base):
     at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     actor: Mapped[str] = mapped_column(String(64), index=True)
     action: Mapped[str] = mapped_column(String(64), index=True)
-    target: Mapped[str | None] = mapped_column(String(200))
+    target: Mapped[str | None] = mapped_column(String(AUDIT_TARGET_LENGTH))
     details: Mapped[dict[str, Any] | None] = mapped_column(JSON)

@@ -34,6 +34,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from lungnode.config import resolve_stored, stored_path
 from lungnode.db.models import (
+    AUDIT_TARGET_LENGTH,
     Association,
     AuditEvent,
     Instance,
@@ -58,6 +59,20 @@ def _due(now: datetime) -> ColumnElement[bool]:
         Job.state == JobState.QUEUED.value,
         or_(Job.next_attempt_at.is_(None), Job.next_attempt_at <= now),
     )
+
+
+def _duplicate_sop_instance(exc: IntegrityError) -> bool:
+    """Whether ``exc`` is the unique SOP Instance UID of an instance, violated.
+
+    PostgreSQL names the constraint (``instance_sop_instance_uid_key``) in its
+    diagnostics; SQLite's message names the column (``instance.sop_instance_uid``).
+    A series created twice at once violates another constraint, and is retried.
+    """
+    diagnostics = getattr(exc.orig, "diag", None)
+    constraint = getattr(diagnostics, "constraint_name", None)
+    if constraint is not None:
+        return str(constraint) == "instance_sop_instance_uid_key"
+    return "instance.sop_instance_uid" in str(exc.orig)
 
 
 #: A failed job queued again by an admin: due now, attempts counted afresh.
@@ -171,7 +186,7 @@ class NodeRepository:
             try:
                 return self._register_instance(facts, path, size_bytes, association_id)
             except IntegrityError as exc:
-                if "sop_instance_uid" in str(exc.orig) or "instance.sop" in str(exc.orig):
+                if _duplicate_sop_instance(exc):
                     return False  # duplicate SOP Instance UID: idempotent
                 # Two associations created the same series at once, or a cached
                 # series id went stale: forget the cache and try again.
@@ -301,7 +316,10 @@ class NodeRepository:
         Returns the new job id, or None if the series changed meanwhile.
         """
         with self._write() as session:
-            series = session.get(Series, series_id)
+            # Two receiving nodes may both find the series complete: the row lock
+            # (FOR UPDATE on PostgreSQL; BEGIN IMMEDIATE serialises SQLite) makes
+            # the second wait, then see it complete and queue nothing.
+            series = session.get(Series, series_id, with_for_update=True)
             if series is None or series.state != SeriesState.RECEIVING:
                 return None
             count = session.scalar(
@@ -348,9 +366,37 @@ class NodeRepository:
         Returns the number of this attempt, or None when the job is not due or
         another worker has it.
         """
+        claimed = self._claim(Job.id == job_id)
+        return None if claimed is None else claimed[1]
+
+    def claim_next_job(self) -> tuple[int, int] | None:
+        """The oldest due job, queued -> running for this worker: (job id, attempt).
+
+        Concurrent callers each get a different job, or None when none is due.
+        """
+        return self._claim()
+
+    def _claim(self, *criteria: ColumnElement[bool]) -> tuple[int, int] | None:
+        """The guarded transition queued and due -> running, on the oldest matching job.
+
+        On PostgreSQL the row is picked with ``SELECT ... FOR UPDATE SKIP LOCKED``:
+        a job another worker is claiming is passed over at once, not waited for.
+        SQLite has no row locks (the statement carries no FOR UPDATE there); its
+        writers are serialised by BEGIN IMMEDIATE. The UPDATE repeats the guard
+        either way, so a job is claimed by one worker whatever the isolation.
+        """
         with self._write() as session:
             now = _now()
-            result = session.execute(
+            job_id = session.scalar(
+                select(Job.id)
+                .where(_due(now), *criteria)
+                .order_by(Job.id)
+                .limit(1)
+                .with_for_update(skip_locked=True)
+            )
+            if job_id is None:
+                return None
+            attempt = session.scalar(
                 update(Job)
                 .where(Job.id == job_id, _due(now))
                 .values(
@@ -359,10 +405,9 @@ class NodeRepository:
                     attempts=Job.attempts + 1,
                     next_attempt_at=None,
                 )
+                .returning(Job.attempts)
             )
-            if not result.rowcount:  # type: ignore[attr-defined]
-                return None
-            return session.scalar(select(Job.attempts).where(Job.id == job_id))
+            return None if attempt is None else (job_id, attempt)
 
     def finish_job(
         self,
@@ -448,5 +493,11 @@ class NodeRepository:
         target: str | None = None,
         details: dict[str, Any] | None = None,
     ) -> None:
+        limit = AUDIT_TARGET_LENGTH
+        if target is not None and len(target) > limit:
+            # PostgreSQL enforces the column's length (SQLite does not): the whole
+            # target (a long list of ids) is kept in the details instead.
+            details = {**(details or {}), "target": target}
+            target = target[: limit - 1] + "…"
         with self._write() as session:
             session.add(AuditEvent(actor=actor, action=action, target=target, details=details))

@@ -3,6 +3,13 @@
 SQLite runs in WAL mode with a busy timeout, so the SCP's writes, the
 completion timer and the API's reads proceed together. ``synchronous=FULL``
 makes every committed row durable before the SCP answers success.
+
+PostgreSQL is reached through psycopg 3: a plain ``postgresql://`` URL names
+SQLAlchemy's default driver for it, psycopg2, which lungnode does not install,
+so :func:`database_url` rewrites it (once, here) to ``postgresql+psycopg://``.
+Its connection pool is sized per process by the ``db_pool_size`` and
+``db_max_overflow`` settings (:func:`engine_for`); each role needs a different
+number of connections at once.
 """
 
 from __future__ import annotations
@@ -17,9 +24,40 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
+from lungnode.config import Settings
 
-def make_engine(url: str, **kwargs: Any) -> Engine:
-    """Create the process's engine; SQLite gets WAL, foreign keys and a busy timeout."""
+#: URL schemes that name PostgreSQL without a driver, and the one lungnode ships.
+_BARE_POSTGRESQL = ("postgresql://", "postgres://")
+POSTGRESQL_DRIVER = "postgresql+psycopg://"
+
+
+def database_url(url: str) -> str:
+    """``url`` with a bare ``postgresql://`` (or ``postgres://``) given the psycopg 3
+    driver; any other URL, a driver named explicitly included, is left as it is."""
+    for scheme in _BARE_POSTGRESQL:
+        if url.startswith(scheme):
+            return POSTGRESQL_DRIVER + url[len(scheme) :]
+    return url
+
+
+def engine_for(settings: Settings) -> Engine:
+    """The process's engine for these settings, its pool sized by them."""
+    return make_engine(
+        settings.effective_database_url,
+        pool_size=settings.db_pool_size,
+        max_overflow=settings.db_max_overflow,
+    )
+
+
+def make_engine(
+    url: str, *, pool_size: int | None = None, max_overflow: int | None = None, **kwargs: Any
+) -> Engine:
+    """Create the process's engine; SQLite gets WAL, foreign keys and a busy timeout.
+
+    ``pool_size`` and ``max_overflow`` size the pool of a server database; SQLite
+    keeps SQLAlchemy's default pool, since its writers take turns on one lock anyway.
+    """
+    url = database_url(url)
     if url.startswith("sqlite"):
         database = make_url(url).database
         if database and database != ":memory:":
@@ -51,6 +89,10 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
 
         return engine
     kwargs.setdefault("pool_pre_ping", True)
+    if pool_size is not None:
+        kwargs.setdefault("pool_size", pool_size)
+    if max_overflow is not None:
+        kwargs.setdefault("max_overflow", max_overflow)
     return create_engine(url, **kwargs)
 
 

@@ -85,6 +85,9 @@ class WorkerConfig:
     storage_dir: Path
     min_free_bytes: int
     log_level: str
+    #: The worker's own connection pool (``db_pool_size``, ``db_max_overflow``).
+    db_pool_size: int = 5
+    db_max_overflow: int = 10
 
 
 #: The main of a worker process: (config, channel to the node, worker name).

@@ -1,6 +1,6 @@
 """The outbox sender: delivers result objects to their destinations, reliably.
 
-Deliveries are rows (``db.deliveries``); this thread only reads what is due,
+Deliveries are rows (``db.deliveries``); this thread claims what is due,
 sends it with ``dicom.scu`` and records each outcome (PS3.4 B.2.3 statuses,
 classified in :func:`lungnode.dicom.scu.classify_status`):
 
@@ -109,16 +109,23 @@ class Outbox:
     # -- work ------------------------------------------------------------------------
 
     def dispatch(self) -> list[Future[None]]:
-        """Hand each destination's due deliveries to its worker, unless it is busy."""
+        """Claim the due deliveries of the destinations not busy, and hand each
+        destination's to its worker. Claimed deliveries are this outbox's alone
+        until their lease (``timeout`` per object) runs out, so another outbox
+        process on the same database does not send them at the same time."""
+        with self._busy_lock:
+            busy = set(self._busy)
         by_destination: dict[str, list[DueDelivery]] = defaultdict(list)
-        for due in self.deliveries.due():
+        for due in self.deliveries.claim_due(self.timeout, skip_destinations=busy):
             by_destination[due.destination].append(due)
         futures = []
         for destination, batch in by_destination.items():
             with self._busy_lock:
-                if destination in self._busy:
-                    continue
+                taken = destination in self._busy
                 self._busy.add(destination)
+            if taken:  # a concurrent dispatch got there first
+                self.deliveries.release([due.id for due in batch])
+                continue
             futures.append(self._pool.submit(self._deliver_guarded, destination, batch))
         return futures
 

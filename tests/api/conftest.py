@@ -23,7 +23,7 @@ from lungnode.db.migrate import upgrade
 from lungnode.db.models import Prediction, Role, User
 from lungnode.db.session import make_engine, make_session_factory
 from lungnode.passwords import hash_password
-from tests.conftest import IN_CI, require_tool
+from tests.conftest import IN_CI, Databases, require_tool
 
 ADMIN_PASSWORD = "admin-password-for-tests"
 PASSWORD = "password-for-tests"
@@ -190,6 +190,21 @@ def make_api(
     yield _make
     for engine in engines:
         engine.dispose()
+
+
+@pytest.fixture
+def make_app(databases: Databases) -> Iterator[Callable[..., Flask]]:
+    """``create_app`` whose engine is disposed after the test (an engine left to the
+    garbage collector leaves its PostgreSQL connections open until then)."""
+    apps: list[Flask] = []
+
+    def _make(settings: Settings, **kwargs: Any) -> Flask:
+        apps.append(create_app(settings, **kwargs))
+        return apps[-1]
+
+    yield _make
+    for app in apps:
+        app.extensions["lungnode"]["engine"].dispose()
 
 
 @pytest.fixture

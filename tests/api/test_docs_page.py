@@ -4,22 +4,22 @@ from __future__ import annotations
 
 import subprocess
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from flask import Flask
 from werkzeug.serving import BaseWSGIServer, make_server
 
-from lungnode.api import create_app
 from lungnode.config import Settings
 from lungnode.db.migrate import upgrade
 from tests.conftest import require_tool
 
 
 @pytest.fixture
-def server(settings: Settings) -> Iterator[BaseWSGIServer]:
+def server(settings: Settings, make_app: Callable[..., Flask]) -> Iterator[BaseWSGIServer]:
     upgrade(settings.effective_database_url)
-    httpd = make_server("127.0.0.1", 0, create_app(settings), threaded=True)
+    httpd = make_server("127.0.0.1", 0, make_app(settings), threaded=True)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     yield httpd

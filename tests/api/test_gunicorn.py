@@ -28,6 +28,7 @@ from lungnode.app.metrics_dir import ENV, use_metrics_dir
 from lungnode.config import Settings
 from lungnode.errors import ConfigError
 from tests.api.conftest import ServerCertificate, require_redis
+from tests.conftest import Databases
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -38,7 +39,7 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def test_wsgi_app_serves_under_gunicorn(tmp_path: Path) -> None:
+def test_wsgi_app_serves_under_gunicorn(tmp_path: Path, databases: Databases) -> None:
     port, dicom_port = _free_port(), _free_port()
     env = {
         **os.environ,
@@ -49,6 +50,7 @@ def test_wsgi_app_serves_under_gunicorn(tmp_path: Path) -> None:
         "LUNGNODE_DICOM_PORT": str(dicom_port),
         "LUNGNODE_MIN_FREE_DISK_MB": "0",
         "LUNGNODE_ADMIN_PASSWORD": "standalone-admin-pw",
+        **databases.env(tmp_path / "storage"),
     }
     gunicorn = Path(sys.executable).with_name("gunicorn")
     process = subprocess.Popen(

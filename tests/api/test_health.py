@@ -9,7 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 from urllib.error import HTTPError
 
-from lungnode.api import create_app
+from flask import Flask
+
 from lungnode.app.node import Node
 from lungnode.config import Settings
 from lungnode.db.migrate import upgrade
@@ -36,10 +37,12 @@ class Listening:
         self.scp_listening = value
 
 
-def test_health_ok(make_settings: Callable[..., Settings], tmp_path: Path) -> None:
+def test_health_ok(
+    make_settings: Callable[..., Settings], make_app: Callable[..., Flask], tmp_path: Path
+) -> None:
     settings = make_settings(model=str(fake_bundle(tmp_path / "models")))
     upgrade(settings.effective_database_url)
-    client = create_app(settings, node_status=Listening(True)).test_client()
+    client = make_app(settings, node_status=Listening(True)).test_client()
     response = client.get("/api/v1/health")
     assert response.status_code == 200, response.json
     body = response.json
@@ -49,12 +52,12 @@ def test_health_ok(make_settings: Callable[..., Settings], tmp_path: Path) -> No
 
 
 def test_health_names_each_failing_check(
-    make_settings: Callable[..., Settings], tmp_path: Path
+    make_settings: Callable[..., Settings], make_app: Callable[..., Flask], tmp_path: Path
 ) -> None:
     settings = make_settings(
         model=str(fake_bundle(tmp_path / "models", corrupt=True)), min_free_disk_mb=2**40
     )
-    client = create_app(settings, node_status=Listening(False)).test_client()
+    client = make_app(settings, node_status=Listening(False)).test_client()
     response = client.get("/api/v1/health")
     assert response.status_code == 503
     assert set(response.json["failing"]) == {"disk", "scp", "model"}
@@ -62,17 +65,17 @@ def test_health_names_each_failing_check(
 
 
 def test_health_without_a_node_probes_the_dicom_port(
-    make_settings: Callable[..., Settings], tmp_path: Path
+    make_settings: Callable[..., Settings], make_app: Callable[..., Flask], tmp_path: Path
 ) -> None:
     settings = make_settings(dicom_port=1, model=str(fake_bundle(tmp_path / "m")))
-    client = create_app(settings).test_client()
+    client = make_app(settings).test_client()
     body = client.get("/api/v1/health").json
     assert body["failing"] == ["scp"]
     assert "nothing listens" in body["checks"]["scp"]["error"]
 
 
-def test_unknown_route_is_json_404(settings: Settings) -> None:
-    response = create_app(settings).test_client().get("/api/v1/nope")
+def test_unknown_route_is_json_404(settings: Settings, make_app: Callable[..., Flask]) -> None:
+    response = make_app(settings).test_client().get("/api/v1/nope")
     assert response.status_code == 404
     assert response.json["error"]["code"] == "not_found"
 

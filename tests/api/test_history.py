@@ -158,3 +158,26 @@ def test_heatmap_and_download_errors(seeded: API) -> None:
     with seeded.client.get("/api/v1/download/1", headers=headers) as response:
         assert response.status_code == 200 and response.data.startswith(b"%PDF")
         assert "attachment" in response.headers["Content-Disposition"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("get", "/history/{id}"),
+        ("delete", "/history/{id}"),
+        ("get", "/heatmaps/{id}/0.png"),
+        ("get", "/download/{id}"),
+        ("post", "/jobs/{id}/retry"),
+        ("post", "/deliveries/{id}/retry"),
+        ("patch", "/users/{id}"),
+    ],
+)
+def test_an_id_beyond_the_id_columns_is_not_found(api: API, method: str, path: str) -> None:
+    """Ids are SQL INTEGER (32 bits on PostgreSQL, which refuses a larger number with an
+    error): one beyond that range names no row, 404 like any other unknown id."""
+    for number in (2**31 - 1, 2**31, 2**63):
+        response = getattr(api.client, method)(
+            f"/api/v1{path.format(id=number)}", headers=api.headers("admin"), json={}
+        )
+        assert response.status_code == 404, (number, response.json)
+        assert response.json["error"]["code"] == "not_found"

@@ -21,6 +21,7 @@ from lungnode.api import create_app, ensure_first_admin
 from lungnode.config import load_settings
 from lungnode.db.migrate import upgrade
 from lungnode.db.session import make_engine, make_session_factory
+from tests.conftest import Databases
 
 ADMIN_PASSWORD = "schemathesis-admin-password"
 CHECKS = [
@@ -38,9 +39,12 @@ class _Listening:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, tiny_bundle: Path) -> Iterator[dict[str, Any]]:
+def server(
+    tmp_path_factory: pytest.TempPathFactory, tiny_bundle: Path, module_databases: Databases
+) -> Iterator[dict[str, Any]]:
     storage = tmp_path_factory.mktemp("schemathesis")
     settings_ = load_settings(
+        **module_databases.settings_overrides(storage),
         env="testing",
         storage_dir=storage,
         admin_password=ADMIN_PASSWORD,

@@ -16,6 +16,7 @@ from lungnode.config import Settings
 from lungnode.db.models import Prediction
 from lungnode.db.session import make_engine
 from tests.api.conftest import API, png_bytes, upload_form
+from tests.conftest import Databases
 
 
 def _predict(api: API) -> int:
@@ -67,6 +68,7 @@ def test_database_keeps_paths_relative_and_storage_can_move(
     make_settings: Callable[..., Settings],
     tiny_bundle: Path,
     tmp_path: Path,
+    databases: Databases,
 ) -> None:
     """A shared volume mounted at another path (another host, scaled mode) still serves."""
     first = make_api(model=str(tiny_bundle), storage_dir=tmp_path / "volume")
@@ -81,6 +83,7 @@ def test_database_keeps_paths_relative_and_storage_can_move(
     first.app.extensions["lungnode"]["engine"].dispose()
 
     shutil.move(tmp_path / "volume", tmp_path / "mounted-elsewhere")
+    databases.moved(tmp_path / "volume", tmp_path / "mounted-elsewhere")
     # Another node on the same volume (and database), mounted at another path.
     settings = make_settings(model=str(tiny_bundle), storage_dir=tmp_path / "mounted-elsewhere")
     engine = make_engine(settings.effective_database_url)

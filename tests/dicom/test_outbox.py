@@ -19,7 +19,7 @@ from lungnode.db.migrate import upgrade
 from lungnode.db.models import Delivery, Job, Series
 from lungnode.db.session import make_engine, make_session_factory
 from lungnode.pipeline.outbox import Outbox, RetryPolicy
-from tests.conftest import require_tool
+from tests.conftest import Databases, require_tool
 from tests.pacs import ORTHANC_AE, Orthanc, free_port
 from tests.support.synthetic import make_ct_series, write_series
 
@@ -27,8 +27,8 @@ FAST = RetryPolicy(base_seconds=0.2, cap_seconds=1.0, max_attempts=6)
 
 
 @pytest.fixture
-def deliveries(tmp_path: Path) -> Iterator[DeliveryRepository]:
-    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+def deliveries(tmp_path: Path, databases: Databases) -> Iterator[DeliveryRepository]:
+    url = databases.fresh()
     upgrade(url)
     engine = make_engine(url)
     yield DeliveryRepository(make_session_factory(engine), tmp_path / "storage")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ import pytest
 from pydicom import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
-from tests.conftest import SENDER_AE
+from tests.conftest import SENDER_AE, Databases, query
 from tests.dicom.helpers import associate, close_dropped, free_port, process_alive, wait_until
 from tests.support.synthetic import make_ct_series
 
@@ -55,7 +54,7 @@ def _port_open(port: int) -> bool:
 
 
 @pytest.fixture
-def serve(tmp_path: Path) -> Iterator[Callable[..., Server]]:
+def serve(tmp_path: Path, databases: Databases) -> Iterator[Callable[..., Server]]:
     """Start ``lungnode serve`` on a storage folder; every process is gone afterwards."""
     servers: list[Server] = []
 
@@ -77,6 +76,7 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., Server]]:
             # No analysis workers: a completed series' job stays queued, for the test to see.
             "LUNGNODE_WORKERS": "0",
             "LUNGNODE_INGEST_PROCESSES": str(processes),
+            **databases.env(storage),
         }
         log = tmp_path / f"serve-{len(servers)}.log"
         with log.open("wb") as stream:
@@ -106,27 +106,16 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., Server]]:
         server.process.wait(timeout=30)
 
 
-def _database(storage: Path) -> sqlite3.Connection:
-    return sqlite3.connect(f"file:{storage / 'lungnode.db'}?mode=ro", uri=True, timeout=10)
-
-
-def _query(storage: Path, sql: str, *parameters: object) -> list[tuple[object, ...]]:
-    connection = _database(storage)
-    try:
-        return connection.execute(sql, parameters).fetchall()
-    finally:
-        connection.close()
-
-
 def _store_context(datasets: list[Dataset]) -> list[tuple[str, str]]:
     return [(str(datasets[0].SOPClassUID), ExplicitVRLittleEndian)]
 
 
 @pytest.mark.slow
 def test_acknowledged_instances_survive_sigkill(
-    serve: Callable[..., Server], tmp_path: Path
+    serve: Callable[..., Server], tmp_path: Path, databases: Databases
 ) -> None:
     storage = tmp_path / "storage"
+    database = databases.url(storage)
     datasets = make_ct_series(N_SLICES, rows=256, columns=256)
     series_uid = str(datasets[0].SeriesInstanceUID)
     study_uid = str(datasets[0].StudyInstanceUID)
@@ -162,16 +151,16 @@ def test_acknowledged_instances_survive_sigkill(
     server = serve(storage, dicom_port=server.dicom_port)
     recorded = {
         str(uid)
-        for (uid,) in _query(
-            storage,
+        for (uid,) in query(
+            database,
             "SELECT instance.sop_instance_uid FROM instance "
             "JOIN series ON series.id = instance.series_id "
-            "WHERE series.series_instance_uid = ?",
-            series_uid,
+            "WHERE series.series_instance_uid = :uid",
+            uid=series_uid,
         )
     }
     assert set(acknowledged) <= recorded
-    outcomes = {str(outcome) for (outcome,) in _query(storage, "SELECT outcome FROM association")}
+    outcomes = {str(outcome) for (outcome,) in query(database, "SELECT outcome FROM association")}
     assert outcomes == {"interrupted"}, "the association cut by the kill is not closed"
 
     # The sender resends what it had no answer for; the node finishes the series.
@@ -185,22 +174,22 @@ def test_acknowledged_instances_survive_sigkill(
     assert statuses == [0x0000] * len(remaining)
 
     def jobs() -> list[tuple[object, ...]]:
-        return _query(
-            storage,
+        return query(
+            database,
             "SELECT job.state, job.instance_count, job.version FROM job "
             "JOIN series ON series.id = job.series_id "
-            "WHERE series.series_instance_uid = ?",
-            series_uid,
+            "WHERE series.series_instance_uid = :uid",
+            uid=series_uid,
         )
 
     assert wait_until(lambda: bool(jobs()), timeout=QUIET_SECONDS + 15), server.log_text()
     time.sleep(1.0)  # a second, spurious completion would show up here
     assert jobs() == [("queued", N_SLICES, 1)], server.log_text()
-    count = _query(
-        storage,
+    count = query(
+        database,
         "SELECT COUNT(*) FROM instance JOIN series ON series.id = instance.series_id "
-        "WHERE series.series_instance_uid = ?",
-        series_uid,
+        "WHERE series.series_instance_uid = :uid",
+        uid=series_uid,
     )
     assert count == [(N_SLICES,)]
     assert len(list((storage / "incoming" / study_uid / series_uid).glob("*.dcm"))) == N_SLICES
@@ -228,7 +217,7 @@ def _children(pid: int) -> list[int]:
 
 @pytest.mark.slow
 def test_sigkill_with_two_ingest_processes_leaves_no_worker_and_loses_nothing(
-    serve: Callable[..., Server], tmp_path: Path
+    serve: Callable[..., Server], tmp_path: Path, databases: Databases
 ) -> None:
     """The node and one worker each run an association; the node is killed.
 
@@ -273,5 +262,8 @@ def test_sigkill_with_two_ingest_processes_leaves_no_worker_and_loses_nothing(
 
     # Nothing holds the port: the node comes back on it, and knows every instance.
     server = serve(storage, dicom_port=server.dicom_port, processes=2)
-    recorded = {str(uid) for (uid,) in _query(storage, "SELECT sop_instance_uid FROM instance")}
+    recorded = {
+        str(uid)
+        for (uid,) in query(databases.url(storage), "SELECT sop_instance_uid FROM instance")
+    }
     assert set(acknowledged) <= recorded

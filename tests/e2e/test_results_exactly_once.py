@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import require_tool
+from tests.conftest import Databases, execute, query, require_tool
 from tests.dicom.helpers import wait_until
 from tests.pacs import ORTHANC_AE, Orthanc, free_port
 from tests.support.synthetic import make_ct_series, write_series
@@ -37,20 +36,13 @@ def _port_open(port: int) -> bool:
         return False
 
 
-def _query(storage: Path, sql: str) -> list[tuple[object, ...]]:
-    connection = sqlite3.connect(f"file:{storage / 'lungnode.db'}?mode=ro", uri=True, timeout=10)
-    try:
-        return connection.execute(sql).fetchall()
-    except sqlite3.OperationalError:
-        return []  # not migrated yet
-    finally:
-        connection.close()
-
-
 class Node:
-    def __init__(self, tmp_path: Path, orthanc: Orthanc, dicom_port: int) -> None:
+    def __init__(
+        self, tmp_path: Path, orthanc: Orthanc, dicom_port: int, databases: Databases
+    ) -> None:
         self.tmp_path = tmp_path
         self.storage = tmp_path / "storage"
+        self.database = databases.url(self.storage)
         self.dicom_port = dicom_port
         self.process: subprocess.Popen[bytes] | None = None
         self.env = {
@@ -71,6 +63,7 @@ class Node:
             "LUNGNODE_DELIVERY_RETRY_CAP_SECONDS": "2",
             "LUNGNODE_DELIVERY_CHECK_INTERVAL": "0.2",
             "LUNGNODE_DELIVERY_TIMEOUT": "10",
+            **databases.env(self.storage),
         }
         self.runs = 0
 
@@ -99,6 +92,10 @@ class Node:
             self.process.terminate()
             self.process.wait(timeout=30)
 
+    def query(self, sql: str) -> list[tuple[object, ...]]:
+        """Rows of the node's database; none before it is migrated."""
+        return query(self.database, sql)
+
     def logs(self) -> str:
         return "\n".join(
             p.read_text(errors="replace") for p in sorted(self.tmp_path.glob("serve-*.log"))
@@ -106,13 +103,13 @@ class Node:
 
 
 @pytest.fixture
-def setup(tmp_path: Path) -> Iterator[tuple[Orthanc, Node]]:
+def setup(tmp_path: Path, databases: Databases) -> Iterator[tuple[Orthanc, Node]]:
     port = free_port()
     orthanc = Orthanc(
         require_tool("Orthanc"), tmp_path / "orthanc", {"lungnode": ["LUNGNODE", "127.0.0.1", port]}
     )
     orthanc.start()
-    node = Node(tmp_path, orthanc, port)
+    node = Node(tmp_path, orthanc, port, databases)
     yield orthanc, node
     node.stop()
     orthanc.stop()
@@ -133,27 +130,27 @@ def test_kill_during_job_and_during_sending(setup: tuple[Orthanc, Node], tmp_pat
 
     # 1. Killed while the job runs (loading the model, analysing or writing).
     running = wait_until(
-        lambda: _query(node.storage, "SELECT state FROM job") == [("running",)],
+        lambda: node.query("SELECT state FROM job") == [("running",)],
         timeout=60,
         step=0.05,
     )
     assert running, node.logs()
     node.kill()
-    assert _query(node.storage, "SELECT state FROM job") == [("running",)]
+    assert node.query("SELECT state FROM job") == [("running",)]
 
     # 2. Back up with the PACS down: the job re-runs, its results wait in the outbox.
     orthanc.stop()
     node.start()
     waiting = wait_until(
         lambda: (
-            bool(_query(node.storage, "SELECT id FROM delivery WHERE attempts >= 1"))
-            and _query(node.storage, "SELECT state FROM job") == [("done",)]
+            bool(node.query("SELECT id FROM delivery WHERE attempts >= 1"))
+            and node.query("SELECT state FROM job") == [("done",)]
         ),
         timeout=120,
         step=0.2,
     )
     assert waiting, node.logs()
-    results = _query(node.storage, "SELECT COUNT(*) FROM delivery")[0][0]
+    results = node.query("SELECT COUNT(*) FROM delivery")[0][0]
     assert isinstance(results, int) and results >= 3  # SC (1-4), PDF, SR
     node.kill()  # killed while every result is still to be sent
 
@@ -161,24 +158,21 @@ def test_kill_during_job_and_during_sending(setup: tuple[Orthanc, Node], tmp_pat
     orthanc.start()
     node.start()
     delivered = wait_until(
-        lambda: _query(node.storage, "SELECT DISTINCT state FROM delivery") == [("done",)],
+        lambda: node.query("SELECT DISTINCT state FROM delivery") == [("done",)],
         timeout=120,
         step=0.2,
     )
     assert delivered, node.logs()
     assert len(_study_instances(orthanc, study)) == N_SLICES + results
-    jobs = _query(node.storage, "SELECT state, version FROM job")
+    jobs = node.query("SELECT state, version FROM job")
     assert jobs == [("done", 1)], jobs
 
     # 4. Sending everything again (as after a crash before recording) changes nothing.
     node.stop()
-    connection = sqlite3.connect(node.storage / "lungnode.db")
-    with connection:
-        connection.execute("UPDATE delivery SET state = 'pending', next_attempt_at = '2000-01-01'")
-    connection.close()
+    execute(node.database, "UPDATE delivery SET state = 'pending', next_attempt_at = '2000-01-01'")
     node.start()
     assert wait_until(
-        lambda: _query(node.storage, "SELECT DISTINCT state FROM delivery") == [("done",)],
+        lambda: node.query("SELECT DISTINCT state FROM delivery") == [("done",)],
         timeout=60,
         step=0.2,
     ), node.logs()

@@ -18,14 +18,15 @@ from lungnode.db.models import Job, Series
 from lungnode.db.repo import NodeRepository
 from lungnode.db.session import make_engine, make_session_factory
 from lungnode.pipeline.jobs import JobRetryPolicy, LocalJobQueue, run_job
+from tests.conftest import Databases
 from tests.dicom.helpers import wait_until
 
 FAST = JobRetryPolicy(max_attempts=3, base_seconds=0.2, cap_seconds=0.3)
 
 
 @pytest.fixture
-def repo(tmp_path: Path) -> Iterator[NodeRepository]:
-    url = f"sqlite:///{tmp_path / 'lungnode.db'}"
+def repo(tmp_path: Path, databases: Databases) -> Iterator[NodeRepository]:
+    url = databases.fresh()
     upgrade(url)
     engine = make_engine(url)
     yield NodeRepository(make_session_factory(engine), tmp_path / "storage")
