@@ -9,6 +9,7 @@ out absolute.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -140,3 +141,51 @@ class DeliveryRepository:
                 )
             )
             return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+    def claim(self, delivery_ids: Collection[int], lease_seconds_each: float) -> list[DueDelivery]:
+        """Take these deliveries, those still pending and due, for one sender.
+
+        The scaled roles' way (``lungnode beat`` names them in a broker message, a
+        worker sends them): their next attempt is pushed past a lease long enough
+        to send them all, so a second message naming them (a re-send, or a
+        redelivery) finds nothing due. The outcome of each attempt then records
+        the real next attempt; if the sender dies, they are due again when the
+        lease runs out.
+        """
+        if not delivery_ids:
+            return []
+        moment = _now()
+        with write_transaction(self.sessions) as session:
+            rows = session.execute(
+                select(
+                    Delivery.id,
+                    Delivery.destination,
+                    Delivery.sop_instance_uid,
+                    Delivery.path,
+                    Delivery.attempts,
+                )
+                .where(
+                    Delivery.id.in_(list(delivery_ids)),
+                    Delivery.state == DeliveryState.PENDING.value,
+                    Delivery.next_attempt_at <= moment,
+                )
+                .order_by(Delivery.id)
+                .with_for_update(skip_locked=True)
+            ).all()
+            if rows:
+                lease = timedelta(seconds=lease_seconds_each * (len(rows) + 1))
+                session.execute(
+                    update(Delivery)
+                    .where(Delivery.id.in_([row.id for row in rows]))
+                    .values(next_attempt_at=moment + lease)
+                )
+        return [
+            DueDelivery(
+                row.id,
+                row.destination,
+                row.sop_instance_uid,
+                str(resolve_stored(row.path, self.storage_dir)),
+                row.attempts,
+            )
+            for row in rows
+        ]
