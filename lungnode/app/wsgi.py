@@ -18,8 +18,8 @@ from lungnode.config import load_settings
 
 settings = load_settings()
 settings.check_safe_to_start()
-_database = connect(settings)
-_password = ensure_first_admin(_database.sessions, settings)
+database = connect(settings)
+_password = ensure_first_admin(database.sessions, settings)
 if _password:
     print(f"lungnode: created user 'admin' with password {_password}", file=sys.stderr)
-app = create_app(settings, engine=_database.engine, metrics=PROCESS_METRICS)
+app = create_app(settings, engine=database.engine, metrics=PROCESS_METRICS)

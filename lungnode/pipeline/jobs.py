@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from lungnode.config import Settings
 from lungnode.db.leases import JobLeases
 from lungnode.db.models import JobState
 from lungnode.db.repo import NodeRepository
@@ -43,6 +44,14 @@ class JobRetryPolicy:
     max_attempts: int = 3
     base_seconds: float = 30.0
     cap_seconds: float = 600.0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> JobRetryPolicy:
+        return cls(
+            max_attempts=settings.job_max_attempts,
+            base_seconds=settings.job_retry_base_seconds,
+            cap_seconds=settings.job_retry_cap_seconds,
+        )
 
     def delay(self, attempt: int) -> float:
         """Seconds to wait after the ``attempt``-th failure: base·2^(attempt-1), capped.
