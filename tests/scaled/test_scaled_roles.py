@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -141,10 +142,6 @@ def peer() -> Iterator[CountingPeer]:
     server.server.shutdown()
 
 
-def _pool_children(worker: Role) -> list[int]:
-    return worker.children()
-
-
 @pytest.mark.parametrize("victim", ["pool-process", "whole-worker"])
 def test_a_worker_killed_mid_job_loses_nothing_and_sends_nothing_twice(
     cluster: Cluster, wait_for: WaitFor, peer: CountingPeer, victim: str
@@ -167,7 +164,7 @@ def test_a_worker_killed_mid_job_loses_nothing_and_sends_nothing_twice(
     victim_worker = running_worker()
     assert victim_worker is not None
     if victim == "pool-process":
-        (child,) = _pool_children(victim_worker)
+        (child,) = victim_worker.children()
         os.kill(child, signal.SIGKILL)
     else:
         os.killpg(victim_worker.process.pid, signal.SIGKILL)
@@ -215,3 +212,51 @@ def test_intake_goes_on_while_the_broker_is_down_and_jobs_run_after(
     assert cluster.query("SELECT attempts FROM job") == [(1,), (1,)]
     assert sorted(_job_runs(workers).values()) == [1, 1]
     assert "did not take its message" in scp.log_text()
+
+
+@pytest.fixture
+def rabbitmq_url() -> Iterator[str]:
+    """A virtual host of the machine's RabbitMQ for this test alone, removed after."""
+    rabbitmqctl = require_tool("rabbitmqctl")
+    vhost = f"lungnode-test-{os.getpid()}-{free_port()}"
+    subprocess.run([rabbitmqctl, "add_vhost", vhost], check=True, capture_output=True, timeout=60)
+    try:
+        subprocess.run(
+            [rabbitmqctl, "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        yield f"amqp://guest:guest@127.0.0.1:5672/{vhost}"
+    finally:
+        subprocess.run([rabbitmqctl, "delete_vhost", vhost], capture_output=True, timeout=60)
+
+
+def test_on_rabbitmq_a_killed_pool_process_loses_nothing(
+    cluster: Cluster, wait_for: WaitFor, peer: CountingPeer, rabbitmq_url: str
+) -> None:
+    """The same roles with RabbitMQ as the broker: AMQP acknowledgements, a job
+    whose pool process is killed is put back and finished once."""
+    cluster.settings["LUNGNODE_BROKER_URL"] = rabbitmq_url
+    cluster.settings["LUNGNODE_PEERS"] = (
+        f"scu={SENDER_AE}@127.0.0.1:11119,peer={peer.AE_TITLE}@127.0.0.1:{peer.port}"
+    )
+    cluster.settings["LUNGNODE_RESULT_DESTINATIONS"] = "peer"
+    scp = cluster.start("scp")
+    cluster.start("beat")
+    (worker,) = _start_workers(cluster, 1)
+    assert scp.dicom_port is not None
+    assert _send(scp.dicom_port, make_ct_series(300, rows=256, columns=256)) == [0] * 300
+    wait_for(lambda: "running (attempt 1" in worker.log_text(), 60, "the job to start")
+    (child,) = worker.children()
+    os.kill(child, signal.SIGKILL)
+
+    def finished() -> bool:
+        pending = cluster.query("SELECT COUNT(*) FROM delivery WHERE state != 'done'")
+        return cluster.query("SELECT state FROM job") == [("done",)] and pending == [(0,)]
+
+    wait_for(finished, 240, "the job to finish after the kill")
+    assert cluster.query("SELECT attempts FROM job") == [(2,)]
+    delivered = [str(uid) for (uid,) in cluster.query("SELECT sop_instance_uid FROM delivery")]
+    wait_for(lambda: set(peer.received) == set(delivered), 10, "the PACS to hold every result")
+    assert set(peer.received.values()) == {1}
