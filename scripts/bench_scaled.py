@@ -39,6 +39,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from pydicom import Dataset  # noqa: E402
+from pydicom.uid import generate_uid  # noqa: E402
 from sqlalchemy import Engine  # noqa: E402
 
 from lungnode.db.session import make_engine  # noqa: E402
@@ -176,6 +178,16 @@ class Topology:
                 raise RuntimeError("storescu failed")
 
 
+def write_copy(datasets: list[Dataset], folder: Path) -> Path:
+    """The series under fresh study, series and instance UIDs."""
+    study, series = generate_uid(), generate_uid()
+    for ds in datasets:
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    write_series(datasets, folder)
+    return folder
+
+
 def _time(moment: datetime | None) -> float:
     assert moment is not None
     return moment.timestamp()
@@ -236,19 +248,12 @@ def main() -> int:
         raise SystemExit("DCMTK storescu is not installed")
     with tempfile.TemporaryDirectory(prefix="bench-scaled-") as temp:
         root = Path(temp)
-        folders = []
-        for k in range(args.series):
-            datasets = make_ct_series(args.slices, rows=args.rows, columns=args.rows, seed=k)
-            folder = root / "series" / str(k)
-            write_series(datasets, folder)
-            folders.append(folder)
-            del datasets
-        # The one-at-a-time runs: their own series (a series sent twice is a duplicate).
-        solo = []
-        for k in range(args.overhead_runs):
-            folder = root / "solo" / str(k)
-            write_series(make_ct_series(args.slices, rows=args.rows, columns=args.rows), folder)
-            solo.append(folder)
+        # One phantom series, written again under fresh UIDs for every copy (a
+        # series sent twice would be a duplicate): generating phantoms is slow.
+        base = make_ct_series(args.slices, rows=args.rows, columns=args.rows)
+        folders = [write_copy(base, root / "series" / str(k)) for k in range(args.series)]
+        # The one-at-a-time runs have copies of their own.
+        solo = [write_copy(base, root / "solo" / str(k)) for k in range(args.overhead_runs)]
         results = []
         for count in [int(n) for n in args.workers.split(",")]:
             work = root / f"workers-{count}"

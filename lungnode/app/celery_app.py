@@ -62,6 +62,10 @@ def make_celery_app(settings: Settings) -> Celery:
         # A worker waits out a broker outage of any length, then carries on.
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,
+        # A job running when the broker connection drops runs on and records its
+        # results (the database is the truth); its message, unacknowledged, comes
+        # back later and finds the job done. Cancelling it would throw the work away.
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         # lungnode.cli configures logging; Celery keeps its hands off it.
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,
