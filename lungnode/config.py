@@ -167,6 +167,9 @@ class Settings(BaseSettings):
     rate_limit_login: str = "10/minute"
     #: Flask-Limiter storage; empty: in memory, or broker_url when queue is celery with Redis.
     rate_limit_storage_uri: str = ""
+    #: The ``api`` role under gunicorn: worker processes, and threads per worker.
+    api_workers: int = Field(default=2, ge=1, le=64)
+    api_threads: int = Field(default=4, ge=1, le=64)
     max_upload_mb: int = Field(default=10, ge=1)
     max_batch_size: int = Field(default=10, ge=1)
     #: Uploads no prediction refers to are removed by ``lungnode cleanup`` after this long.
@@ -203,9 +206,6 @@ class Settings(BaseSettings):
     queue_resend_seconds: float = Field(default=60.0, gt=0)
     #: Redis: an unacknowledged message goes back to the queue after this long.
     broker_visibility_timeout_seconds: float = Field(default=7200.0, gt=0)
-    #: ``lungnode api``: gunicorn worker processes, and threads in each.
-    api_workers: int = Field(default=2, ge=1)
-    api_threads: int = Field(default=4, ge=1)
 
     # -- result delivery (the outbox) -------------------------------------------
     #: Back-off after the n-th failed attempt: base * 2^(n-1), capped, with jitter.

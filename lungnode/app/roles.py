@@ -13,6 +13,7 @@ import logging
 import signal
 import threading
 from types import FrameType
+from typing import Any
 
 from lungnode.app.celery_app import QUEUES
 from lungnode.app.commands import _log_settings, _no_huge_pages_for_numpy
@@ -62,11 +63,26 @@ def cmd_scp(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_api(settings: Settings, args: argparse.Namespace) -> int:
-    from lungnode.app import api_server
+    from gunicorn.app.base import BaseApplication
+    from gunicorn.util import import_app
 
-    settings.check_safe_to_start()
+    from lungnode.app.api_server import prepare_api_role
+
+    options = prepare_api_role(settings)
     _log_settings(settings)
-    return api_server.run(settings)
+
+    class ApiRole(BaseApplication):  # type: ignore[misc]
+        """gunicorn run from Python with the role's options (no command line of its own)."""
+
+        def load_config(self) -> None:
+            for name, value in options.items():
+                self.cfg.set(name, value)
+
+        def load(self) -> Any:
+            return import_app(self.cfg.wsgi_app)
+
+    ApiRole().run()
+    return 0
 
 
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
