@@ -94,6 +94,7 @@ class Topology:
             "LUNGNODE_ALLOW_UNKNOWN_CALLERS": "true",
             "LUNGNODE_MIN_FREE_DISK_MB": "0",
             "LUNGNODE_INGEST_PROCESSES": "1",
+            "LUNGNODE_MAX_ASSOCIATIONS": "32",
             "LUNGNODE_JOB_CHECK_INTERVAL": "0.5",
             "TF_NUM_INTRAOP_THREADS": threads,
             "TF_NUM_INTEROP_THREADS": "1",
@@ -165,17 +166,28 @@ class Topology:
 
     def send(self, folders: list[Path]) -> None:
         """Each folder over its own association, all at once (DCMTK storescu)."""
-        senders = [
-            subprocess.Popen(
-                ["storescu", "-aec", "LUNGNODE", "127.0.0.1", str(self.dicom_port), "+sd", str(f)],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-            for f in folders
-        ]
-        for sender in senders:
+        logs = [self.work / f"storescu-{time.monotonic_ns()}-{k}.log" for k in range(len(folders))]
+        senders = []
+        for folder, log in zip(folders, logs, strict=True):
+            with log.open("wb") as stream:
+                senders.append(
+                    subprocess.Popen(
+                        [
+                            "storescu",
+                            "-aec",
+                            "LUNGNODE",
+                            "127.0.0.1",
+                            str(self.dicom_port),
+                            "+sd",
+                            str(folder),
+                        ],
+                        stdout=stream,
+                        stderr=subprocess.STDOUT,
+                    )
+                )
+        for sender, log in zip(senders, logs, strict=True):
             if sender.wait(timeout=900) != 0:
-                raise RuntimeError("storescu failed")
+                raise RuntimeError(f"storescu failed: {log.read_text(errors='replace')[-2000:]}")
 
 
 def write_copy(datasets: list[Dataset], folder: Path) -> Path:
