@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from lungnode import __version__
-from lungnode.app import commands, model_commands
+from lungnode.app import commands, model_commands, roles
 from lungnode.config import load_settings
 from lungnode.errors import ConfigError, LungnodeError
 
@@ -38,6 +38,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = subcommands.add_parser("serve", help="run the DICOM SCP, the API and the workers")
     serve.set_defaults(func=commands.cmd_serve)
+
+    # The scaled roles (queue = "celery"): one process each, any number of hosts.
+    scp = subcommands.add_parser(
+        "scp", help="scaled role: receive DICOM, assemble series, queue jobs on Celery"
+    )
+    scp.set_defaults(func=roles.cmd_scp)
+    api = subcommands.add_parser(
+        "api", help="scaled role: the REST API under gunicorn (api_workers x api_threads)"
+    )
+    api.set_defaults(func=roles.cmd_api)
+    worker = subcommands.add_parser(
+        "worker", help="scaled role: a Celery worker that analyses series and sends results"
+    )
+    worker.add_argument(
+        "--queues",
+        default="jobs,deliveries",
+        help="comma-separated: jobs (loads the model), deliveries (default: both)",
+    )
+    worker.add_argument(
+        "--concurrency",
+        type=int,
+        default=0,
+        help="job processes, each with its own model (default: worker_concurrency)",
+    )
+    worker.set_defaults(func=roles.cmd_worker)
+    beat = subcommands.add_parser(
+        "beat", help="scaled role: re-send lost jobs, schedule deliveries, housekeeping (one)"
+    )
+    beat.set_defaults(func=roles.cmd_beat)
 
     db = subcommands.add_parser("db", help="database maintenance")
     db_commands = db.add_subparsers(dest="db_command", required=True)

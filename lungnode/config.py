@@ -214,6 +214,19 @@ class Settings(BaseSettings):
     #: Seconds a stop waits for running jobs; a job still running then is queued again.
     stop_timeout_seconds: float = Field(default=8.0, ge=0)
 
+    # -- scaled roles (queue = "celery") ------------------------------------------
+    #: Job processes of one ``lungnode worker`` (each loads the model once).
+    worker_concurrency: int = Field(default=1, ge=1)
+    #: Hard limit of one job attempt on a Celery worker: the attempt is killed past it.
+    job_time_limit_seconds: float = Field(default=1800.0, gt=0)
+    #: A running job whose worker has not renewed its lease for this long is lost.
+    job_lease_seconds: float = Field(default=60.0, gt=0)
+    #: ``lungnode beat`` sends a queued job or due delivery again once no worker took
+    #: it for this long (a message lost with a broker, or never sent during an outage).
+    queue_resend_seconds: float = Field(default=60.0, gt=0)
+    #: Redis: an unacknowledged message goes back to the queue after this long.
+    broker_visibility_timeout_seconds: float = Field(default=7200.0, gt=0)
+
     # -- result delivery (the outbox) -------------------------------------------
     #: Back-off after the n-th failed attempt: base * 2^(n-1), capped, with jitter.
     delivery_retry_base_seconds: float = Field(default=2.0, gt=0)
@@ -283,6 +296,11 @@ class Settings(BaseSettings):
             raise ValueError("tls_cert and tls_key must be set together")
         if (self.http_tls_cert is None) != (self.http_tls_key is None):
             raise ValueError("http_tls_cert and http_tls_key must be set together")
+        if self.broker_visibility_timeout_seconds <= self.job_time_limit_seconds:
+            # Redis would hand a job still running to a second worker.
+            raise ValueError(
+                "broker_visibility_timeout_seconds must be longer than job_time_limit_seconds"
+            )
         return self
 
     @classmethod
@@ -337,8 +355,6 @@ class Settings(BaseSettings):
 
     def check_safe_to_start(self) -> None:
         """Refuse unsafe settings. In production, a missing or default secret is fatal."""
-        if self.queue == "celery":
-            raise ConfigError("LUNGNODE_QUEUE=celery is not available in this version; use 'local'")
         if self.env == "production":
             secret = self.secret_key.get_secret_value()
             if not secret or secret == DEFAULT_SECRET or len(secret) < 16:

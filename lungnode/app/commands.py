@@ -19,6 +19,7 @@ from types import FrameType
 from lungnode import __version__
 from lungnode.app.database import open_database
 from lungnode.config import Settings
+from lungnode.errors import ConfigError
 
 logger = logging.getLogger("lungnode")
 
@@ -48,6 +49,11 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
 
     settings.check_safe_to_start()
     settings.check_safe_to_serve_http()
+    if settings.queue == "celery":
+        raise ConfigError(
+            "lungnode serve runs the local queue; with LUNGNODE_QUEUE=celery run the "
+            "roles instead: lungnode scp, api, worker and beat (docs/deploy.md)"
+        )
     _log_settings(settings)
     node = Node(settings, analyse=True)
     stop = threading.Event()

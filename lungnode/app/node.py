@@ -2,8 +2,9 @@
 
 ``lungnode serve`` builds one :class:`Node`; tests build one on free ports.
 Start-up order makes a restart safe: migrate, close associations a crash left
-open, register files stored but not recorded, re-queue interrupted jobs, and
-only then listen.
+open, re-queue interrupted jobs, register files stored but not recorded, and
+only then listen. The receiving side is :class:`lungnode.app.receiving.Receiver`,
+which the ``scp`` role runs alone.
 """
 
 from __future__ import annotations
@@ -20,22 +21,17 @@ from werkzeug.serving import BaseWSGIServer, make_server
 from lungnode.api import create_app, ensure_first_admin
 from lungnode.app.housekeeping import Housekeeping
 from lungnode.app.https import server_context
-from lungnode.app.ingest_worker import run_worker
 from lungnode.app.metrics import PROCESS_METRICS
+from lungnode.app.receiving import Receiver
 from lungnode.config import Settings
 from lungnode.db.deliveries import DeliveryRepository
 from lungnode.db.migrate import upgrade
 from lungnode.db.repo import NodeRepository
 from lungnode.db.session import engine_for, make_session_factory
-from lungnode.dicom.ingest_workers import IngestWorkers, WorkerConfig
-from lungnode.dicom.intake import Intake, reconcile
-from lungnode.dicom.scp import SCPConfig, StorageSCP
 from lungnode.errors import BundleError
-from lungnode.pipeline.completion import CompletionWatcher
 from lungnode.pipeline.jobs import JobHandler, JobRetryPolicy, LocalJobQueue
 from lungnode.pipeline.outbox import Outbox, RetryPolicy
 from lungnode.pipeline.warmup import ModelState, WarmModel
-from lungnode.series.assembler import CompletionRules
 
 if TYPE_CHECKING:  # loads TensorFlow only when a bundle is loaded
     from lungnode.ml.bundle import ModelBundle
@@ -95,71 +91,18 @@ class Node:
                 on_stage_timings=PROCESS_METRICS.observe_stages,
                 bundle=self.model.bundle if self.model is not None else None,
             )
-        self.intake = Intake(
-            settings.incoming_dir,
-            self.repo.register_instance,
-            min_free_bytes=settings.min_free_disk_mb * 2**20,
-        )
         self.jobs = LocalJobQueue(
             self.repo,
             job_handler,
             settings.workers,
-            JobRetryPolicy(
-                max_attempts=settings.job_max_attempts,
-                base_seconds=settings.job_retry_base_seconds,
-                cap_seconds=settings.job_retry_cap_seconds,
-            ),
+            JobRetryPolicy.from_settings(settings),
             interval=settings.job_check_interval,
         )
-        self.watcher = CompletionWatcher(
-            self.repo,
-            CompletionRules(
-                quiet_seconds=settings.series_quiet_seconds,
-                grace_seconds=settings.series_grace_seconds,
-                spacing_tolerance=settings.series_spacing_tolerance,
-            ),
-            on_job_queued=self.jobs.submit,
-            interval=settings.series_check_interval,
-        )
-        allowed = None if settings.allow_unknown_callers else [p.ae_title for p in settings.peers]
-        processes = settings.effective_ingest_processes
-        scp_config = SCPConfig(
-            ae_title=settings.ae_title,
-            host=settings.dicom_host,
-            port=settings.dicom_port,
-            allowed_callers=allowed,
-            # Shared between the receiving processes, each taking its part.
-            max_associations=-(-settings.max_associations // processes),
-            max_pdu_size=settings.max_pdu_size,
-            network_timeout=settings.network_timeout,
-            tls_cert=settings.tls_cert,
-            tls_key=settings.tls_key,
-            tls_ca=settings.tls_ca,
-        )
-        self.ingest_workers: IngestWorkers | None = None
-        if processes > 1:
-            self.ingest_workers = IngestWorkers(
-                WorkerConfig(
-                    scp=scp_config,
-                    database_url=settings.effective_database_url,
-                    incoming_dir=settings.incoming_dir,
-                    storage_dir=settings.storage_dir,
-                    min_free_bytes=settings.min_free_disk_mb * 2**20,
-                    log_level=settings.log_level,
-                    db_pool_size=settings.db_pool_size,
-                    db_max_overflow=settings.db_max_overflow,
-                ),
-                processes - 1,
-                on_association_ended=self.watcher.wake,
-                worker_main=run_worker,
-            )
-        self.scp = StorageSCP(
-            scp_config,
-            self.intake,
-            self.repo,
-            on_association_ended=self.watcher.wake,
-            dispatcher=self.ingest_workers,
-        )
+        self.receiver = Receiver(settings, self.repo, on_job_queued=self.jobs.submit)
+        self.intake = self.receiver.intake
+        self.watcher = self.receiver.watcher
+        self.ingest_workers = self.receiver.ingest_workers
+        self.scp = self.receiver.scp
         self.serve_http = serve_http
         self.housekeeping = Housekeeping(settings, self.sessions)
         self._http: BaseWSGIServer | None = None
@@ -182,25 +125,12 @@ class Node:
         closed = self.repo.close_interrupted_associations()
         if closed:
             logger.info("closed %d association(s) interrupted by a stop", closed)
-        registered, unreadable = reconcile(
-            settings.incoming_dir,
-            self.repo.known_instance_paths(),
-            self.repo.register_instance,
-            stale_part_seconds=2 * settings.network_timeout,
-        )
-        if registered or unreadable:
-            logger.info(
-                "reconciled storage: %d file(s) registered, %d unreadable", registered, unreadable
-            )
         if self.analyse and settings.workers > 0:
             self._check_model_bundle()
         self.jobs.start()
-        self.watcher.start()
         self.outbox.start()
         self.housekeeping.start()
-        if self.ingest_workers is not None:
-            self.ingest_workers.start()
-        self.scp.start()
+        self.receiver.start()
         if self.serve_http:
             app = create_app(
                 settings,
@@ -270,16 +200,12 @@ class Node:
         """
         deadline = time.monotonic() + self.settings.stop_timeout_seconds
         logger.info("stopping")
-        if self.ingest_workers is not None:
-            self.ingest_workers.stopping()
         self.housekeeping.stop()
-        self.scp.stop()
-        if self.ingest_workers is not None:
-            self.ingest_workers.stop()
+        self.receiver.stop_listening()
         if self._http is not None:
             self._http.shutdown()
             self._http = None
-        self.watcher.stop()
+        self.receiver.stop()
         given_up = self.jobs.stop(timeout=max(0.0, deadline - time.monotonic()))
         self.outbox.stop()
         self.engine.dispose()

@@ -87,6 +87,7 @@ class DeliveryRepository:
         now: datetime | None = None,
         limit: int = 500,
         skip_destinations: Collection[str] = (),
+        only: Collection[int] | None = None,
     ) -> list[DueDelivery]:
         """Take the due deliveries (oldest first) for this sender, on a lease.
 
@@ -94,7 +95,8 @@ class DeliveryRepository:
         destination, plus one, so it outlasts sending that batch one object at a time.
         On PostgreSQL the rows are picked ``FOR UPDATE SKIP LOCKED``: deliveries
         another outbox is claiming are passed over, not waited for. SQLite
-        serialises writers (BEGIN IMMEDIATE), so its claims take turns.
+        serialises writers (BEGIN IMMEDIATE), so its claims take turns. ``only``
+        limits the claim to these delivery ids.
         """
         moment = now or _now()
         with write_transaction(self.sessions) as session:
@@ -116,6 +118,8 @@ class DeliveryRepository:
             )
             if skip_destinations:
                 statement = statement.where(Delivery.destination.not_in(skip_destinations))
+            if only is not None:
+                statement = statement.where(Delivery.id.in_(list(only)))
             rows = session.execute(statement).all()
             if not rows:
                 return []
@@ -220,3 +224,14 @@ class DeliveryRepository:
                 )
             )
             return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+    def claim(self, delivery_ids: Collection[int], lease_seconds_each: float) -> list[DueDelivery]:
+        """Take these deliveries, those still pending and due, for one sender.
+
+        The scaled roles' way (``lungnode beat`` names them in a broker message, a
+        worker sends them): the claim of :meth:`claim_due`, limited to these ids, so
+        a second message naming them (a re-send, or a redelivery) finds nothing due.
+        """
+        if not delivery_ids:
+            return []
+        return self.claim_due(lease_seconds_each, only=delivery_ids)

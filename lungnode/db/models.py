@@ -234,6 +234,9 @@ class Job(Base):
     next_attempt_at: Mapped[datetime | None] = mapped_column(index=True)
     #: The error of the last failed attempt, kept when a later attempt succeeds.
     last_error: Mapped[str | None] = mapped_column(Text)
+    #: A job running on a Celery worker: the worker renews this while it works; once
+    #: it has passed, the worker is lost and ``lungnode beat`` queues the job again.
+    lease_until: Mapped[datetime | None] = mapped_column()
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     started_at: Mapped[datetime | None] = mapped_column()
     finished_at: Mapped[datetime | None] = mapped_column(index=True)

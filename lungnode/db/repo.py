@@ -82,6 +82,7 @@ REQUEUE_FAILED_JOB: dict[str, Any] = {
     "next_attempt_at": None,
     "reason": None,
     "finished_at": None,
+    "lease_until": None,
 }
 
 
@@ -440,6 +441,7 @@ class NodeRepository:
                     state=JobState.QUEUED.value,
                     last_error=error,
                     next_attempt_at=_now() + timedelta(seconds=delay_seconds),
+                    lease_until=None,
                 )
             )
 

@@ -27,6 +27,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from lungnode.config import Settings
+from lungnode.db.leases import JobLeases
 from lungnode.db.models import JobState
 from lungnode.db.repo import NodeRepository
 from lungnode.errors import JobNotRunning
@@ -43,6 +45,14 @@ class JobRetryPolicy:
     base_seconds: float = 30.0
     cap_seconds: float = 600.0
 
+    @classmethod
+    def from_settings(cls, settings: Settings) -> JobRetryPolicy:
+        return cls(
+            max_attempts=settings.job_max_attempts,
+            base_seconds=settings.job_retry_base_seconds,
+            cap_seconds=settings.job_retry_cap_seconds,
+        )
+
     def delay(self, attempt: int) -> float:
         """Seconds to wait after the ``attempt``-th failure: base·2^(attempt-1), capped.
 
@@ -51,20 +61,82 @@ class JobRetryPolicy:
         return float(min(self.cap_seconds, self.base_seconds * 2.0 ** max(0, attempt - 1)))
 
 
+@dataclass(frozen=True)
+class LeaseTerms:
+    """How a Celery worker holds a running job (``db.leases``): renewed every third
+    of ``seconds``; a job not renewed for ``seconds`` is taken for lost."""
+
+    leases: JobLeases
+    seconds: float
+
+
+class _Heartbeat:
+    """Renews the lease of one running attempt on a daemon thread until stopped."""
+
+    def __init__(self, terms: LeaseTerms, job_id: int, attempt: int) -> None:
+        self.terms = terms
+        self.job_id = job_id
+        self.attempt = attempt
+        self._stop = threading.Event()
+        # The first renewal before the handler starts: the lease exists from the claim on.
+        self._renew()
+        self._thread = threading.Thread(target=self._run, name=f"lease-{job_id}", daemon=True)
+        self._thread.start()
+
+    def _renew(self) -> bool:
+        try:
+            if self.terms.leases.renew(self.job_id, self.attempt, self.terms.seconds):
+                return True
+            logger.warning("job %d: lease lost; another attempt may run it", self.job_id)
+            return False
+        except Exception:
+            logger.exception("job %d: renewing the lease failed; will try again", self.job_id)
+            return True
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.terms.seconds / 3):
+            if not self._renew():
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
 def run_job(
-    repo: NodeRepository, handler: JobHandler, job_id: int, policy: JobRetryPolicy | None = None
+    repo: NodeRepository,
+    handler: JobHandler,
+    job_id: int,
+    policy: JobRetryPolicy | None = None,
+    lease: LeaseTerms | None = None,
 ) -> bool:
-    """Claim and run one attempt of a due job. Returns False when it was not ours to run."""
+    """Claim and run one attempt of a due job. Returns False when it was not ours to run.
+
+    With ``lease`` (Celery workers), the attempt holds a lease while it runs.
+    """
     policy = policy or JobRetryPolicy()
     attempt = repo.claim_job(job_id)
     if attempt is None:
         return False
     logger.info("job %d running (attempt %d of %d)", job_id, attempt, policy.max_attempts)
+    heartbeat = _Heartbeat(lease, job_id, attempt) if lease is not None else None
+    try:
+        _run_attempt(repo, handler, job_id, attempt, policy)
+    finally:
+        if heartbeat is not None:
+            heartbeat.stop()
+    return True
+
+
+def _run_attempt(
+    repo: NodeRepository, handler: JobHandler, job_id: int, attempt: int, policy: JobRetryPolicy
+) -> None:
     try:
         details = handler(job_id)
     except JobNotRunning:
-        # A stop gave this attempt up and queued the job again: no longer ours.
-        logger.info("job %d was given up by the stop; it runs again at the next start", job_id)
+        # A stop gave this attempt up and queued the job again (or, on a Celery
+        # worker, its lease ran out): no longer ours, and nothing was recorded.
+        logger.info("job %d was given up while it ran; another attempt runs it", job_id)
     except Exception as exc:
         error = f"{type(exc).__name__}: {exc}"
         if attempt >= policy.max_attempts:
@@ -87,7 +159,6 @@ def run_job(
     else:
         repo.finish_job(job_id, JobState.DONE, details=details)
         logger.info("job %d done", job_id)
-    return True
 
 
 class LocalJobQueue:

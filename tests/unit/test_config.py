@@ -95,9 +95,18 @@ def test_masked_settings_hide_secrets(toml_file: Path) -> None:
     assert settings.masked()["ae_title"] == "LUNGNODE"
 
 
-def test_celery_queue_is_refused_until_it_exists(toml_file: Path) -> None:
-    with pytest.raises(ConfigError, match="celery"):
-        load_settings(queue="celery").check_safe_to_start()
+def test_celery_queue_is_accepted(toml_file: Path) -> None:
+    settings = load_settings(queue="celery", broker_url="amqp://guest:guest@127.0.0.1:5672//")
+    settings.check_safe_to_start()
+    assert settings.queue == "celery"
+
+
+def test_visibility_timeout_must_outlast_the_slowest_job(toml_file: Path) -> None:
+    """Redis hands an unacknowledged message to another worker after the visibility
+    timeout: shorter than a job's time limit, a running job would be sent twice."""
+    with pytest.raises(ConfigError, match="broker_visibility_timeout_seconds"):
+        load_settings(job_time_limit_seconds=600, broker_visibility_timeout_seconds=300)
+    assert load_settings(job_time_limit_seconds=600).broker_visibility_timeout_seconds > 600
 
 
 def test_ingest_processes_default_to_one_per_core(toml_file: Path) -> None:

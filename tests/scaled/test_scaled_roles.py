@@ -1,0 +1,264 @@
+"""The scaled topology as real processes: one ``scp``, two ``worker``s and ``beat``
+on a Redis broker, the bundled demo model, results delivered to a real PACS.
+
+- several series sent at once are each analysed exactly once, and every result
+  reaches Orthanc;
+- a worker killed with SIGKILL in the middle of a job (its pool process, or the
+  whole worker) loses nothing: the job runs again and finishes once, and the
+  PACS receives each result object once;
+- with the broker down during intake, the scp keeps acknowledging (instances
+  are durable in the database) and the jobs run once the broker is back.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pydicom import Dataset
+from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+
+from tests.conftest import SENDER_AE, require_tool
+from tests.dicom.helpers import associate, free_port
+from tests.pacs import ORTHANC_AE, Orthanc
+from tests.scaled.conftest import Cluster, Role, WaitFor
+from tests.support.synthetic import make_ct_series
+
+pytestmark = [pytest.mark.scaled, pytest.mark.slow]
+
+WARM = "ready (warmed in"
+
+
+def _send(port: int, datasets: list[Dataset], calling_ae: str = SENDER_AE) -> list[int]:
+    contexts = [(str(datasets[0].SOPClassUID), ExplicitVRLittleEndian)]
+    assoc = associate(port, contexts, calling_ae=calling_ae)
+    assert assoc.is_established
+    try:
+        return [int(assoc.send_c_store(ds).Status) for ds in datasets]
+    finally:
+        assoc.release()
+
+
+def _send_at_once(port: int, series: list[list[Dataset]], calling_ae: str) -> None:
+    statuses: dict[int, list[int]] = {}
+    threads = [
+        threading.Thread(
+            target=lambda k=k, s=s: statuses.__setitem__(k, _send(port, s, calling_ae))
+        )
+        for k, s in enumerate(series)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert all(statuses[k] == [0] * len(s) for k, s in enumerate(series))
+
+
+def _job_runs(workers: list[Role]) -> Counter[str]:
+    """How many attempts each job had, by the workers' logs ("job N running")."""
+    runs: Counter[str] = Counter()
+    for worker in workers:
+        for line in worker.log_text().splitlines():
+            if "running (attempt" in line:
+                runs[line.split(" job ", 1)[1].split()[0]] += 1
+    return runs
+
+
+def _start_workers(cluster: Cluster, count: int) -> list[Role]:
+    workers = [cluster.start("worker") for _ in range(count)]
+    for worker in workers:
+        cluster.wait_for_log(worker, WARM, timeout=240)
+    return workers
+
+
+@pytest.fixture
+def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
+    server = Orthanc(require_tool("Orthanc"), tmp_path / "orthanc", {})
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_series_sent_at_once_are_each_analysed_once_and_reach_orthanc(
+    cluster: Cluster, wait_for: WaitFor, orthanc: Orthanc
+) -> None:
+    cluster.settings["LUNGNODE_PEERS"] = f"orthanc={ORTHANC_AE}@127.0.0.1:{orthanc.dicom_port}"
+    scp = cluster.start("scp")
+    cluster.start("beat")
+    workers = _start_workers(cluster, 2)
+    assert scp.dicom_port is not None
+    series = [make_ct_series(16, rows=128, columns=128, seed=k) for k in range(3)]
+    # Orthanc routes the studies: the results go back to the peer that sent them.
+    _send_at_once(scp.dicom_port, series, calling_ae=ORTHANC_AE)
+
+    def finished() -> bool:
+        jobs = cluster.query("SELECT state FROM job")
+        pending = cluster.query("SELECT COUNT(*) FROM delivery WHERE state != 'done'")
+        return len(jobs) == 3 and {s for (s,) in jobs} == {"done"} and pending == [(0,)]
+
+    wait_for(finished, 300, "3 jobs done and their results delivered")
+    assert cluster.query("SELECT attempts FROM job") == [(1,)] * 3
+    assert sorted(_job_runs(workers).values()) == [1, 1, 1], cluster.logs()
+    assert cluster.query("SELECT COUNT(DISTINCT job_id) FROM prediction") == [(3,)]
+    delivered = {str(uid) for (uid,) in cluster.query("SELECT sop_instance_uid FROM delivery")}
+    assert cluster.query("SELECT MAX(attempts) FROM delivery") == [(1,)]
+    sent = {str(ds.SOPInstanceUID) for s in series for ds in s}
+    assert orthanc.instance_uids() == delivered, "every result, and only results, in Orthanc"
+    assert not sent & delivered and len(delivered) >= 3 * 3  # SC(s), PDF and SR per series
+
+
+class CountingPeer:
+    """A Storage SCP that counts every C-STORE it receives, by SOP Instance UID."""
+
+    AE_TITLE = "PEER"
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.received: Counter[str] = Counter()
+        ae = AE(ae_title=self.AE_TITLE)
+        ae.supported_contexts = AllStoragePresentationContexts
+        self.server = ae.start_server(
+            ("127.0.0.1", self.port),
+            block=False,
+            evt_handlers=[(evt.EVT_C_STORE, self._on_store)],
+        )
+
+    def _on_store(self, event: evt.Event) -> int:
+        self.received[str(event.request.AffectedSOPInstanceUID)] += 1
+        return 0x0000
+
+
+@pytest.fixture
+def peer() -> Iterator[CountingPeer]:
+    server = CountingPeer()
+    yield server
+    server.server.shutdown()
+
+
+@pytest.mark.parametrize("victim", ["pool-process", "whole-worker"])
+def test_a_worker_killed_mid_job_loses_nothing_and_sends_nothing_twice(
+    cluster: Cluster, wait_for: WaitFor, peer: CountingPeer, victim: str
+) -> None:
+    cluster.settings["LUNGNODE_PEERS"] = (
+        f"scu={SENDER_AE}@127.0.0.1:11119,peer={peer.AE_TITLE}@127.0.0.1:{peer.port}"
+    )
+    cluster.settings["LUNGNODE_RESULT_DESTINATIONS"] = "peer"
+    scp = cluster.start("scp")
+    cluster.start("beat")
+    workers = _start_workers(cluster, 2)
+    assert scp.dicom_port is not None
+    datasets = make_ct_series(300, rows=256, columns=256)
+    assert _send(scp.dicom_port, datasets) == [0] * len(datasets)
+
+    def running_worker() -> Role | None:
+        return next((w for w in workers if "running (attempt 1" in w.log_text()), None)
+
+    wait_for(lambda: running_worker() is not None, 60, "the job to start")
+    victim_worker = running_worker()
+    assert victim_worker is not None
+    if victim == "pool-process":
+        (child,) = victim_worker.children()
+        os.kill(child, signal.SIGKILL)
+    else:
+        os.killpg(victim_worker.process.pid, signal.SIGKILL)
+    # Killed mid-job: nothing recorded (the worker's parent may already have queued it again).
+    assert cluster.query("SELECT COUNT(*) FROM prediction") == [(0,)], "killed after the job ended"
+
+    def finished() -> bool:
+        pending = cluster.query("SELECT COUNT(*) FROM delivery WHERE state != 'done'")
+        return cluster.query("SELECT state FROM job") == [("done",)] and pending == [(0,)]
+
+    wait_for(finished, 240, "the job to finish after the kill")
+    ((attempts, last_error),) = cluster.query("SELECT attempts, last_error FROM job")
+    assert attempts == 2 and str(last_error).startswith("worker lost"), cluster.logs()
+    assert cluster.query("SELECT COUNT(*) FROM prediction") == [(1,)]
+    delivered = [str(uid) for (uid,) in cluster.query("SELECT sop_instance_uid FROM delivery")]
+    wait_for(lambda: set(peer.received) == set(delivered), 10, "the PACS to hold every result")
+    assert set(peer.received.values()) == {1}, f"sent more than once: {peer.received}"
+
+
+def test_intake_goes_on_while_the_broker_is_down_and_jobs_run_after(
+    cluster: Cluster, wait_for: WaitFor
+) -> None:
+    scp = cluster.start("scp")
+    cluster.start("beat")
+    workers = _start_workers(cluster, 1)
+    assert scp.dicom_port is not None
+    series = [make_ct_series(16, rows=128, columns=128, seed=k) for k in range(2)]
+    cluster.broker.stop()
+    try:
+        for datasets in series:  # acknowledged: durable in the database, broker or not
+            assert _send(scp.dicom_port, datasets) == [0] * len(datasets)
+        wait_for(
+            lambda: cluster.query("SELECT COUNT(*) FROM job WHERE state = 'queued'") == [(2,)],
+            30,
+            "both series to complete while the broker is down",
+        )
+        threading.Event().wait(10)
+        assert cluster.query("SELECT COUNT(*) FROM job WHERE state = 'queued'") == [(2,)]
+    finally:
+        cluster.broker.start()  # same port, empty: every message sent before is gone
+    wait_for(
+        lambda: cluster.query("SELECT state FROM job") == [("done",), ("done",)],
+        180,
+        "the jobs to run once the broker is back",
+    )
+    assert cluster.query("SELECT attempts FROM job") == [(1,), (1,)]
+    assert sorted(_job_runs(workers).values()) == [1, 1]
+    assert "did not take its message" in scp.log_text()
+
+
+@pytest.fixture
+def rabbitmq_url() -> Iterator[str]:
+    """A virtual host of the machine's RabbitMQ for this test alone, removed after."""
+    rabbitmqctl = require_tool("rabbitmqctl")
+    vhost = f"lungnode-test-{os.getpid()}-{free_port()}"
+    subprocess.run([rabbitmqctl, "add_vhost", vhost], check=True, capture_output=True, timeout=60)
+    try:
+        subprocess.run(
+            [rabbitmqctl, "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        yield f"amqp://guest:guest@127.0.0.1:5672/{vhost}"
+    finally:
+        subprocess.run([rabbitmqctl, "delete_vhost", vhost], capture_output=True, timeout=60)
+
+
+def test_on_rabbitmq_a_killed_pool_process_loses_nothing(
+    cluster: Cluster, wait_for: WaitFor, peer: CountingPeer, rabbitmq_url: str
+) -> None:
+    """The same roles with RabbitMQ as the broker: AMQP acknowledgements, a job
+    whose pool process is killed is put back and finished once."""
+    cluster.settings["LUNGNODE_BROKER_URL"] = rabbitmq_url
+    cluster.settings["LUNGNODE_PEERS"] = (
+        f"scu={SENDER_AE}@127.0.0.1:11119,peer={peer.AE_TITLE}@127.0.0.1:{peer.port}"
+    )
+    cluster.settings["LUNGNODE_RESULT_DESTINATIONS"] = "peer"
+    scp = cluster.start("scp")
+    cluster.start("beat")
+    (worker,) = _start_workers(cluster, 1)
+    assert scp.dicom_port is not None
+    assert _send(scp.dicom_port, make_ct_series(300, rows=256, columns=256)) == [0] * 300
+    wait_for(lambda: "running (attempt 1" in worker.log_text(), 60, "the job to start")
+    (child,) = worker.children()
+    os.kill(child, signal.SIGKILL)
+    assert cluster.query("SELECT COUNT(*) FROM prediction") == [(0,)], "killed after the job ended"
+
+    def finished() -> bool:
+        pending = cluster.query("SELECT COUNT(*) FROM delivery WHERE state != 'done'")
+        return cluster.query("SELECT state FROM job") == [("done",)] and pending == [(0,)]
+
+    wait_for(finished, 240, "the job to finish after the kill")
+    assert cluster.query("SELECT attempts FROM job") == [(2,)]
+    delivered = [str(uid) for (uid,) in cluster.query("SELECT sop_instance_uid FROM delivery")]
+    wait_for(lambda: set(peer.received) == set(delivered), 10, "the PACS to hold every result")
+    assert set(peer.received.values()) == {1}
