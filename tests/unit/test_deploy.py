@@ -5,7 +5,7 @@
   and its topology is the documented one: PostgreSQL, Redis, a one-shot migration,
   one ``scp``, one ``api``, two workers, ``beat``, GPU workers behind a profile, one
   storage volume, and Orthanc configured both ways.
-- Every ``LUNGNODE_*`` variable the compose file sets is a real setting, and the
+- Every ``LUNGNODE_*`` variable the deployment files name is a real setting, and the
   environment of each role loads as valid settings.
 - The Dockerfile, parsed into instructions: two stages, no compilers in the final
   one, a non-root user, the two ports, a health check. (That it copies no tests is
@@ -192,14 +192,6 @@ def test_inline_health_checks_are_valid_python(compose: dict[str, Any]) -> None:
     assert checked >= 4  # scp and the three workers
 
 
-def test_every_lungnode_variable_is_a_setting(compose: dict[str, Any]) -> None:
-    for name, service in lungnode_services(compose).items():
-        for variable in service["environment"]:
-            if variable.startswith("LUNGNODE_"):
-                field = variable.removeprefix("LUNGNODE_").lower()
-                assert field in Settings.model_fields, f"{name}: {variable}"
-
-
 def _settings_from(environment: Mapping[str, str], monkeypatch: pytest.MonkeyPatch) -> Settings:
     for variable in list(os.environ):
         if variable.startswith("LUNGNODE_"):
@@ -317,3 +309,16 @@ def test_run_scaled_starts_the_roles_of_the_compose_file(compose: dict[str, Any]
     }
     assert commands == expected
     assert "db upgrade" in script
+
+
+#: Variables with the prefix that are not settings: the image tag in compose, the
+#: script's lungnode command, and the name of the TOML file.
+NOT_SETTINGS = {"LUNGNODE_TAG", "LUNGNODE_BIN", "LUNGNODE_CONFIG"}
+
+
+def test_every_lungnode_variable_the_deployment_names_is_a_setting() -> None:
+    for path in ("docs/deploy.md", "docker-compose.yml", "scripts/run_scaled.sh", "README.md"):
+        for variable in set(re.findall(r"\bLUNGNODE_[A-Z0-9_]+", (ROOT / path).read_text())):
+            if variable not in NOT_SETTINGS:
+                field = variable.removeprefix("LUNGNODE_").lower()
+                assert field in Settings.model_fields, f"{path}: {variable}"
