@@ -8,6 +8,7 @@ network) from a copy of the source tree, and its file list is read.
 
 from __future__ import annotations
 
+import fnmatch
 import importlib.util
 import os
 import shlex
@@ -74,3 +75,44 @@ def test_docker_image_copies_no_tests() -> None:
     for source in sources:
         first = Path(source).parts[0] if Path(source).parts else source
         assert first not in (".", "tests", "scripts"), source
+
+
+def _in_build_context(path: str, patterns: list[str]) -> bool:
+    """Docker's .dockerignore rule, enough for ours: the last pattern that matches the
+    path or one of its parent folders decides; ``!`` lets back in."""
+    included = True
+    parts = path.split("/")
+    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    for pattern in patterns:
+        negated = pattern.startswith("!")
+        body = pattern.removeprefix("!").strip("/")
+        candidates = [body, body.removeprefix("**/")] if body.startswith("**/") else [body]
+        names = (
+            prefixes + [p.split("/")[-1] for p in prefixes] if body.startswith("**/") else prefixes
+        )
+        if any(fnmatch.fnmatchcase(name, c) for name in names for c in candidates):
+            included = negated
+    return included
+
+
+def test_docker_build_context_leaves_out_tests_and_local_data() -> None:
+    """Beside the COPY lines: what the build context sends at all (.dockerignore)."""
+    lines = (ROOT / ".dockerignore").read_text().splitlines()
+    patterns = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    for path in (
+        "tests/conftest.py",
+        "tests/support/synthetic.py",
+        "scripts/run_scaled.sh",
+        "storage/lungnode.db",
+        ".venv/bin/python",
+        "lungnode/__pycache__/cli.pyc",
+    ):
+        assert not _in_build_context(path, patterns), path
+    for path in (
+        "pyproject.toml",
+        "README.md",
+        "lungnode/cli.py",
+        "config/lungnode.toml",
+        "models/lung-ct-demo/manifest.json",
+    ):
+        assert _in_build_context(path, patterns), path
