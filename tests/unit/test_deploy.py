@@ -313,7 +313,15 @@ def test_run_scaled_starts_the_roles_of_the_compose_file(compose: dict[str, Any]
 
 #: Variables with the prefix that are not settings: the image tag in compose, the
 #: script's lungnode command, and the name of the TOML file.
-NOT_SETTINGS = {"LUNGNODE_TAG", "LUNGNODE_BIN", "LUNGNODE_CONFIG"}
+#: Names that are not settings: the image tag, the script's binary, the settings file,
+#: and the test suite's choice of database (``tests/conftest.py``).
+NOT_SETTINGS = {
+    "LUNGNODE_TAG",
+    "LUNGNODE_BIN",
+    "LUNGNODE_CONFIG",
+    "LUNGNODE_TEST_DATABASE",
+    "LUNGNODE_TEST_POSTGRES_URL",
+}
 
 
 def test_every_lungnode_variable_the_deployment_names_is_a_setting() -> None:
