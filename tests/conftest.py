@@ -9,8 +9,8 @@ Every test that touches a database gets it from the ``databases`` fixture (throu
 - ``postgresql``: a fresh PostgreSQL database per storage folder, created on the
   server at ``LUNGNODE_TEST_POSTGRES_URL`` (default: user ``postgres`` on
   127.0.0.1:5432, trust) and dropped after the test. Only the tests that use
-  ``databases`` run then; those marked ``sqlite_only`` are skipped with their
-  reason. A server that cannot be reached skips them, and fails them under CI=true.
+  ``databases`` run then, less those marked ``sqlite_only`` (deselected: they
+  ran in the SQLite pass, and a CI run skips nothing). A server that cannot be reached skips them, and fails them under CI=true.
 """
 
 from __future__ import annotations
@@ -51,19 +51,16 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """On PostgreSQL, run only the tests that touch a database, and skip the
-    SQLite-specific ones with their reason."""
+    """On PostgreSQL, run only the tests that touch a database, less the SQLite-specific
+    ones (they ran in the SQLite pass)."""
     if not ON_POSTGRESQL:
         return
     selected, deselected = [], []
     for item in items:
         fixtures = getattr(item, "fixturenames", ())
         touches = "databases" in fixtures or "module_databases" in fixtures
-        (selected if touches else deselected).append(item)
-        marker = item.get_closest_marker("sqlite_only")
-        if marker is not None:
-            reason = marker.kwargs.get("reason") or (marker.args[0] if marker.args else "")
-            item.add_marker(pytest.mark.skip(reason=f"SQLite-specific: {reason}"))
+        sqlite_only = item.get_closest_marker("sqlite_only") is not None
+        (selected if touches and not sqlite_only else deselected).append(item)
     if deselected:
         config.hook.pytest_deselected(items=deselected)
         items[:] = selected
