@@ -10,7 +10,8 @@ Every test that touches a database gets it from the ``databases`` fixture (throu
   server at ``LUNGNODE_TEST_POSTGRES_URL`` (default: user ``postgres`` on
   127.0.0.1:5432, trust) and dropped after the test. Only the tests that use
   ``databases`` run then, less those marked ``sqlite_only`` (deselected: they
-  ran in the SQLite pass, and a CI run skips nothing). A server that cannot be reached skips them, and fails them under CI=true.
+  ran in the SQLite pass, and a CI run skips nothing). A server that cannot be
+  reached skips them, and fails them under CI=true.
 """
 
 from __future__ import annotations
