@@ -3,9 +3,10 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-# Debian packages the test suite uses as real peers and validators.
-SYSTEM_PACKAGES := dcmtk dicom3tools orthanc poppler-utils chromium
-SYSTEM_TOOLS    := storescu echoscu dcmcjpeg dciodvfy Orthanc pdftotext chromium
+# Debian packages the test suite uses as real peers and validators. The scaled tests
+# start Redis servers of their own; PostgreSQL and RabbitMQ are services the machine runs.
+SYSTEM_PACKAGES := dcmtk dicom3tools orthanc poppler-utils chromium redis-server openssl
+SYSTEM_TOOLS    := storescu echoscu dcmcjpeg dciodvfy Orthanc pdftotext chromium redis-server openssl
 
 .PHONY: install run test lint system-deps clean
 
@@ -21,8 +22,8 @@ install: $(STAMP)
 run: install
 	$(BIN)/lungnode serve
 
-# Installs DCMTK, dicom3tools, Orthanc, poppler-utils and Chromium (headless, for
-# the docs page test) with apt-get when running as root and
+# Installs DCMTK, dicom3tools, Orthanc, poppler-utils, Chromium (headless, for
+# the docs page test), Redis and OpenSSL with apt-get when running as root and
 # one of their tools is missing; otherwise says what is missing and goes on
 # (under CI=true the tests that need a missing tool then fail).
 system-deps:
