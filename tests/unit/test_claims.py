@@ -20,7 +20,6 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, event, func, select
 
-from lungnode.config import Peer
 from lungnode.db.deliveries import DeliveryRepository
 from lungnode.db.jobs import JobRepository
 from lungnode.db.migrate import upgrade
@@ -28,6 +27,7 @@ from lungnode.db.models import Delivery, Instance, Job, Series
 from lungnode.db.repo import NodeRepository
 from lungnode.db.session import make_engine, make_session_factory
 from lungnode.dicom.scu import Destination, Outcome, SendResult
+from lungnode.peers import Peer
 from lungnode.pipeline.outbox import Outbox
 from tests.conftest import Databases
 
