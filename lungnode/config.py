@@ -21,7 +21,6 @@ import logging
 import os
 import re
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -35,48 +34,12 @@ from pydantic_settings import (
 )
 
 from lungnode.errors import ConfigError
+from lungnode.peers import Peer, validate_ae_title
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_SECRET = "change-me"
 DEFAULT_CONFIG_FILE = Path("config/lungnode.toml")
-
-# PS3.5 6.2: an AE title is 1-16 characters of the default repertoire, no backslash
-# or control characters; leading and trailing spaces are not significant.
-_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
-_PEER = re.compile(r"^(?P<name>[A-Za-z0-9_.-]+)=(?P<ae>[^@]{1,16})@(?P<host>[^:]+):(?P<port>\d+)$")
-
-
-def validate_ae_title(value: str) -> str:
-    """Return the AE title stripped, or raise ``ValueError`` (PS3.5 6.2, VR AE)."""
-    stripped = value.strip()
-    if not stripped or not _AE_TITLE.match(stripped):
-        raise ValueError(f"invalid AE title {value!r}: 1-16 printable characters, no backslash")
-    return stripped
-
-
-@dataclass(frozen=True)
-class Peer:
-    """A remote application entity the node knows: it may call us, and may receive results."""
-
-    name: str
-    ae_title: str
-    host: str
-    port: int
-
-    @classmethod
-    def parse(cls, text: str) -> Peer:
-        """Parse ``NAME=AE@HOST:PORT``."""
-        match = _PEER.match(text.strip())
-        if not match:
-            raise ValueError(f"invalid peer {text!r}: expected NAME=AE@HOST:PORT")
-        port = int(match["port"])
-        if not 0 < port < 65536:
-            raise ValueError(f"invalid peer {text!r}: port out of range")
-        return cls(match["name"], validate_ae_title(match["ae"]), match["host"], port)
-
-    def __str__(self) -> str:
-        return f"{self.name}={self.ae_title}@{self.host}:{self.port}"
 
 
 def _split_list(value: Any) -> list[str]:

@@ -105,18 +105,18 @@ def time_parts(paths: list[Path], bundle_path: Path) -> None:
     import pydicom
     from pydicom.pixels.utils import pixel_array
 
-    from lungnode.dicom import decode
+    from lungnode.dicom import frames
     from lungnode.dicom.native_slice import read_native_slice
     from lungnode.imaging.windowing import build_model_input
 
     def fast(path: Path) -> None:
         native = read_native_slice(path)
         assert native is not None, f"{path.name} did not take the fast path"
-        decode._native_frame(path, native)
+        frames.native_frame(path, native)
 
     def general(path: Path) -> None:
         ds = pydicom.dcmread(path)
-        decode._frames_of(path, ds)
+        frames.frames_of(path, ds)
         pixel_array(ds)
 
     for name, read in (("native_slice", fast), ("pydicom", general)):

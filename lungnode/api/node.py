@@ -24,6 +24,7 @@ from lungnode.api.schemas import (
     SeriesPage,
     SeriesQuery,
 )
+from lungnode.db.jobs import REQUEUE_FAILED_JOB
 from lungnode.db.models import (
     AuditEvent,
     Delivery,
@@ -35,7 +36,6 @@ from lungnode.db.models import (
     Series,
 )
 from lungnode.db.models import utcnow as _now
-from lungnode.db.repo import REQUEUE_FAILED_JOB
 
 logger = logging.getLogger(__name__)
 

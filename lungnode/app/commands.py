@@ -191,12 +191,11 @@ def cmd_deliveries_retry(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_jobs_list(settings: Settings, args: argparse.Namespace) -> int:
+    from lungnode.db.jobs import JobRepository
     from lungnode.db.models import JobState
-    from lungnode.db.repo import NodeRepository
 
     with open_database(settings) as database:
-        repo = NodeRepository(database.sessions, settings.storage_dir)
-        jobs = repo.jobs(JobState(args.state) if args.state else None)
+        jobs = JobRepository(database.sessions).jobs(JobState(args.state) if args.state else None)
     if not jobs:
         print(f"no {args.state} jobs" if args.state else "no jobs")
     for job in jobs:
@@ -214,13 +213,17 @@ def cmd_jobs_retry(settings: Settings, args: argparse.Namespace) -> int:
     if not args.all and not args.ids:
         print("name job ids, or --all", file=sys.stderr)
         return 2
+    from lungnode.db.jobs import JobRepository
     from lungnode.db.repo import NodeRepository
 
     with open_database(settings) as database:
-        repo = NodeRepository(database.sessions, settings.storage_dir)
-        retried = repo.retry_failed_jobs(None if args.all else list(args.ids))
+        retried = JobRepository(database.sessions).retry_failed_jobs(
+            None if args.all else list(args.ids)
+        )
         if retried:
-            repo.audit("cli", "job.retry", ",".join(str(i) for i in retried))
+            NodeRepository(database.sessions, settings.storage_dir).audit(
+                "cli", "job.retry", ",".join(str(i) for i in retried)
+            )
     not_failed = sorted(set(args.ids) - set(retried)) if not args.all else []
     if not_failed:
         print(f"not failed, left alone: {' '.join(map(str, not_failed))}", file=sys.stderr)

@@ -25,6 +25,7 @@ from lungnode.app.metrics import PROCESS_METRICS
 from lungnode.app.receiving import Receiver
 from lungnode.config import Settings
 from lungnode.db.deliveries import DeliveryRepository
+from lungnode.db.jobs import JobRepository
 from lungnode.db.migrate import upgrade
 from lungnode.db.repo import NodeRepository
 from lungnode.db.session import engine_for, make_session_factory
@@ -92,7 +93,7 @@ class Node:
                 bundle=self.model.bundle if self.model is not None else None,
             )
         self.jobs = LocalJobQueue(
-            self.repo,
+            JobRepository(self.sessions),
             job_handler,
             settings.workers,
             JobRetryPolicy.from_settings(settings),

@@ -47,8 +47,8 @@ from lungnode.app.celery_app import (
 from lungnode.app.metrics import PROCESS_METRICS
 from lungnode.config import Settings
 from lungnode.db.deliveries import DeliveryRepository
+from lungnode.db.jobs import JobRepository
 from lungnode.db.leases import JobLeases
-from lungnode.db.repo import NodeRepository
 from lungnode.db.session import make_engine, make_session_factory
 from lungnode.pipeline.jobs import JobHandler, JobRetryPolicy, LeaseTerms, run_job
 from lungnode.pipeline.outbox import Outbox, RetryPolicy
@@ -68,7 +68,7 @@ class _Process:
 
     pid: int
     engine: Engine
-    repo: NodeRepository
+    repo: JobRepository
     leases: JobLeases
     outbox: Outbox
     model: WarmModel | None
@@ -122,7 +122,7 @@ class WorkerRole:
         return _Process(
             os.getpid(),
             engine,
-            NodeRepository(sessions, settings.storage_dir),
+            JobRepository(sessions),
             JobLeases(sessions),
             outbox,
             model,

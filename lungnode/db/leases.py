@@ -20,8 +20,8 @@ from typing import Any
 from sqlalchemy import ColumnElement, and_, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from lungnode.db.jobs import due_job
 from lungnode.db.models import Job, JobState
-from lungnode.db.repo import _due as due_job
 from lungnode.db.session import read_sessions, write_transaction
 
 

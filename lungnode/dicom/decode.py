@@ -10,9 +10,11 @@ the pixels straight into their sorted place), so a series never exists twice
 in memory either way.
 
 Decoding itself is pydicom's, with its pylibjpeg, pyjpegls and openjpeg
-plugins; what is added here is the CT-specific part: the Modality LUT
-(PS3.3 C.11.1), pixel padding (C.7.5.1.1.2), the functional groups of
-multi-frame images (C.7.6.16) and slice order (C.7.6.2.1.1).
+plugins; what is added here is the CT-specific part: slice order
+(PS3.3 C.7.6.2.1.1), and the Modality LUT (C.11.1) and pixel padding
+(C.7.5.1.1.2) applied to the pixels. What places and rescales each frame,
+the functional groups of multi-frame images (C.7.6.16) included, is read
+from the headers by ``dicom.frames``.
 """
 
 from __future__ import annotations
@@ -20,9 +22,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pydicom
@@ -30,7 +30,8 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels.utils import iter_pixels, pixel_array
 
-from lungnode.dicom.native_slice import NativeSlice, read_native_slice
+from lungnode.dicom.frames import Frame, frames_of, native_frame
+from lungnode.dicom.native_slice import read_native_slice
 from lungnode.domain import HUVolume, SliceRef
 from lungnode.errors import DecodeError
 from lungnode.imaging.geometry import SliceStack, slice_stack
@@ -49,26 +50,6 @@ __all__ = [
 #: HU written where Pixel Padding Value marks a pixel as outside the image
 #: (PS3.3 C.7.5.1.1.2): air, so padding looks like what surrounds the patient.
 PADDING_HU = -1024.0
-
-
-@dataclass(frozen=True)
-class _Frame:
-    """Everything needed to place and rescale one frame, read from headers only."""
-
-    path: Path
-    #: 0-based frame index in a multi-frame instance; None for single-frame.
-    frame_index: int | None
-    sop_instance_uid: str
-    instance_number: int | None
-    shape: tuple[int, int]
-    position: tuple[float, float, float] | None
-    orientation: tuple[float, ...] | None
-    pixel_spacing: tuple[float, float] | None
-    slope: float | None
-    intercept: float | None
-    padding: tuple[int, int] | None
-    #: Position along the slice normal in mm, set once the series is sorted.
-    position_mm: float | None = None
 
 
 def load_series(paths: Sequence[Path]) -> HUVolume:
@@ -119,7 +100,7 @@ def stream_series(
     frames, stack = _sorted_frames(paths)
     rows, columns = frames[0].shape
     volume = np.empty((len(frames), rows, columns), dtype=np.float32)
-    by_path: dict[Path, list[tuple[int, _Frame]]] = {}
+    by_path: dict[Path, list[tuple[int, Frame]]] = {}
     for out_index, frame in enumerate(frames):
         by_path.setdefault(frame.path, []).append((out_index, frame))
     for path, placed in by_path.items():
@@ -155,13 +136,13 @@ def load_image(path: Path) -> HUVolume:
 # -- headers and order -------------------------------------------------------
 
 
-def _sorted_frames(paths: Sequence[Path]) -> tuple[list[_Frame], SliceStack]:
+def _sorted_frames(paths: Sequence[Path]) -> tuple[list[Frame], SliceStack]:
     """Every frame of every file (headers only), in slice order (see ``_slice_order``)."""
     if not paths:
         raise DecodeError("no DICOM files given")
-    frames: list[_Frame] = []
+    frames: list[Frame] = []
     for path in paths:
-        frames.extend(_frames_of(Path(path), _read(Path(path), pixels=False)))
+        frames.extend(frames_of(Path(path), _read(Path(path), pixels=False)))
     stack = _slice_order(frames)
     return _placed(frames, stack), stack
 
@@ -178,16 +159,16 @@ def _load_single_frames(
     to ``sink`` a batch at a time, and then permuted in place along the
     slice normal, one slice of scratch memory at a time.
     """
-    frames: list[_Frame] = []
+    frames: list[Frame] = []
     volume: np.ndarray | None = None
     flushed = 0
     for index, path in enumerate(paths):
         native = read_native_slice(path)
         if native is not None:
-            frame, stored = _native_frame(path, native), native.pixels
+            frame, stored = native_frame(path, native), native.pixels
         else:
             ds = _read(path, pixels=True)
-            found = _frames_of(path, ds)
+            found = frames_of(path, ds)
             if len(found) != 1 or found[0].frame_index is not None:
                 return None
             frame, stored = found[0], _decode(ds, path, None)
@@ -236,7 +217,7 @@ def _permute_in_place(volume: np.ndarray, order: Sequence[int]) -> None:
         done[k] = True
 
 
-def _slice_order(frames: Sequence[_Frame]) -> SliceStack:
+def _slice_order(frames: Sequence[Frame]) -> SliceStack:
     """The frames as one stack (``imaging.geometry.slice_stack``), in slice order.
 
     Order is the projection of Image Position (Patient) on the slice normal,
@@ -268,153 +249,13 @@ def _slice_order(frames: Sequence[_Frame]) -> SliceStack:
     return dataclasses.replace(stack, order=tuple(order))
 
 
-def _placed(frames: Sequence[_Frame], stack: SliceStack) -> list[_Frame]:
+def _placed(frames: Sequence[Frame], stack: SliceStack) -> list[Frame]:
     """``frames`` in stack order, each with its position along the normal (if known)."""
     positions = stack.positions_mm or (None,) * len(stack.order)
     return [
         frames[i] if k is None else dataclasses.replace(frames[i], position_mm=k)
         for i, k in zip(stack.order, positions, strict=True)
     ]
-
-
-def _frames_of(path: Path, ds: Dataset) -> list[_Frame]:
-    """The frames of one instance, with per-frame values over shared ones."""
-    if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
-        raise DecodeError(f"{path.name}: {ds.SamplesPerPixel} samples per pixel; CT is grayscale")
-    try:
-        shape = (int(ds.Rows), int(ds.Columns))
-    except (AttributeError, TypeError, ValueError) as exc:
-        raise DecodeError(f"{path.name}: Rows/Columns missing or invalid") from exc
-    uid = str(ds.get("SOPInstanceUID", path.stem))
-    instance_number = _int_or_none(ds.get("InstanceNumber"))
-    padding = _padding(ds)
-    n_frames = _int_or_none(ds.get("NumberOfFrames")) or 1
-    shared = _first_item(ds, "SharedFunctionalGroupsSequence")
-    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
-    if n_frames == 1 and per_frame is None:
-        slope, intercept = _rescale(ds, path)
-        return [
-            _Frame(
-                path,
-                None,
-                uid,
-                instance_number,
-                shape,
-                _position(ds.get("ImagePositionPatient")),
-                _floats(ds.get("ImageOrientationPatient"), 6),
-                _spacing(ds.get("PixelSpacing")),
-                slope,
-                intercept,
-                padding,
-            )
-        ]
-    out = []
-    for i in range(n_frames):
-        item = per_frame[i] if per_frame is not None and i < len(per_frame) else None
-        groups = [g for g in (item, shared) if g is not None]
-        position = _group_value(groups, "PlanePositionSequence", "ImagePositionPatient")
-        orientation = _group_value(groups, "PlaneOrientationSequence", "ImageOrientationPatient")
-        spacing = _group_value(groups, "PixelMeasuresSequence", "PixelSpacing")
-        transform = next(
-            (
-                _first_item(g, "PixelValueTransformationSequence")
-                for g in groups
-                if "PixelValueTransformationSequence" in g
-            ),
-            None,
-        )
-        slope, intercept = _rescale(transform if transform is not None else ds, path)
-        out.append(
-            _Frame(
-                path,
-                i,
-                uid,
-                instance_number,
-                shape,
-                _position(position),
-                _floats(
-                    orientation if orientation is not None else ds.get("ImageOrientationPatient"), 6
-                ),
-                _spacing(spacing if spacing is not None else ds.get("PixelSpacing")),
-                slope,
-                intercept,
-                padding,
-            )
-        )
-    return out
-
-
-def _native_frame(path: Path, native: NativeSlice) -> _Frame:
-    """The ``_Frame`` of a slice read by ``native_slice``: what ``_frames_of`` gives for it."""
-    slope, intercept = _rescale_values(native.slope, native.intercept, native.rescale_type, path)
-    return _Frame(
-        path,
-        None,
-        native.sop_instance_uid if native.sop_instance_uid is not None else path.stem,
-        native.instance_number,
-        (int(native.pixels.shape[0]), int(native.pixels.shape[1])),
-        _position(native.position),
-        _floats(native.orientation, 6),
-        _spacing(native.pixel_spacing),
-        slope,
-        intercept,
-        _padding_range(
-            native.padding_value, native.padding_range_limit, signed=native.signed, bits=16
-        ),
-    )
-
-
-def _rescale(source: Dataset, path: Path) -> tuple[float | None, float | None]:
-    """Rescale Slope and Intercept (PS3.3 C.11.1.1.2), or None when absent."""
-    slope, intercept = source.get("RescaleSlope"), source.get("RescaleIntercept")
-    try:
-        numbers = (
-            None if slope is None else float(slope),
-            None if intercept is None else float(intercept),
-        )
-    except (TypeError, ValueError) as exc:
-        raise DecodeError(f"{path.name}: Rescale Slope/Intercept is not a number") from exc
-    rescale_type = None if source.get("RescaleType") is None else str(source.RescaleType)
-    return _rescale_values(*numbers, rescale_type, path)
-
-
-def _rescale_values(
-    slope: float | None, intercept: float | None, rescale_type: str | None, path: Path
-) -> tuple[float | None, float | None]:
-    if slope is None or intercept is None:
-        logger.warning("%s: no Rescale Slope/Intercept; taking stored values as HU", path.name)
-        return None, None
-    if (rescale_type or "HU").upper() not in ("HU", ""):
-        logger.warning("%s: Rescale Type is %s, not HU", path.name, rescale_type)
-    return slope, intercept
-
-
-def _padding(ds: Dataset) -> tuple[int, int] | None:
-    """Pixel Padding Value (and Range Limit) in stored-value units (PS3.3 C.7.5.1.1.2)."""
-    return _padding_range(
-        _int_or_none(ds.get("PixelPaddingValue")),
-        _int_or_none(ds.get("PixelPaddingRangeLimit")),
-        signed=int(ds.get("PixelRepresentation", 0) or 0) == 1,
-        bits=int(ds.get("BitsAllocated", 16) or 16),
-    )
-
-
-def _padding_range(
-    value: int | None, limit: int | None, *, signed: bool, bits: int
-) -> tuple[int, int] | None:
-    """The padding range, low to high; a value read with the wrong one of US/SS is folded.
-
-    The VR is US or SS by Pixel Representation; a value read as unsigned
-    for signed pixels is folded back into the signed range.
-    """
-    if value is None:
-        return None
-
-    def fold(v: int) -> int:
-        return v - (1 << bits) if signed and v >= 1 << (bits - 1) else v
-
-    low, high = fold(value), fold(limit if limit is not None else value)
-    return (min(low, high), max(low, high))
 
 
 # -- pixels -----------------------------------------------------------------
@@ -447,7 +288,7 @@ def _decode_frames(ds: Dataset, path: Path) -> Iterator[np.ndarray]:
         raise DecodeError(f"{path.name}: cannot decode pixel data: {exc}") from exc
 
 
-def _to_hu(stored: np.ndarray, frame: _Frame, out: np.ndarray) -> None:
+def _to_hu(stored: np.ndarray, frame: Frame, out: np.ndarray) -> None:
     """Stored values -> HU into ``out`` (float32), through the Modality LUT.
 
     Photometric Interpretation is not applied: MONOCHROME1 inverts the display
@@ -471,47 +312,9 @@ def _to_hu(stored: np.ndarray, frame: _Frame, out: np.ndarray) -> None:
 # -- small helpers ------------------------------------------------------------
 
 
-def _slice_ref(frame: _Frame) -> SliceRef:
+def _slice_ref(frame: Frame) -> SliceRef:
     return SliceRef(
         sop_instance_uid=frame.sop_instance_uid,
         frame_number=None if frame.frame_index is None else frame.frame_index + 1,
         position_mm=frame.position_mm,
     )
-
-
-def _first_item(ds: Dataset, keyword: str) -> Dataset | None:
-    seq = ds.get(keyword)
-    return seq[0] if seq else None
-
-
-def _group_value(groups: Sequence[Dataset], sequence: str, keyword: str) -> Any:
-    for group in groups:
-        item = _first_item(group, sequence)
-        if item is not None and keyword in item:
-            return item.get(keyword)
-    return None
-
-
-def _floats(value: Any, count: int) -> tuple[float, ...] | None:
-    try:
-        numbers = tuple(float(v) for v in value)
-    except (TypeError, ValueError):
-        return None
-    return numbers if len(numbers) == count else None
-
-
-def _position(value: Any) -> tuple[float, float, float] | None:
-    numbers = _floats(value, 3)
-    return None if numbers is None else (numbers[0], numbers[1], numbers[2])
-
-
-def _spacing(value: Any) -> tuple[float, float] | None:
-    numbers = _floats(value, 2)
-    return None if numbers is None else (numbers[0], numbers[1])
-
-
-def _int_or_none(value: Any) -> int | None:
-    try:
-        return int(value) if value is not None and value != "" else None
-    except (TypeError, ValueError):
-        return None

@@ -3,7 +3,7 @@
 queued -> running -> done | failed. The queue carries only job ids; the job
 row is the truth. Workers claim a job with a conditional update, so two
 workers never run one job, and a job left ``running`` by a crash is queued
-again at start (:meth:`NodeRepository.requeue_interrupted_jobs`).
+again at start (:meth:`JobRepository.requeue_interrupted_jobs`).
 
 A handler that raises has failed this *attempt*, not the series: a bug or a
 resource fault (disk full, out of memory) says nothing about the images, so
@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from lungnode.config import Settings
+from lungnode.db.jobs import JobRepository
 from lungnode.db.leases import JobLeases
 from lungnode.db.models import JobState
-from lungnode.db.repo import NodeRepository
 from lungnode.errors import JobNotRunning
 
 logger = logging.getLogger(__name__)
@@ -104,7 +104,7 @@ class _Heartbeat:
 
 
 def run_job(
-    repo: NodeRepository,
+    repo: JobRepository,
     handler: JobHandler,
     job_id: int,
     policy: JobRetryPolicy | None = None,
@@ -129,7 +129,7 @@ def run_job(
 
 
 def _run_attempt(
-    repo: NodeRepository, handler: JobHandler, job_id: int, attempt: int, policy: JobRetryPolicy
+    repo: JobRepository, handler: JobHandler, job_id: int, attempt: int, policy: JobRetryPolicy
 ) -> None:
     try:
         details = handler(job_id)
@@ -172,7 +172,7 @@ class LocalJobQueue:
 
     def __init__(
         self,
-        repo: NodeRepository,
+        repo: JobRepository,
         handler: JobHandler | None,
         workers: int = 1,
         policy: JobRetryPolicy | None = None,

@@ -25,9 +25,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from lungnode.config import Peer
 from lungnode.db.deliveries import DeliveryRepository, DueDelivery
 from lungnode.dicom.scu import Destination, Outcome, SendResult, send_files
+from lungnode.peers import Peer
 
 logger = logging.getLogger(__name__)
 

@@ -13,11 +13,11 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 from sqlalchemy import select
 
-from lungnode.config import Peer
 from lungnode.db.deliveries import DeliveryRepository
 from lungnode.db.migrate import upgrade
 from lungnode.db.models import Delivery, Job, Series
 from lungnode.db.session import make_engine, make_session_factory
+from lungnode.peers import Peer
 from lungnode.pipeline.outbox import Outbox, RetryPolicy
 from tests.conftest import Databases, require_tool
 from tests.pacs import ORTHANC_AE, Orthanc, free_port

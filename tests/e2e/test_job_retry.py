@@ -159,13 +159,13 @@ def test_a_missing_stored_file_is_a_storage_fault_not_a_finding(
     settings = make_settings(**FAST_RETRY, workers=0)  # the job stays queued
     node = start_node(settings, analyse=True, serve_http=False)
     assert store_all(node.scp.port, make_ct_series(6, rows=64, columns=64)) == [0] * 6
-    assert wait_until(lambda: node.repo.queued_job_ids() != [], timeout=30)
-    (job_id,) = node.repo.queued_job_ids()
+    assert wait_until(lambda: node.jobs.repo.queued_job_ids() != [], timeout=30)
+    (job_id,) = node.jobs.repo.queued_job_ids()
     with node.sessions() as session:
         paths = list(session.scalars(select(Instance.path).order_by(Instance.instance_number)))
     settings.resolve_stored(paths[-1]).unlink()
     handler = make_series_job(settings, node.sessions)
-    assert run_job(node.repo, handler, job_id, JobRetryPolicy(max_attempts=3, base_seconds=60))
+    assert run_job(node.jobs.repo, handler, job_id, JobRetryPolicy(max_attempts=3, base_seconds=60))
     with node.sessions() as session:
         job = session.get(Job, job_id)
         assert job is not None

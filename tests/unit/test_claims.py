@@ -20,13 +20,14 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, event, func, select
 
-from lungnode.config import Peer
 from lungnode.db.deliveries import DeliveryRepository
+from lungnode.db.jobs import JobRepository
 from lungnode.db.migrate import upgrade
 from lungnode.db.models import Delivery, Instance, Job, Series
 from lungnode.db.repo import NodeRepository
 from lungnode.db.session import make_engine, make_session_factory
 from lungnode.dicom.scu import Destination, Outcome, SendResult
+from lungnode.peers import Peer
 from lungnode.pipeline.outbox import Outbox
 from tests.conftest import Databases
 
@@ -60,14 +61,12 @@ def _series_with_jobs(engine: Engine, jobs: int) -> list[int]:
         return [row.id for row in rows]
 
 
-def test_concurrent_workers_claim_each_due_job_once(
-    engines: Callable[[], Engine], tmp_path: Path
-) -> None:
+def test_concurrent_workers_claim_each_due_job_once(engines: Callable[[], Engine]) -> None:
     job_ids = _series_with_jobs(engines(), 40)
-    repos = [NodeRepository(make_session_factory(engines()), tmp_path) for _ in range(PROCESSES)]
+    repos = [JobRepository(make_session_factory(engines())) for _ in range(PROCESSES)]
     start = threading.Barrier(PROCESSES)
 
-    def work(repo: NodeRepository) -> list[tuple[int, int]]:
+    def work(repo: JobRepository) -> list[tuple[int, int]]:
         start.wait()
         claimed = []
         while (claim := repo.claim_next_job()) is not None:
@@ -85,14 +84,14 @@ def test_concurrent_workers_claim_each_due_job_once(
 
 
 def test_claiming_one_job_by_id_from_two_workers_runs_it_once(
-    engines: Callable[[], Engine], tmp_path: Path
+    engines: Callable[[], Engine],
 ) -> None:
     """The broker may hand one id to two workers (redelivery): one of them claims it."""
     (job_id,) = _series_with_jobs(engines(), 1)
-    repos = [NodeRepository(make_session_factory(engines()), tmp_path) for _ in range(PROCESSES)]
+    repos = [JobRepository(make_session_factory(engines())) for _ in range(PROCESSES)]
     start = threading.Barrier(PROCESSES)
 
-    def claim(repo: NodeRepository) -> int | None:
+    def claim(repo: JobRepository) -> int | None:
         start.wait()
         return repo.claim_job(job_id)
 

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from lungnode.config import Peer, load_settings
+from lungnode.config import load_settings
 from lungnode.errors import ConfigError
+from lungnode.peers import Peer
 
 
 @pytest.fixture

@@ -204,7 +204,7 @@ def test_missing_rescale_keeps_stored_values(
     (ds,) = make_ct_series(1, rows=SIZE, columns=SIZE, signed=False)
     del ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType
     (path,) = write_series([ds], tmp_path)
-    with caplog.at_level(logging.WARNING, logger="lungnode.dicom.decode"):
+    with caplog.at_level(logging.WARNING, logger="lungnode.dicom.frames"):
         hu = load_image(path).hu
     assert np.array_equal(hu[0], ds.pixel_array.astype(np.float32))
     assert "no Rescale" in caplog.text

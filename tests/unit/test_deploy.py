@@ -30,7 +30,8 @@ from typing import Any
 import jsonschema_rs
 import pytest
 
-from lungnode.config import Peer, Settings, load_settings
+from lungnode.config import Settings, load_settings
+from lungnode.peers import Peer
 from tests.deploy_files import (
     DOTENV,
     ROOT,

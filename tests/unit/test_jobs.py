@@ -7,15 +7,14 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import update
 
+from lungnode.db.jobs import JobRepository
 from lungnode.db.migrate import upgrade
 from lungnode.db.models import Job, Series
-from lungnode.db.repo import NodeRepository
 from lungnode.db.session import make_engine, make_session_factory
 from lungnode.pipeline.jobs import JobRetryPolicy, LocalJobQueue, run_job
 from tests.conftest import Databases
@@ -25,15 +24,15 @@ FAST = JobRetryPolicy(max_attempts=3, base_seconds=0.2, cap_seconds=0.3)
 
 
 @pytest.fixture
-def repo(tmp_path: Path, databases: Databases) -> Iterator[NodeRepository]:
+def repo(databases: Databases) -> Iterator[JobRepository]:
     url = databases.fresh()
     upgrade(url)
     engine = make_engine(url)
-    yield NodeRepository(make_session_factory(engine), tmp_path / "storage")
+    yield JobRepository(make_session_factory(engine))
     engine.dispose()
 
 
-def _queue_job(repo: NodeRepository) -> int:
+def _queue_job(repo: JobRepository) -> int:
     with repo.sessions.begin() as session:
         series = Series(study_instance_uid="1.2", series_instance_uid=f"1.2.{time.time_ns()}")
         session.add(series)
@@ -44,7 +43,7 @@ def _queue_job(repo: NodeRepository) -> int:
         return job.id
 
 
-def _job(repo: NodeRepository, job_id: int) -> Job:
+def _job(repo: JobRepository, job_id: int) -> Job:
     with repo.sessions() as session:
         job = session.get(Job, job_id)
         assert job is not None
@@ -69,7 +68,7 @@ def test_backoff_doubles_and_is_capped() -> None:
     assert [policy.delay(n) for n in (1, 2, 3, 4)] == [30, 60, 100, 100]
 
 
-def test_a_failed_attempt_requeues_the_job_after_a_backoff(repo: NodeRepository) -> None:
+def test_a_failed_attempt_requeues_the_job_after_a_backoff(repo: JobRepository) -> None:
     job_id = _queue_job(repo)
     handler, _ = _failing(1, OSError(28, "No space left on device"))
     before = datetime.now(UTC)
@@ -93,7 +92,7 @@ def test_a_failed_attempt_requeues_the_job_after_a_backoff(repo: NodeRepository)
     assert job.details == {"ok": True} and job.last_error is not None  # kept as history
 
 
-def test_after_max_attempts_the_job_is_failed_with_the_reason(repo: NodeRepository) -> None:
+def test_after_max_attempts_the_job_is_failed_with_the_reason(repo: JobRepository) -> None:
     job_id = _queue_job(repo)
     handler, calls = _failing(99, ValueError("operands could not be broadcast together"))
     for _ in range(3):
@@ -112,14 +111,14 @@ def test_after_max_attempts_the_job_is_failed_with_the_reason(repo: NodeReposito
     assert repo.retry_failed_jobs() == []
 
 
-def test_an_interrupted_job_is_requeued_due_now(repo: NodeRepository) -> None:
+def test_an_interrupted_job_is_requeued_due_now(repo: JobRepository) -> None:
     job_id = _queue_job(repo)
     assert repo.claim_job(job_id) == 1 and repo.claim_job(job_id) is None
     assert repo.requeue_interrupted_jobs() == [job_id]
     assert repo.due_job_ids() == [job_id] and repo.claim_job(job_id) == 2
 
 
-def test_the_local_pool_reruns_a_job_once_its_backoff_is_over(repo: NodeRepository) -> None:
+def test_the_local_pool_reruns_a_job_once_its_backoff_is_over(repo: JobRepository) -> None:
     """Before, a failed job stayed failed: the pool never looked at it again."""
     job_id = _queue_job(repo)
     handler, calls = _failing(2, MemoryError())
@@ -137,7 +136,7 @@ def test_the_local_pool_reruns_a_job_once_its_backoff_is_over(repo: NodeReposito
     assert gaps[0] >= 0.2 and gaps[1] >= 0.3, gaps
 
 
-def test_the_pool_gives_up_and_runs_one_job_on_one_worker(repo: NodeRepository) -> None:
+def test_the_pool_gives_up_and_runs_one_job_on_one_worker(repo: JobRepository) -> None:
     job_id = _queue_job(repo)
     running = threading.Semaphore(1)
     overlaps: list[int] = []
@@ -162,7 +161,7 @@ def test_the_pool_gives_up_and_runs_one_job_on_one_worker(repo: NodeRepository) 
     assert job.reason is not None and "RuntimeError: model crashed" in job.reason
 
 
-def test_an_attempt_a_stop_gives_up_is_not_counted(repo: NodeRepository) -> None:
+def test_an_attempt_a_stop_gives_up_is_not_counted(repo: JobRepository) -> None:
     """A stop that gives a running job up queues it again; that attempt did not fail,
     and the given-up thread's late results are refused (JobNotRunning), not a failure."""
     from lungnode.errors import JobNotRunning

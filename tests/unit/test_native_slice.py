@@ -13,7 +13,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ImplicitVRLittleEndian, JPEGLosslessSV1, RLELossless
 
-from lungnode.dicom import decode
+from lungnode.dicom import decode, frames
 from lungnode.dicom.native_slice import read_native_slice
 from tests.support.synthetic import make_ct_series, write_series
 
@@ -77,8 +77,8 @@ def test_native_reader_agrees_with_pydicom(variant: str, tsyntax: str, tmp_path:
         native = read_native_slice(path)
         assert native is not None, f"{variant} should take the fast path"
         ds = pydicom.dcmread(path)
-        (expected,) = decode._frames_of(path, ds)
-        assert decode._native_frame(path, native) == expected
+        (expected,) = frames.frames_of(path, ds)
+        assert frames.native_frame(path, native) == expected
         assert native.pixels.dtype == ds.pixel_array.dtype
         assert np.array_equal(native.pixels, ds.pixel_array)
 
@@ -145,7 +145,7 @@ def test_private_un_element_of_undefined_length_is_skipped(tmp_path: Path) -> No
     assert native is not None
     ds = pydicom.dcmread(path)
     assert (0x0009, 0x1001) in ds
-    assert decode._native_frame(path, native) == decode._frames_of(path, ds)[0]
+    assert frames.native_frame(path, native) == frames.frames_of(path, ds)[0]
     assert np.array_equal(native.pixels, ds.pixel_array)
 
 
@@ -167,8 +167,8 @@ def test_every_file_pydicom_ships_that_the_fast_path_takes_decodes_the_same() ->
                 continue
             taken += 1
             ds = pydicom.dcmread(path)
-            frames = decode._frames_of(path, ds)
-            assert frames == [decode._native_frame(path, native)], path.name
+            found = frames.frames_of(path, ds)
+            assert found == [frames.native_frame(path, native)], path.name
             assert np.array_equal(native.pixels, ds.pixel_array), path.name
     assert taken >= 10  # CT_small.dcm, MR_small.dcm and their kin
 

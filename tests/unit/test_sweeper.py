@@ -15,10 +15,10 @@ import pytest
 from sqlalchemy import update
 
 from lungnode.db.deliveries import DeliveryRepository
+from lungnode.db.jobs import JobRepository
 from lungnode.db.leases import JobLeases
 from lungnode.db.migrate import upgrade
 from lungnode.db.models import Delivery, Job, Series
-from lungnode.db.repo import NodeRepository
 from lungnode.db.session import make_engine, make_session_factory
 from lungnode.pipeline.jobs import JobRetryPolicy, LeaseTerms, run_job
 from lungnode.pipeline.sweeper import DeliveryScheduler, JobSweeper, give_up_lost_attempt
@@ -27,20 +27,20 @@ POLICY = JobRetryPolicy(max_attempts=2, base_seconds=5, cap_seconds=5)
 
 
 @pytest.fixture
-def repo(tmp_path: Path) -> Iterator[NodeRepository]:
+def repo(tmp_path: Path) -> Iterator[JobRepository]:
     url = f"sqlite:///{tmp_path / 'lungnode.db'}"
     upgrade(url)
     engine = make_engine(url)
-    yield NodeRepository(make_session_factory(engine), tmp_path / "storage")
+    yield JobRepository(make_session_factory(engine))
     engine.dispose()
 
 
 @pytest.fixture
-def leases(repo: NodeRepository) -> JobLeases:
+def leases(repo: JobRepository) -> JobLeases:
     return JobLeases(repo.sessions)
 
 
-def _queue_job(repo: NodeRepository, **values: Any) -> int:
+def _queue_job(repo: JobRepository, **values: Any) -> int:
     with repo.sessions.begin() as session:
         series = Series(study_instance_uid="1.2", series_instance_uid=f"1.2.{time.time_ns()}")
         session.add(series)
@@ -51,20 +51,20 @@ def _queue_job(repo: NodeRepository, **values: Any) -> int:
         return job.id
 
 
-def _job(repo: NodeRepository, job_id: int) -> Job:
+def _job(repo: JobRepository, job_id: int) -> Job:
     with repo.sessions() as session:
         job = session.get(Job, job_id)
         assert job is not None
         return job
 
 
-def _set(repo: NodeRepository, job_id: int, **values: Any) -> None:
+def _set(repo: JobRepository, job_id: int, **values: Any) -> None:
     with repo.sessions.begin() as session:
         session.execute(update(Job).where(Job.id == job_id).values(**values))
 
 
 def test_a_running_attempt_renews_its_lease_and_drops_it_when_done(
-    repo: NodeRepository, leases: JobLeases
+    repo: JobRepository, leases: JobLeases
 ) -> None:
     job_id = _queue_job(repo)
     seen: list[datetime | None] = []
@@ -86,7 +86,7 @@ def test_a_running_attempt_renews_its_lease_and_drops_it_when_done(
 
 
 def test_an_expired_lease_is_a_lost_attempt_queued_again_then_failed(
-    repo: NodeRepository, leases: JobLeases
+    repo: JobRepository, leases: JobLeases
 ) -> None:
     job_id = _queue_job(repo)
     assert repo.claim_job(job_id) == 1
@@ -117,7 +117,7 @@ def test_an_expired_lease_is_a_lost_attempt_queued_again_then_failed(
 
 
 def test_an_attempt_that_never_took_a_lease_is_lost_after_one_lease(
-    repo: NodeRepository, leases: JobLeases
+    repo: JobRepository, leases: JobLeases
 ) -> None:
     job_id = _queue_job(repo)
     assert repo.claim_job(job_id) == 1  # claimed, and the worker died before its heartbeat
@@ -127,7 +127,7 @@ def test_an_attempt_that_never_took_a_lease_is_lost_after_one_lease(
 
 
 def test_releasing_a_lost_attempt_leaves_a_later_claim_alone(
-    repo: NodeRepository, leases: JobLeases
+    repo: JobRepository, leases: JobLeases
 ) -> None:
     job_id = _queue_job(repo)
     repo.claim_job(job_id)
@@ -140,7 +140,7 @@ def test_releasing_a_lost_attempt_leaves_a_later_claim_alone(
 
 
 def test_beat_sends_a_fresh_job_again_only_once_nobody_took_it(
-    repo: NodeRepository, leases: JobLeases
+    repo: JobRepository, leases: JobLeases
 ) -> None:
     job_id = _queue_job(repo)
     created = _job(repo, job_id).created_at
@@ -168,7 +168,7 @@ def test_beat_sends_a_fresh_job_again_only_once_nobody_took_it(
     assert published == [job_id] * 3
 
 
-def _delivery(repo: NodeRepository, job_id: int, uid: str, destination: str = "pacs") -> int:
+def _delivery(repo: JobRepository, job_id: int, uid: str, destination: str = "pacs") -> int:
     with repo.sessions.begin() as session:
         row = Delivery(
             job_id=job_id,
@@ -183,7 +183,7 @@ def _delivery(repo: NodeRepository, job_id: int, uid: str, destination: str = "p
 
 
 def test_delivery_messages_per_destination_and_a_second_message_finds_nothing(
-    repo: NodeRepository, tmp_path: Path
+    repo: JobRepository, tmp_path: Path
 ) -> None:
     job_id = _queue_job(repo)
     first = _delivery(repo, job_id, "1.2.3.1")
