@@ -55,6 +55,15 @@ def test_embedded_batch_answers_201_and_its_poll_url_shows_it_again(model_api: A
     polled = api.client.get(location, headers=api.headers("radiologist"))
     assert polled.status_code == 200
     assert polled.json == body
+    # A prediction of the batch deleted: its item stays done, without a result.
+    prediction_id = body["items"][0]["result"]["prediction_id"]
+    deleted = api.client.delete(
+        f"/api/v1/history/{prediction_id}", headers=api.headers("radiologist")
+    )
+    assert deleted.status_code == 204
+    after = api.client.get(location, headers=api.headers("radiologist")).json
+    assert after["items"][0]["state"] == "done" and after["items"][0]["result"] is None
+    assert after["items"][2] == body["items"][2]
 
 
 def test_a_batch_is_seen_by_its_owner_and_admins_only(model_api: API) -> None:
