@@ -49,12 +49,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     api.set_defaults(func=roles.cmd_api)
     worker = subcommands.add_parser(
-        "worker", help="scaled role: a Celery worker that analyses series and sends results"
+        "worker",
+        help="scaled role: a Celery worker that analyses series, sends results and "
+        "runs batch predictions",
     )
     worker.add_argument(
         "--queues",
-        default="jobs,deliveries",
-        help="comma-separated: jobs (loads the model), deliveries (default: both)",
+        default="jobs,deliveries,predictions",
+        help="comma-separated: jobs (loads the model), deliveries, predictions "
+        "(batch-predict items; loads the model) (default: all three)",
     )
     worker.add_argument(
         "--concurrency",

@@ -45,5 +45,22 @@ class NotCTError(LungnodeError):
         self.modality = modality
 
 
+class ImageRefused(LungnodeError):
+    """An uploaded image that is not analysed: not CT, unreadable, too small, or the
+    model could not classify it. ``code`` and ``details`` are what the API answers
+    (with 422); a batch item keeps them as its error."""
+
+    def __init__(self, code: str, message: str, details: dict[str, object] | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.details = details or {}
+
+
 class JobNotRunning(LungnodeError):
     """A job's results came after its row left ``running`` (a stop gave it up); not recorded."""
+
+
+class ItemNotRunning(LungnodeError):
+    """A batch item's result came after its attempt ended (its lease ran out and it was
+    given up, or another worker has it now); not recorded."""

@@ -8,6 +8,9 @@
 #   scripts/run_scaled.sh stop     stop what `up` or `start` started (from any terminal)
 #   scripts/run_scaled.sh status   which roles run, where they listen, their logs
 #
+# `start` keeps the ports, AE title, broker and database it used in RUN_DIR/ports.env,
+# so `status` from another terminal reports where the roles really listen.
+#
 # Environment (defaults in brackets):
 #   RUN_DIR           storage, logs and pid files [storage/scaled under the repository]
 #   LUNGNODE_BIN      the lungnode command [.venv/bin/lungnode under the repository]
@@ -39,6 +42,9 @@ declare -A COMMANDS=(
 
 PID_DIR="$RUN_DIR/pids"
 LOG_DIR="$RUN_DIR/logs"
+RUN_CONFIG="$RUN_DIR/ports.env"
+# What `start` was given and `status` reports: kept in RUN_CONFIG.
+RUN_SETTINGS=(LUNGNODE_DICOM_PORT LUNGNODE_HTTP_PORT LUNGNODE_AE_TITLE LUNGNODE_BROKER_URL LUNGNODE_HTTP_TLS_CERT DB_NAME)
 
 # The settings every role shares: what docker-compose.yml sets, for localhost.
 configure() {
@@ -60,6 +66,27 @@ configure() {
         fi
         LUNGNODE_SECRET_KEY="$(cat "$RUN_DIR/secret_key")"
         export LUNGNODE_SECRET_KEY
+    fi
+}
+
+# Keep the settings the roles were started with (values quoted for the shell).
+save_run_config() {
+    local name
+    mkdir -p "$RUN_DIR"
+    for name in "${RUN_SETTINGS[@]}"; do
+        if [[ -n "${!name:-}" ]]; then
+            printf '%s=%q\n' "$name" "${!name}"
+        fi
+    done >"$RUN_CONFIG.tmp"
+    mv "$RUN_CONFIG.tmp" "$RUN_CONFIG"
+}
+
+# The settings of the roles that run: what `start` kept, over this shell's own.
+load_run_config() {
+    if [[ -s "$RUN_CONFIG" ]]; then
+        # shellcheck disable=SC1090  # written by save_run_config
+        source "$RUN_CONFIG"
+        export "${RUN_SETTINGS[@]}" 2>/dev/null || true
     fi
 }
 
@@ -126,7 +153,16 @@ tcp_open() {
 }
 
 http_ok() {
-    "$PYTHON" -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=5)' "$1"
+    # The API's own certificate may be self-signed: this only asks whether it answers.
+    "$PYTHON" -c 'import ssl, sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=5, context=ssl._create_unverified_context())' "$1"
+}
+
+api_url() {
+    local scheme=http
+    if [[ -n "${LUNGNODE_HTTP_TLS_CERT:-}" ]]; then
+        scheme=https
+    fi
+    echo "$scheme://127.0.0.1:$LUNGNODE_HTTP_PORT/api/v1"
 }
 
 print_status() {
@@ -135,7 +171,7 @@ print_status() {
         if pid="$(pid_of "$role")"; then
             case "$role" in
                 scp) echo "scp       pid $pid  DICOM ${LUNGNODE_AE_TITLE:-LUNGNODE}@127.0.0.1:$LUNGNODE_DICOM_PORT  log $LOG_DIR/$role.log" ;;
-                api) echo "api       pid $pid  http://127.0.0.1:$LUNGNODE_HTTP_PORT/api/v1  log $LOG_DIR/$role.log" ;;
+                api) echo "api       pid $pid  $(api_url)  log $LOG_DIR/$role.log" ;;
                 *) printf '%-9s pid %s  (no port)  log %s\n' "$role" "$pid" "$LOG_DIR/$role.log" ;;
             esac
         else
@@ -150,6 +186,7 @@ print_status() {
 start_all() {
     mkdir -p "$PID_DIR" "$LOG_DIR"
     configure
+    save_run_config
     check_services
     create_database
     (cd "$ROOT" && "$LUNGNODE_BIN" db upgrade) >>"$LOG_DIR/migrate.log" 2>&1 \
@@ -160,7 +197,7 @@ start_all() {
     done
     wait_for scp "the DICOM port $LUNGNODE_DICOM_PORT" 120 tcp_open "$LUNGNODE_DICOM_PORT" \
         || { stop_all; exit 1; }
-    wait_for api "the API's health" 120 http_ok "http://127.0.0.1:$LUNGNODE_HTTP_PORT/api/v1/health" \
+    wait_for api "the API's health" 120 http_ok "$(api_url)/health" \
         || { stop_all; exit 1; }
     for role in "${ROLES[@]}"; do
         pid_of "$role" >/dev/null || { echo "$role exited; see $LOG_DIR/$role.log" >&2; stop_all; exit 1; }
@@ -211,6 +248,7 @@ main() {
         start) start_all ;;
         stop) stop_all ;;
         status)
+            load_run_config
             configure
             print_status
             ;;
@@ -221,4 +259,7 @@ main() {
     esac
 }
 
-main "$@"
+# Sourced (by a test), it only defines the functions.
+if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
+    main "$@"
+fi

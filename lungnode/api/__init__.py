@@ -29,8 +29,9 @@ from lungnode.api.auth import (
     login,
     login_username_key,
 )
+from lungnode.api.batches import batches_blueprint
 from lungnode.api.cache import make_cache
-from lungnode.api.context import ModelSource, NodeStatus
+from lungnode.api.context import BatchQueue, ModelSource, NodeStatus
 from lungnode.api.docs_assets import init_docs_assets
 from lungnode.api.errors import register_error_handlers
 from lungnode.api.health import health, health_blueprint
@@ -82,13 +83,27 @@ _JSON_ALTERNATIVES: dict[str, dict[str, Any]] = {
 
 
 def _complete_spec(spec: dict[str, Any] | str) -> dict[str, Any] | str:
-    """Document what the decorators cannot say: JSON alternatives, and 400 for bad bodies."""
+    """Document what the decorators cannot say: JSON alternatives, the 202 of a batch
+    on the queue, and 400 for bad bodies."""
     if not isinstance(spec, dict):
         return spec
     for path, schema in _JSON_ALTERNATIVES.items():
         operation = spec.get("paths", {}).get(path, {}).get("post")
         if operation and "requestBody" in operation:
             operation["requestBody"]["content"]["application/json"] = {"schema": schema}
+    batch = spec.get("paths", {}).get(f"{PREFIX}/batch-predict", {}).get("post")
+    if batch and "201" in batch["responses"]:
+        location = {
+            "description": "the batch's poll_url",
+            "schema": {"type": "string"},
+        }
+        batch["responses"]["201"]["headers"] = {"Location": location}
+        batch["responses"]["202"] = {
+            "description": "Accepted (queue = celery): the items wait for the workers; "
+            "GET poll_url for their results",
+            "content": batch["responses"]["201"]["content"],
+            "headers": {"Location": location},
+        }
     error = {"$ref": "#/components/schemas/HTTPError"}
     for operations in spec.get("paths", {}).values():
         for operation in operations.values():
@@ -145,6 +160,7 @@ def create_app(
     engine: Engine | None = None,
     metrics: Metrics | None = None,
     model: ModelSource | None = None,
+    batch_queue: BatchQueue | None = None,
 ) -> Flask:
     """Build the app. ``node_status`` is given when the SCP runs in this process.
 
@@ -154,6 +170,8 @@ def create_app(
     without it the app keeps its own.
     ``model``: the node's own model bundle, warmed at its start, for ``/predict``
     and ``/health``; without it the app loads the bundle at the first prediction.
+    ``batch_queue``: with it, ``/batch-predict`` stores the batch, hands its items to
+    it and answers 202 (workers run them); without it, the request runs them (201).
 
     The database must already be migrated (``lungnode serve`` and ``wsgi.py`` do it).
     """
@@ -191,6 +209,7 @@ def create_app(
         "cache": make_cache(settings),
         "bundle": None,
         "model": model,
+        "batch_queue": batch_queue,
     }
     app.url_map.converters["int"] = RowIdConverter
     register_error_handlers(app)
@@ -206,6 +225,7 @@ def create_app(
         users_blueprint,
         uploads_blueprint,
         predict_blueprint,
+        batches_blueprint,
         history_blueprint,
         reports_blueprint,
         stats_blueprint,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, cast
@@ -38,6 +38,12 @@ class ModelSource(Protocol):
     def status(self) -> dict[str, Any]:
         """``state`` (warming, ready, failed), and ``error`` when failed."""
         ...
+
+
+#: Hands the ids of a batch's pending items to the workers (``queue = "celery"``:
+#: ``lungnode.app`` publishes them on the broker). Without one, the API runs a
+#: batch itself, in the request.
+BatchQueue = Callable[[list[int]], None]
 
 
 def _extension() -> dict[str, Any]:
@@ -100,6 +106,10 @@ def stored_path(path: Path) -> str:
 def stored_file(stored: str) -> Path:
     """The absolute file a row's path names (``config.resolve_stored``)."""
     return settings().resolve_stored(stored)
+
+
+def batch_queue() -> BatchQueue | None:
+    return cast("BatchQueue | None", _extension().get("batch_queue"))
 
 
 def model_source() -> ModelSource | None:

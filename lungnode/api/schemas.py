@@ -24,7 +24,14 @@ from apiflask.fields import (
 from apiflask.validators import Length, OneOf, Range
 from marshmallow import RAISE
 
-from lungnode.db.models import DeliveryState, JobState, Role, SeriesState
+from lungnode.db.models import (
+    BatchItemState,
+    BatchStatus,
+    DeliveryState,
+    JobState,
+    Role,
+    SeriesState,
+)
 
 ROLES = [role.value for role in Role]
 SOURCES = ["upload", "dicom"]
@@ -165,15 +172,28 @@ class ErrorDetail(Schema):
 class BatchItemOut(Schema):
     index = Integer(required=True)
     file_id = String(allow_none=True)
-    ok = Boolean(required=True)
-    result = Nested(PredictionOut, allow_none=True)
+    state = String(required=True, validate=OneOf([s.value for s in BatchItemState]))
+    ok = Boolean(
+        required=True,
+        allow_none=True,
+        metadata={"description": "null while the item is pending or running"},
+    )
+    result = Nested(
+        PredictionOut,
+        allow_none=True,
+        metadata={"description": "the prediction of a done item; null once it was deleted"},
+    )
     error = Nested(ErrorDetail, allow_none=True)
 
 
 class BatchOut(Schema):
     batch_id = Integer(required=True)
     batch_name = String(required=True)
-    status = String(required=True)
+    status = String(required=True, validate=OneOf([s.value for s in BatchStatus]))
+    created_at = DateTime(required=True)
+    poll_url = String(
+        required=True, metadata={"description": "GET it for the batch's state and results"}
+    )
     items = List(Nested(BatchItemOut), required=True)
 
 

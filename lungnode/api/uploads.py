@@ -16,7 +16,6 @@ import shutil
 import time
 import uuid
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -30,7 +29,8 @@ from lungnode.api.auth import roles
 from lungnode.api.errors import APIError
 from lungnode.api.schemas import UploadIn, UploadOut
 from lungnode.config import Settings
-from lungnode.db.models import Prediction, Role
+from lungnode.db.models import BatchItem, BatchItemState, Prediction, Role
+from lungnode.pipeline.upload_prediction import StoredUpload
 
 logger = logging.getLogger(__name__)
 
@@ -41,15 +41,6 @@ EXTENSIONS = {"PNG": "png", "JPEG": "jpg", "DICOM": "dcm"}
 _FILE_ID = re.compile(r"^[0-9a-f]{32}$")
 #: Pictures larger than this many pixels are refused (decompression bombs).
 MAX_PIXELS = 64 * 2**20
-
-
-@dataclass(frozen=True)
-class StoredUpload:
-    file_id: str
-    path: Path
-    kind: str  # PNG, JPEG or DICOM
-    study_instance_uid: str | None = None
-    series_instance_uid: str | None = None
 
 
 def _sniff_picture(path: Path) -> str | None:
@@ -161,7 +152,8 @@ def upload(files_data: dict[str, Any]) -> dict[str, Any]:
 def delete_stale_uploads(
     settings: Settings, sessions: sessionmaker[Session], now: float | None = None
 ) -> list[Path]:
-    """Delete uploads older than ``upload_retention_hours`` that no prediction refers to.
+    """Delete uploads older than ``upload_retention_hours`` that no prediction refers
+    to, and that no batch item still waits to predict.
 
     Also removes interrupted partial uploads of that age. Returns what was deleted.
     """
@@ -169,11 +161,18 @@ def delete_stale_uploads(
     if not directory.is_dir():
         return []
     cutoff = (time.time() if now is None else now) - settings.upload_retention_hours * 3600
+    unfinished = (BatchItemState.PENDING.value, BatchItemState.RUNNING.value)
     with sessions() as session:
         kept = {
             Path(p).name
             for p in session.scalars(
                 select(Prediction.image_path).where(Prediction.image_path.is_not(None))
+            )
+            if p
+        } | {
+            Path(p).name
+            for p in session.scalars(
+                select(BatchItem.image_path).where(BatchItem.state.in_(unfinished))
             )
             if p
         }

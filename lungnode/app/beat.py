@@ -6,6 +6,8 @@ Each tick it reads the rows and publishes messages (``pipeline.sweeper``):
   queued jobs that no message carries are sent (again);
 - every ``delivery_check_interval``: due deliveries are sent to the workers,
   one message per destination;
+- every ``job_check_interval``: attempts at ``/batch-predict`` items whose
+  worker was lost are given up, and pending items no message carries are sent;
 - hourly: the housekeeping of ``serve`` (``lungnode cleanup``).
 
 Why a loop of its own and not ``celery beat``: celery beat only publishes a
@@ -26,12 +28,14 @@ from collections.abc import Callable
 from lungnode.app.celery_app import CeleryPublisher, make_celery_app
 from lungnode.app.housekeeping import Housekeeping
 from lungnode.config import Settings
+from lungnode.db.batches import BatchItems
 from lungnode.db.deliveries import DeliveryRepository
 from lungnode.db.leases import JobLeases
 from lungnode.db.migrate import upgrade
 from lungnode.db.session import make_engine, make_session_factory
+from lungnode.pipeline.batches import ItemTerms
 from lungnode.pipeline.jobs import JobRetryPolicy
-from lungnode.pipeline.sweeper import DeliveryScheduler, JobSweeper
+from lungnode.pipeline.sweeper import BatchItemSweeper, DeliveryScheduler, JobSweeper
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +59,12 @@ class Beat:
             self.publisher.deliveries,
             resend_seconds=settings.queue_resend_seconds,
         )
+        self.batch_items = BatchItemSweeper(
+            BatchItems(self.sessions),
+            self.publisher.batch_items,
+            ItemTerms.from_settings(settings),
+            resend_seconds=settings.queue_resend_seconds,
+        )
         self.housekeeping = Housekeeping(settings, self.sessions)
         self._stop = threading.Event()
 
@@ -68,6 +78,7 @@ class Beat:
         tasks: list[tuple[str, float, Callable[[], object]]] = [
             ("job sweep", settings.job_check_interval, self.jobs.sweep),
             ("delivery scheduling", settings.delivery_check_interval, self.deliveries.schedule),
+            ("batch item sweep", settings.job_check_interval, self.batch_items.sweep),
         ]
         next_run = [0.0] * len(tasks)
         failing: set[str] = set()

@@ -1,6 +1,7 @@
 """The Celery application of the scaled roles, and how the roles publish to it.
 
-Only ids travel: "run job N", "send deliveries [..] to destination D". The
+Only ids travel: "run job N", "send deliveries [..] to destination D",
+"predict batch item N" (``/batch-predict``, on a queue of its own). The
 rows stay the truth (``pipeline.sweeper`` explains why a lost or repeated
 message is harmless). Settings that make a crash lose nothing:
 
@@ -31,10 +32,16 @@ logger = logging.getLogger(__name__)
 
 JOBS_QUEUE = "lungnode.jobs"
 DELIVERIES_QUEUE = "lungnode.deliveries"
+#: Items of /batch-predict: apart from the jobs, so that beat's count of waiting
+#: job messages counts jobs only.
+PREDICTIONS_QUEUE = "lungnode.predictions"
 RUN_JOB = "lungnode.run_job"
 SEND_DELIVERIES = "lungnode.send_deliveries"
+PREDICT_BATCH_ITEM = "lungnode.predict_batch_item"
 #: The queues a worker takes by name on the command line (``lungnode worker --queues``).
-QUEUES = {"jobs": JOBS_QUEUE, "deliveries": DELIVERIES_QUEUE}
+QUEUES = {"jobs": JOBS_QUEUE, "deliveries": DELIVERIES_QUEUE, "predictions": PREDICTIONS_QUEUE}
+#: The queues that need the model loaded.
+MODEL_QUEUES = (JOBS_QUEUE, PREDICTIONS_QUEUE)
 
 
 def make_celery_app(settings: Settings) -> Celery:
@@ -47,6 +54,7 @@ def make_celery_app(settings: Settings) -> Celery:
         task_routes={
             RUN_JOB: {"queue": JOBS_QUEUE},
             SEND_DELIVERIES: {"queue": DELIVERIES_QUEUE},
+            PREDICT_BATCH_ITEM: {"queue": PREDICTIONS_QUEUE},
         },
         task_default_queue=JOBS_QUEUE,
         task_ignore_result=True,
@@ -88,6 +96,24 @@ class CeleryPublisher:
     def deliveries(self, destination: str, delivery_ids: list[int]) -> None:
         """Send "send these deliveries" (raises when the broker does not take it)."""
         self._send(SEND_DELIVERIES, [destination, delivery_ids], DELIVERIES_QUEUE)
+
+    def batch_items(self, item_ids: list[int]) -> None:
+        """Send "predict batch item N" for each (raises when the broker does not take one)."""
+        for item_id in item_ids:
+            self._send(PREDICT_BATCH_ITEM, [item_id], PREDICTIONS_QUEUE)
+
+    def batch_items_queued(self, item_ids: list[int]) -> None:
+        """A batch's items are pending rows: tell the workers, or leave it to
+        ``lungnode beat`` to send them when the broker is back."""
+        try:
+            self.batch_items(item_ids)
+        except (OperationalError, OSError) as exc:
+            logger.warning(
+                "batch items %s are pending, but the broker did not take their messages (%s); "
+                "lungnode beat sends them once the broker is back",
+                item_ids,
+                exc,
+            )
 
     def job_queued(self, job_id: int) -> None:
         """A series completed and its job row is queued: tell the workers, or leave

@@ -20,7 +20,9 @@ two workers never run one job), holds a lease on it while it runs
 (``db.leases``) and runs the same series job as ``serve``. The device is the
 one TensorFlow finds: ``CUDA_VISIBLE_DEVICES`` chooses it, and the child logs
 what it sees. A delivery task claims the deliveries it names and sends them
-with the outbox's retries, back-off and dead letters.
+with the outbox's retries, back-off and dead letters. A batch item task runs
+one image of a ``/batch-predict`` (``pipeline.batches.run_batch_item``, the
+prediction ``/predict`` makes), claimed the same guarded way.
 """
 
 from __future__ import annotations
@@ -35,21 +37,25 @@ from billiard.exceptions import TimeLimitExceeded, WorkerLostError
 from celery import Celery, Task, signals
 from celery.worker.request import Request
 from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
 
 from lungnode.app.celery_app import (
     DELIVERIES_QUEUE,
-    JOBS_QUEUE,
+    MODEL_QUEUES,
+    PREDICT_BATCH_ITEM,
     RUN_JOB,
     SEND_DELIVERIES,
     make_celery_app,
 )
 from lungnode.app.metrics import PROCESS_METRICS
 from lungnode.config import Settings
+from lungnode.db.batches import BatchItems
 from lungnode.db.deliveries import DeliveryRepository
 from lungnode.db.jobs import JobRepository
 from lungnode.db.leases import JobLeases
 from lungnode.db.session import make_engine, make_session_factory
+from lungnode.pipeline.batches import ItemTerms, give_up_lost_item, run_batch_item
 from lungnode.pipeline.jobs import JobHandler, JobRetryPolicy, LeaseTerms, run_job
 from lungnode.pipeline.outbox import Outbox, RetryPolicy
 from lungnode.pipeline.series_job import make_series_job
@@ -68,7 +74,9 @@ class _Process:
 
     pid: int
     engine: Engine
+    sessions: sessionmaker[Session]
     repo: JobRepository
+    batch_items: BatchItems
     leases: JobLeases
     outbox: Outbox
     model: WarmModel | None
@@ -83,7 +91,7 @@ class WorkerRole:
         self.analyse = analyse
         self.app: Celery = make_celery_app(settings)
         self._process: _Process | None = None
-        self._parent_leases: JobLeases | None = None
+        self._parent_sessions: sessionmaker[Session] | None = None
         self._register()
 
     # -- per process -------------------------------------------------------------------
@@ -122,7 +130,9 @@ class WorkerRole:
         return _Process(
             os.getpid(),
             engine,
+            sessions,
             JobRepository(sessions),
+            BatchItems(sessions),
             JobLeases(sessions),
             outbox,
             model,
@@ -158,19 +168,31 @@ class WorkerRole:
 
     # -- the parent's view of a lost child ----------------------------------------------
 
+    def parent_sessions(self) -> sessionmaker[Session]:
+        """The parent's sessions, without a pooled connection: nothing of it may be
+        inherited by the next child."""
+        if self._parent_sessions is None:
+            engine = make_engine(self.settings.effective_database_url, poolclass=NullPool)
+            self._parent_sessions = make_session_factory(engine)
+        return self._parent_sessions
+
     def attempt_lost(self, job_id: int, why: str) -> None:
         """In the parent: the child running ``job_id`` died. Give the attempt up now,
         so the message put back on the queue finds the job due (after its back-off)."""
-        if self._parent_leases is None:
-            # No pooled connection: nothing of it may be inherited by the next child.
-            engine = make_engine(self.settings.effective_database_url, poolclass=NullPool)
-            self._parent_leases = JobLeases(make_session_factory(engine))
-        leases = self._parent_leases
+        leases = JobLeases(self.parent_sessions())
         attempt = leases.running_attempt(job_id)
         if attempt is not None:
             give_up_lost_attempt(
                 leases, job_id, attempt, JobRetryPolicy.from_settings(self.settings), why
             )
+
+    def item_lost(self, item_id: int, why: str) -> None:
+        """In the parent: the child running batch item ``item_id`` died. Give the
+        attempt up now, so the message put back on the queue finds it pending."""
+        items = BatchItems(self.parent_sessions())
+        attempt = items.running_attempt(item_id)
+        if attempt is not None:
+            give_up_lost_item(items, item_id, attempt, ItemTerms.from_settings(self.settings), why)
 
     # -- tasks ------------------------------------------------------------------------------
 
@@ -182,10 +204,14 @@ class WorkerRole:
             def on_failure(self, exc_info: Any, send_failed_event: bool = True, **kw: Any) -> Any:
                 exc = getattr(exc_info.exception, "exc", exc_info.exception)
                 if isinstance(exc, WorkerLostError | TimeLimitExceeded | SystemExit):
+                    why = f"{type(exc).__name__}: {exc}"
                     try:
-                        role.attempt_lost(int(self.args[0]), f"{type(exc).__name__}: {exc}")
+                        if self.task_name == PREDICT_BATCH_ITEM:
+                            role.item_lost(int(self.args[0]), why)
+                        else:
+                            role.attempt_lost(int(self.args[0]), why)
                     except Exception:  # the lease sweeper in beat still recovers it
-                        logger.exception("could not give up the lost attempt of a job")
+                        logger.exception("could not give up the lost attempt of %s", self.task_name)
                 return super().on_failure(exc_info, send_failed_event, **kw)
 
         class JobTask(Task):  # type: ignore[misc]
@@ -208,6 +234,26 @@ class WorkerRole:
                 job_id,
                 JobRetryPolicy.from_settings(settings),
                 LeaseTerms(process.leases, settings.job_lease_seconds),
+            )
+
+        @self.app.task(  # type: ignore[untyped-decorator]
+            name=PREDICT_BATCH_ITEM,
+            base=JobTask,
+            acks_late=True,
+            reject_on_worker_lost=True,
+            time_limit=settings.job_time_limit_seconds,
+        )
+        def predict_batch_item_task(item_id: int) -> None:
+            process = role.process()
+            if process.model is None:
+                raise RuntimeError("this worker does not take the predictions queue")
+            run_batch_item(
+                process.batch_items,
+                item_id,
+                process.model.bundle,
+                settings,
+                process.sessions,
+                ItemTerms.from_settings(settings),
             )
 
         @self.app.task(  # type: ignore[untyped-decorator]
@@ -243,7 +289,7 @@ class WorkerRole:
 
 def run(settings: Settings, queues: Sequence[str], concurrency: int) -> int:
     """Run a worker until it is stopped (SIGTERM: warm shutdown, running jobs finish)."""
-    role = WorkerRole(settings, analyse=JOBS_QUEUE in queues)
+    role = WorkerRole(settings, analyse=any(queue in MODEL_QUEUES for queue in queues))
     if DELIVERIES_QUEUE in queues and not settings.peers:
         logger.warning("no peers configured: deliveries can only be dead-lettered")
     role.app.worker_main(role.argv(queues, concurrency))

@@ -77,6 +77,24 @@ class JobState(enum.StrEnum):
     FAILED = "failed"
 
 
+class BatchStatus(enum.StrEnum):
+    """A batch of ``/batch-predict``: pending until a worker starts one of its items,
+    running until every item has ended, then how its items ended."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"
+    PARTIAL = "partial"
+    FAILED = "failed"
+
+
+class BatchItemState(enum.StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
 class DeliveryState(enum.StrEnum):
     PENDING = "pending"
     DONE = "done"
@@ -112,6 +130,47 @@ class BatchPrediction(Base):
 
     user: Mapped[User | None] = relationship(back_populates="batches")
     predictions: Mapped[list[Prediction]] = relationship(back_populates="batch")
+    items: Mapped[list[BatchItem]] = relationship(
+        back_populates="batch", order_by="BatchItem.position"
+    )
+
+
+class BatchItem(Base):
+    """One image of a batch: the truth about it whichever process runs it.
+
+    Created with the batch, ``pending`` (or ``failed`` at once when the upload was
+    refused). A worker claims it (``running``, one more attempt, a lease), and the
+    prediction row is written in the same transaction that marks it ``done``, guarded
+    by the attempt: two workers never both record one item.
+    """
+
+    __tablename__ = "batch_item"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    batch_id: Mapped[int] = mapped_column(ForeignKey("batch_prediction.id"), index=True)
+    #: The item's place in the request, from 0.
+    position: Mapped[int] = mapped_column(Integer)
+    file_id: Mapped[str | None] = mapped_column(String(64))
+    #: The stored upload (PNG, JPEG or DICOM), relative to ``storage_dir``.
+    kind: Mapped[str | None] = mapped_column(String(8))
+    image_path: Mapped[str | None] = mapped_column(Text)
+    study_instance_uid: Mapped[str | None] = mapped_column(UID)
+    series_instance_uid: Mapped[str | None] = mapped_column(UID)
+    state: Mapped[str] = mapped_column(String(16), default=BatchItemState.PENDING.value, index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    #: A running item past this is taken for lost (its worker died).
+    lease_until: Mapped[datetime | None] = mapped_column()
+    prediction_id: Mapped[int | None] = mapped_column(
+        ForeignKey("prediction.id", ondelete="SET NULL"), index=True
+    )
+    #: ``{code, message, details}`` of a failed item, as the API answers errors.
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    #: The last change of state: how long a pending item has waited for a worker.
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    batch: Mapped[BatchPrediction] = relationship(back_populates="items")
+
+    __table_args__ = (UniqueConstraint("batch_id", "position", name="uq_batch_item_position"),)
 
 
 class Prediction(Base):

@@ -12,6 +12,9 @@ the rows, not at the broker:
 - :class:`DeliveryScheduler` sends a message for each destination's due
   deliveries, so a worker sends them (``Outbox.deliver``, with its retries,
   back-off and dead letters) after claiming them (``DeliveryRepository.claim``).
+- :class:`BatchItemSweeper` does for the items of ``/batch-predict`` what the
+  job sweeper does for jobs: gives up attempts whose lease ran out, and sends
+  again the pending items no worker has taken for ``resend_seconds``.
 
 A message too many is harmless: the job claim and the delivery claim are
 guarded transitions, so a second message finds nothing to do. A message too
@@ -25,8 +28,10 @@ from collections import defaultdict
 from collections.abc import Callable, Hashable
 from datetime import UTC, datetime, timedelta
 
+from lungnode.db.batches import BatchItems
 from lungnode.db.deliveries import DeliveryRepository
 from lungnode.db.leases import JobLeases, QueuedJob
+from lungnode.pipeline.batches import ItemTerms, give_up_lost_item
 from lungnode.pipeline.jobs import JobRetryPolicy
 
 logger = logging.getLogger(__name__)
@@ -35,6 +40,8 @@ logger = logging.getLogger(__name__)
 PublishJob = Callable[[int], None]
 #: Sends "send these deliveries to this destination" to the workers.
 PublishDeliveries = Callable[[str, list[int]], None]
+#: Sends "predict batch item N", one message per id.
+PublishBatchItems = Callable[[list[int]], None]
 
 
 def _now() -> datetime:
@@ -178,3 +185,47 @@ class DeliveryScheduler:
             for delivery_id in ids:
                 self._sent.mark((delivery_id, attempts[delivery_id]), moment)
         return dict(by_destination)
+
+
+class BatchItemSweeper:
+    def __init__(
+        self,
+        items: BatchItems,
+        publish: PublishBatchItems,
+        terms: ItemTerms,
+        *,
+        resend_seconds: float,
+    ) -> None:
+        self.items = items
+        self.publish = publish
+        self.terms = terms
+        self.resend_seconds = resend_seconds
+        self._sent = _Sent()
+
+    def sweep(self, now: datetime | None = None) -> list[int]:
+        """One pass: lost attempts given up and sent at once, then pending items
+        waiting longer than ``resend_seconds`` (since they became pending, or since
+        beat last sent them) sent again. Returns the ids sent."""
+        moment = now or _now()
+        # Released here: no message carries them (their worker took it down with it).
+        released = {
+            item_id
+            for item_id, attempt in self.items.lost(moment)
+            if give_up_lost_item(self.items, item_id, attempt, self.terms, "its lease ran out")
+        }
+        waiting = self.items.waiting()
+        self._sent.keep_only({(item.id, item.attempts) for item in waiting})
+        resend_before = moment - timedelta(seconds=self.resend_seconds)
+        due = [
+            item
+            for item in waiting
+            if item.id in released
+            or (self._sent.get((item.id, item.attempts)) or item.since) < resend_before
+        ]
+        if due:
+            ids = [item.id for item in due]
+            self.publish(ids)
+            for item in due:
+                self._sent.mark((item.id, item.attempts), moment)
+            logger.info("sent %d pending batch item(s) that no worker had taken: %s", len(ids), ids)
+        return [item.id for item in due]

@@ -163,10 +163,14 @@ class API:
 def make_api(
     make_settings: Callable[..., Settings], tmp_path: Path
 ) -> Iterator[Callable[..., API]]:
-    """Apps without a usable model unless ``model=`` names one (TensorFlow stays unloaded)."""
+    """Apps without a usable model unless ``model=`` names one (TensorFlow stays unloaded).
+
+    ``batch_queue=`` is handed to ``create_app`` (the scaled API's queue for batch
+    items); every other keyword is a setting.
+    """
     engines = []
 
-    def _make(**overrides: Any) -> API:
+    def _make(batch_queue: Callable[[list[int]], None] | None = None, **overrides: Any) -> API:
         values: dict[str, Any] = {
             "model": "no-such-model",
             "storage_dir": tmp_path / f"storage{len(engines)}",
@@ -180,7 +184,7 @@ def make_api(
         engine = make_engine(settings.effective_database_url)
         engines.append(engine)
         assert ensure_first_admin(make_session_factory(engine), settings) is None
-        app = create_app(settings, engine=engine)
+        app = create_app(settings, engine=engine, batch_queue=batch_queue)
         api = API(app, settings, app.test_client(), {})
         api.users["admin"] = 1
         for role in (Role.RADIOLOGIST, Role.VIEWER):

@@ -77,6 +77,9 @@ def test_api_role_serves_with_its_workers_and_threads(tmp_path: Path) -> None:
             LUNGNODE_API_WORKERS="3",
             LUNGNODE_API_THREADS="2",
             LUNGNODE_ADMIN_PASSWORD="api-role-admin-pw",
+            # The limiter counts in the broker's Redis, the machine's own: the default
+            # 10 logins a minute for "admin" would be shared with every other run.
+            LUNGNODE_RATE_LIMIT_LOGIN="1000/minute",
             LUNGNODE_MODELS_DIR=str(Path(__file__).resolve().parents[2] / "models"),
         ),
         stdout=subprocess.PIPE,

@@ -1,13 +1,14 @@
-"""The scaled topology as real processes: one ``scp``, two ``worker``s and ``beat``
-on a Redis broker, the bundled demo model, results delivered to a real PACS.
+"""The scaled topology as real processes: one ``scp``, one ``api``, two ``worker``s
+and ``beat`` on a Redis broker and the test's database (SQLite, or PostgreSQL in
+the second pass), the bundled demo model, results delivered to a real PACS.
 
-- several series sent at once are each analysed exactly once, and every result
-  reaches Orthanc;
+- 4 series sent at once are each analysed exactly once, every result reaches
+  Orthanc, and the api shows the jobs and predictions;
 - a worker killed with SIGKILL in the middle of a job (its pool process, or the
   whole worker) loses nothing: the job runs again and finishes once, and the
   PACS receives each result object once;
-- with the broker down during intake, the scp keeps acknowledging (instances
-  are durable in the database) and the jobs run once the broker is back.
+- with the broker down for 30 s during intake, the scp keeps acknowledging
+  (instances are durable in the database) and the jobs run once the broker is back.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ import os
 import signal
 import subprocess
 import threading
+import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -26,14 +28,18 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 
 from tests.conftest import SENDER_AE, require_tool
-from tests.dicom.helpers import associate, free_port
+from tests.dicom.helpers import associate, free_port, wait_until
 from tests.pacs import ORTHANC_AE, Orthanc
-from tests.scaled.conftest import Cluster, Role, WaitFor
+from tests.scaled.conftest import ADMIN_PASSWORD, APIClient, Cluster, Role, WaitFor
 from tests.support.synthetic import make_ct_series
 
 pytestmark = [pytest.mark.scaled, pytest.mark.slow]
 
 WARM = "ready (warmed in"
+#: Series of the end-to-end test: small (64x64, 8 slices), enough to prove "once".
+N_SERIES = 4
+#: How long the broker is down in the outage test (the issue's figure).
+BROKER_OUTAGE_SECONDS = 30.0
 
 
 def _send(port: int, datasets: list[Dataset], calling_ae: str = SENDER_AE) -> list[int]:
@@ -89,29 +95,48 @@ def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
 def test_series_sent_at_once_are_each_analysed_once_and_reach_orthanc(
     cluster: Cluster, wait_for: WaitFor, orthanc: Orthanc
 ) -> None:
+    """The issue's scaled end to end: one scp, one api, two workers and beat; 4 series
+    sent at once are each analysed once, every result reaches Orthanc, and the api
+    (another process, on the same database) shows the 4 jobs and predictions."""
     cluster.settings["LUNGNODE_PEERS"] = f"orthanc={ORTHANC_AE}@127.0.0.1:{orthanc.dicom_port}"
     scp = cluster.start("scp")
+    assert scp.dicom_port is not None
+    # Its /health asks the scp's port (as compose points LUNGNODE_DICOM_HOST at the scp).
+    api = cluster.start("api", LUNGNODE_DICOM_PORT=str(scp.dicom_port))
+    assert api.http_port is not None
     cluster.start("beat")
     workers = _start_workers(cluster, 2)
-    assert scp.dicom_port is not None
-    series = [make_ct_series(16, rows=128, columns=128, seed=k) for k in range(3)]
+    series = [make_ct_series(8, rows=64, columns=64, seed=k) for k in range(N_SERIES)]
     # Orthanc routes the studies: the results go back to the peer that sent them.
     _send_at_once(scp.dicom_port, series, calling_ae=ORTHANC_AE)
 
     def finished() -> bool:
         jobs = cluster.query("SELECT state FROM job")
         pending = cluster.query("SELECT COUNT(*) FROM delivery WHERE state != 'done'")
-        return len(jobs) == 3 and {s for (s,) in jobs} == {"done"} and pending == [(0,)]
+        return len(jobs) == N_SERIES and {s for (s,) in jobs} == {"done"} and pending == [(0,)]
 
-    wait_for(finished, 300, "3 jobs done and their results delivered")
-    assert cluster.query("SELECT attempts FROM job") == [(1,)] * 3
-    assert sorted(_job_runs(workers).values()) == [1, 1, 1], cluster.logs()
-    assert cluster.query("SELECT COUNT(DISTINCT job_id) FROM prediction") == [(3,)]
+    wait_for(finished, 300, f"{N_SERIES} jobs done and their results delivered")
+    assert cluster.query("SELECT attempts FROM job") == [(1,)] * N_SERIES
+    assert sorted(_job_runs(workers).values()) == [1] * N_SERIES, cluster.logs()
+    assert cluster.query("SELECT COUNT(DISTINCT job_id) FROM prediction") == [(N_SERIES,)]
     delivered = {str(uid) for (uid,) in cluster.query("SELECT sop_instance_uid FROM delivery")}
     assert cluster.query("SELECT MAX(attempts) FROM delivery") == [(1,)]
     sent = {str(ds.SOPInstanceUID) for s in series for ds in s}
     assert orthanc.instance_uids() == delivered, "every result, and only results, in Orthanc"
-    assert not sent & delivered and len(delivered) >= 3 * 3  # SC(s), PDF and SR per series
+    assert not sent & delivered and len(delivered) >= 3 * N_SERIES  # SC(s), PDF, SR each
+
+    # The api role sees what the scp and the workers wrote.
+    anonymous = APIClient(api.http_port)
+    status, health = anonymous.request("GET", "/health")
+    assert status == 200 and health["status"] == "ok", health
+    admin = anonymous.login("admin", ADMIN_PASSWORD)
+    status, jobs = admin.request("GET", "/jobs?per_page=100")
+    assert status == 200 and jobs["total"] == N_SERIES, jobs
+    assert {job["state"] for job in jobs["items"]} == {"done"}
+    status, history = admin.request("GET", "/history?source=dicom&per_page=100")
+    assert status == 200 and history["total"] == N_SERIES, history
+    series_uids = {str(s[0].SeriesInstanceUID) for s in series}
+    assert {item["series_instance_uid"] for item in history["items"]} == series_uids
 
 
 class CountingPeer:
@@ -154,13 +179,16 @@ def test_a_worker_killed_mid_job_loses_nothing_and_sends_nothing_twice(
     cluster.start("beat")
     workers = _start_workers(cluster, 2)
     assert scp.dicom_port is not None
-    datasets = make_ct_series(300, rows=256, columns=256)
+    # Full-size slices, so the job runs a second or more: the kill must land inside it.
+    datasets = make_ct_series(300, rows=512, columns=512)
     assert _send(scp.dicom_port, datasets) == [0] * len(datasets)
 
     def running_worker() -> Role | None:
         return next((w for w in workers if "running (attempt 1" in w.log_text()), None)
 
-    wait_for(lambda: running_worker() is not None, 60, "the job to start")
+    # Looked for often: the window between the job's start and its end is short.
+    if not wait_until(lambda: running_worker() is not None, timeout=60, step=0.02):
+        pytest.fail(f"timed out waiting for the job to start\n{cluster.logs()}")
     victim_worker = running_worker()
     assert victim_worker is not None
     if victim == "pool-process":
@@ -187,24 +215,34 @@ def test_a_worker_killed_mid_job_loses_nothing_and_sends_nothing_twice(
 def test_intake_goes_on_while_the_broker_is_down_and_jobs_run_after(
     cluster: Cluster, wait_for: WaitFor
 ) -> None:
+    """Redis is stopped for 30 s during intake: one series arrives as it stops, one
+    halfway through; both are acknowledged and queued, and run once Redis is back."""
     scp = cluster.start("scp")
     cluster.start("beat")
     workers = _start_workers(cluster, 1)
     assert scp.dicom_port is not None
     series = [make_ct_series(16, rows=128, columns=128, seed=k) for k in range(2)]
-    cluster.broker.stop()
-    try:
-        for datasets in series:  # acknowledged: durable in the database, broker or not
-            assert _send(scp.dicom_port, datasets) == [0] * len(datasets)
-        wait_for(
-            lambda: cluster.query("SELECT COUNT(*) FROM job WHERE state = 'queued'") == [(2,)],
-            30,
-            "both series to complete while the broker is down",
+
+    def queued(count: int) -> Callable[[], bool]:
+        return lambda: (
+            cluster.query("SELECT COUNT(*) FROM job WHERE state = 'queued'") == [(count,)]
         )
-        threading.Event().wait(10)
-        assert cluster.query("SELECT COUNT(*) FROM job WHERE state = 'queued'") == [(2,)]
+
+    cluster.broker.stop()
+    stopped = time.monotonic()
+    try:
+        # Acknowledged: durable in the database, broker or not.
+        assert _send(scp.dicom_port, series[0]) == [0] * len(series[0])
+        wait_for(queued(1), 30, "the first series to complete while the broker is down")
+        threading.Event().wait(max(0.0, stopped + BROKER_OUTAGE_SECONDS / 2 - time.monotonic()))
+        assert _send(scp.dicom_port, series[1]) == [0] * len(series[1])
+        wait_for(queued(2), 30, "the second series to complete while the broker is down")
+        threading.Event().wait(max(0.0, stopped + BROKER_OUTAGE_SECONDS - time.monotonic()))
+        assert queued(2)(), "a job ran while the broker was down"
     finally:
+        down_for = time.monotonic() - stopped
         cluster.broker.start()  # same port, empty: every message sent before is gone
+    assert down_for >= BROKER_OUTAGE_SECONDS
     wait_for(
         lambda: cluster.query("SELECT state FROM job") == [("done",), ("done",)],
         180,
@@ -247,8 +285,10 @@ def test_on_rabbitmq_a_killed_pool_process_loses_nothing(
     cluster.start("beat")
     (worker,) = _start_workers(cluster, 1)
     assert scp.dicom_port is not None
-    assert _send(scp.dicom_port, make_ct_series(300, rows=256, columns=256)) == [0] * 300
-    wait_for(lambda: "running (attempt 1" in worker.log_text(), 60, "the job to start")
+    # Full-size slices, looked for often: the kill must land inside the job.
+    assert _send(scp.dicom_port, make_ct_series(300, rows=512, columns=512)) == [0] * 300
+    if not wait_until(lambda: "running (attempt 1" in worker.log_text(), timeout=60, step=0.02):
+        pytest.fail(f"timed out waiting for the job to start\n{cluster.logs()}")
     (child,) = worker.children()
     os.kill(child, signal.SIGKILL)
     assert cluster.query("SELECT COUNT(*) FROM prediction") == [(0,)], "killed after the job ended"

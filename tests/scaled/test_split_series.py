@@ -38,9 +38,9 @@ def _send_alternately(ports: tuple[int, int], datasets: list[Dataset]) -> list[i
 def _jobs(cluster: Cluster, series_uid: str) -> list[tuple[object, ...]]:
     return cluster.query(
         "SELECT job.version, job.state, job.instance_count FROM job "
-        "JOIN series ON series.id = job.series_id WHERE series.series_instance_uid = ? "
+        "JOIN series ON series.id = job.series_id WHERE series.series_instance_uid = :uid "
         "ORDER BY job.version",
-        series_uid,
+        uid=series_uid,
     )
 
 
@@ -65,8 +65,8 @@ def test_a_series_split_over_two_scps_completes_once(
     assert _jobs(cluster, series_uid) == [(1, "queued", N_SLICES)], cluster.logs()
     counts = cluster.query(
         "SELECT COUNT(DISTINCT instance.association_id), COUNT(*) FROM instance "
-        "JOIN series ON series.id = instance.series_id WHERE series.series_instance_uid = ?",
-        series_uid,
+        "JOIN series ON series.id = instance.series_id WHERE series.series_instance_uid = :uid",
+        uid=series_uid,
     )
     assert counts == [(2, N_SLICES)]
     completions = [

@@ -217,6 +217,33 @@ def test_each_role_gets_valid_scaled_settings(
         assert len(settings.secret_key.get_secret_value()) >= 16, name
 
 
+def _image_environment(dockerfile: list[list[Instruction]]) -> dict[str, str]:
+    """The final stage's ``ENV key=value ...`` lines (what every container starts with)."""
+    environment: dict[str, str] = {}
+    for line in arguments(dockerfile[-1], "ENV"):
+        for word in line.split():
+            name, _, value = word.partition("=")
+            environment[name] = value
+    return environment
+
+
+def test_every_role_that_serves_http_starts_in_production(
+    compose: dict[str, Any],
+    dockerfile: list[list[Instruction]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The api service, as the image and compose configure it (production, bound to
+    0.0.0.0), passes the check that refuses plain HTTP beyond loopback: it says why
+    plain HTTP is fine (TLS ends at a proxy) or serves TLS itself."""
+    image = _image_environment(dockerfile)
+    for name, service in lungnode_services(compose).items():
+        if service["command"] != ["api"]:
+            continue
+        settings = _settings_from({**image, **service["environment"]}, monkeypatch)
+        assert settings.env == "production" and settings.http_host == "0.0.0.0", name
+        settings.check_safe_to_serve_http()
+
+
 def test_orthanc_and_lungnode_know_each_other(compose: dict[str, Any]) -> None:
     """Both ways: Orthanc's modality "lungnode" is the scp service, and lungnode's
     peer is Orthanc's AE on the orthanc service."""
@@ -310,6 +337,49 @@ def test_run_scaled_starts_the_roles_of_the_compose_file(compose: dict[str, Any]
     }
     assert commands == expected
     assert "db upgrade" in script
+
+
+def test_run_scaled_status_reports_the_ports_start_was_given(tmp_path: Path) -> None:
+    """``start`` keeps the ports it was given in the run folder; ``status`` from
+    another shell, without them, reports those and not the defaults."""
+    script = ROOT / "scripts" / "run_scaled.sh"
+    run_dir = tmp_path / "run"
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("LUNGNODE_", "DB_"))}
+    given = {
+        "LUNGNODE_DICOM_PORT": "21112",
+        "LUNGNODE_HTTP_PORT": "6001",
+        "LUNGNODE_BROKER_URL": "redis://127.0.0.1:6390/2",
+        "DB_NAME": "lungnode_elsewhere",
+    }
+    # What start_all does before it starts the roles, without the roles.
+    subprocess.run(
+        ["bash", "-c", f"set -euo pipefail; source {script}; configure; save_run_config"],
+        env={**clean, **given, "RUN_DIR": str(run_dir)},
+        check=True,
+    )
+    status = subprocess.run(
+        ["bash", str(script), "status"],
+        env={**clean, "RUN_DIR": str(run_dir)},
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    assert "scp       not running" in status and "api       not running" in status
+    assert "broker    redis://127.0.0.1:6390/2" in status
+    assert "/lungnode_elsewhere" in status
+    # Ports show while the roles run: the script's own view of them.
+    ports = subprocess.run(
+        [
+            "bash",
+            "-c",
+            f'source {script}; load_run_config; configure; echo "$LUNGNODE_DICOM_PORT $(api_url)"',
+        ],
+        env={**clean, "RUN_DIR": str(run_dir), "LUNGNODE_HTTP_PORT": "5000"},
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    assert ports == ["21112", "http://127.0.0.1:6001/api/v1"]
 
 
 #: Variables with the prefix that are not settings: the image tag in compose, the
