@@ -21,7 +21,7 @@ import shutil
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 from sqlalchemy import create_engine, make_url, text
@@ -67,7 +67,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         items[:] = selected
 
 
-def _unavailable(message: str) -> None:
+def unavailable(message: str) -> NoReturn:
+    """A tool or service a test needs is missing: fail under CI=true, skip elsewhere."""
     if IN_CI:
         pytest.fail(message)
     pytest.skip(message)
@@ -82,7 +83,7 @@ def postgres_admin() -> Iterator[Any]:
     try:
         connection = psycopg.connect(conninfo, autocommit=True, connect_timeout=5)
     except psycopg.OperationalError as exc:
-        _unavailable(f"PostgreSQL is not reachable at {POSTGRES_ADMIN_URL}: {exc}")
+        unavailable(f"PostgreSQL is not reachable at {POSTGRES_ADMIN_URL}: {exc}")
     with connection:
         yield connection
 
@@ -193,10 +194,7 @@ def require_tool(name: str) -> str:
     """Path of an external tool; missing fails under CI=true, skips elsewhere."""
     path = shutil.which(name)
     if path is None:
-        message = f"{name} is not installed (Debian: dcmtk, dicom3tools or orthanc)"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
+        unavailable(f"{name} is not installed (make test installs it with apt-get as root)")
     return path
 
 

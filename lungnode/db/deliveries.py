@@ -21,6 +21,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -44,41 +45,46 @@ class DueDelivery:
     attempts: int
 
 
+def _due_rows(moment: datetime, limit: int) -> Any:  # a Select of the five columns
+    """Pending deliveries whose next attempt is due at ``moment``, oldest first."""
+    return (
+        select(
+            Delivery.id,
+            Delivery.destination,
+            Delivery.sop_instance_uid,
+            Delivery.path,
+            Delivery.attempts,
+        )
+        .where(
+            Delivery.state == DeliveryState.PENDING.value,
+            Delivery.next_attempt_at <= moment,
+        )
+        .order_by(Delivery.next_attempt_at, Delivery.id)
+        .limit(limit)
+    )
+
+
 class DeliveryRepository:
     def __init__(self, sessions: sessionmaker[Session], storage_dir: Path) -> None:
         self.sessions = sessions
         self.storage_dir = storage_dir
         self._reads = read_sessions(sessions)
 
+    def _due_delivery(self, row: Any) -> DueDelivery:
+        return DueDelivery(
+            row.id,
+            row.destination,
+            row.sop_instance_uid,
+            str(resolve_stored(row.path, self.storage_dir)),
+            row.attempts,
+        )
+
     def due(self, now: datetime | None = None, limit: int = 500) -> list[DueDelivery]:
         """Pending deliveries whose next attempt is due, oldest first."""
         moment = now or _now()
         with self._reads() as session:
-            rows = session.execute(
-                select(
-                    Delivery.id,
-                    Delivery.destination,
-                    Delivery.sop_instance_uid,
-                    Delivery.path,
-                    Delivery.attempts,
-                )
-                .where(
-                    Delivery.state == DeliveryState.PENDING.value,
-                    Delivery.next_attempt_at <= moment,
-                )
-                .order_by(Delivery.next_attempt_at, Delivery.id)
-                .limit(limit)
-            ).all()
-        return [
-            DueDelivery(
-                row.id,
-                row.destination,
-                row.sop_instance_uid,
-                str(resolve_stored(row.path, self.storage_dir)),
-                row.attempts,
-            )
-            for row in rows
-        ]
+            rows = session.execute(_due_rows(moment, limit)).all()
+        return [self._due_delivery(row) for row in rows]
 
     def claim_due(
         self,
@@ -100,22 +106,7 @@ class DeliveryRepository:
         """
         moment = now or _now()
         with write_transaction(self.sessions) as session:
-            statement = (
-                select(
-                    Delivery.id,
-                    Delivery.destination,
-                    Delivery.sop_instance_uid,
-                    Delivery.path,
-                    Delivery.attempts,
-                )
-                .where(
-                    Delivery.state == DeliveryState.PENDING.value,
-                    Delivery.next_attempt_at <= moment,
-                )
-                .order_by(Delivery.next_attempt_at, Delivery.id)
-                .limit(limit)
-                .with_for_update(skip_locked=True)
-            )
+            statement = _due_rows(moment, limit).with_for_update(skip_locked=True)
             if skip_destinations:
                 statement = statement.where(Delivery.destination.not_in(skip_destinations))
             if only is not None:
@@ -130,16 +121,7 @@ class DeliveryRepository:
                 .where(Delivery.id.in_([row.id for row in rows]))
                 .values(next_attempt_at=moment + timedelta(seconds=lease))
             )
-        return [
-            DueDelivery(
-                row.id,
-                row.destination,
-                row.sop_instance_uid,
-                str(resolve_stored(row.path, self.storage_dir)),
-                row.attempts,
-            )
-            for row in rows
-        ]
+        return [self._due_delivery(row) for row in rows]
 
     def release(self, delivery_ids: Collection[int]) -> None:
         """Give claimed deliveries back unsent: due again now, for any sender."""

@@ -78,15 +78,8 @@ class JobRepository:
         claimed = self._claim(Job.id == job_id)
         return None if claimed is None else claimed[1]
 
-    def claim_next_job(self) -> tuple[int, int] | None:
-        """The oldest due job, queued -> running for this worker: (job id, attempt).
-
-        Concurrent callers each get a different job, or None when none is due.
-        """
-        return self._claim()
-
     def _claim(self, *criteria: ColumnElement[bool]) -> tuple[int, int] | None:
-        """The guarded transition queued and due -> running, on the oldest matching job.
+        """The guarded transition queued and due -> running, on the matching job.
 
         On PostgreSQL the row is picked with ``SELECT ... FOR UPDATE SKIP LOCKED``:
         a job another worker is claiming is passed over at once, not waited for.

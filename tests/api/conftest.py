@@ -23,7 +23,7 @@ from lungnode.db.migrate import upgrade
 from lungnode.db.models import Prediction, Role, User
 from lungnode.db.session import make_engine, make_session_factory
 from lungnode.passwords import hash_password
-from tests.conftest import IN_CI, Databases, require_tool
+from tests.conftest import Databases, require_tool, unavailable
 
 ADMIN_PASSWORD = "admin-password-for-tests"
 PASSWORD = "password-for-tests"
@@ -65,9 +65,7 @@ def require_redis() -> str:
     try:
         client.ping()
     except redis.RedisError as exc:
-        if IN_CI:
-            pytest.fail(f"Redis is not reachable at {url}: {exc}")
-        pytest.skip(f"Redis is not reachable at {url}: {exc}")
+        unavailable(f"Redis is not reachable at {url}: {exc}")
     finally:
         client.close()
     return url

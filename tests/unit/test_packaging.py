@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import IN_CI
+from tests.conftest import unavailable
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -28,10 +28,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def wheel_names(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     if importlib.util.find_spec("setuptools") is None:
-        message = "setuptools is not installed in this environment"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
+        unavailable("setuptools is not installed in this environment")
     work = tmp_path_factory.mktemp("wheel")
     src = work / "src"
     src.mkdir()
