@@ -71,7 +71,7 @@ def test_health_without_a_node_probes_the_dicom_port(
     client = make_app(settings).test_client()
     body = client.get("/api/v1/health").json
     assert body["failing"] == ["scp"]
-    assert "nothing listens" in body["checks"]["scp"]["error"]
+    assert "no DICOM answer" in body["checks"]["scp"]["error"]
 
 
 def test_unknown_route_is_json_404(settings: Settings, make_app: Callable[..., Flask]) -> None:
@@ -95,3 +95,28 @@ def test_health_inside_a_running_node(
     except HTTPError as exc:
         assert exc.code == 503
         assert json.load(exc)["failing"] == ["scp"]
+
+
+def test_the_api_alone_probes_the_scp_without_holding_an_association(
+    make_settings: Callable[..., Settings],
+    make_app: Callable[..., Flask],
+    start_node: Callable[..., Node],
+    tmp_path: Path,
+) -> None:
+    """The ``api`` role checks the SCP with an association that ends at once (its AE is
+    no peer of the node, so it is rejected: an answer all the same). A bare TCP
+    connection left the SCP holding an association until its network timeout."""
+    import threading
+
+    from tests.dicom.helpers import wait_until
+
+    node = start_node(make_settings(), serve_http=False)
+    threads = threading.active_count()
+    settings = make_settings(dicom_port=node.scp.port, model=str(fake_bundle(tmp_path / "m")))
+    client = make_app(settings).test_client()
+    for _ in range(5):
+        body = client.get("/api/v1/health").json
+        assert body["checks"]["scp"] == {"ok": True}, body
+    assert wait_until(lambda: threading.active_count() <= threads, timeout=5), [
+        t.name for t in threading.enumerate()
+    ]
