@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 SYSTEM_PACKAGES := dcmtk dicom3tools orthanc poppler-utils chromium redis-server openssl
 SYSTEM_TOOLS    := storescu echoscu dcmcjpeg dciodvfy Orthanc pdftotext chromium redis-server openssl
 
-.PHONY: install run test lint system-deps clean
+.PHONY: install run test lint drills system-deps clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,11 @@ test: $(STAMP) system-deps
 	$(BIN)/python -m pytest || status=1; \
 	LUNGNODE_TEST_DATABASE=postgresql $(BIN)/python -m pytest || status=1; \
 	exit $$status
+
+# The reliability drills at full size (docs/reliability.md); minutes, not part of CI.
+# Their figures go to build/drills/.
+drills: $(STAMP) system-deps
+	LUNGNODE_DRILLS=long $(BIN)/python -m pytest tests/drills -m drill
 
 # ruff, mypy, and the layer contracts of DESIGN.md (import-linter, in pyproject.toml).
 lint: $(STAMP)
