@@ -1,8 +1,13 @@
 """One engine per process, and the session factory.
 
 SQLite runs in WAL mode with a busy timeout, so the SCP's writes, the
-completion timer and the API's reads proceed together. ``synchronous=FULL``
-makes every committed row durable before the SCP answers success.
+completion timer and the API's reads proceed together. ``synchronous=NORMAL``:
+a committed row survives a crash of any lungnode process (the write-ahead log
+is in the operating system's hands at commit), and a commit costs no fsync.
+A power loss may take the last commits with it; no acknowledged instance goes
+with them, since its file and folder were fsynced before the answer, and the
+start-up reconciliation registers every stored file the database does not know.
+On PostgreSQL a commit is durable when it returns (``synchronous_commit``).
 
 PostgreSQL is reached through psycopg 3: a plain ``postgresql://`` URL names
 SQLAlchemy's default driver for it, psycopg2, which lungnode does not install,

@@ -16,8 +16,10 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
 
@@ -167,8 +169,78 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
+@dataclass
+class _DirectoryState:
+    """One directory's fsyncs: how many were asked for, and up to which one is durable."""
+
+    changed: threading.Condition
+    requested: int = 0
+    durable: int = 0
+    running: bool = False
+    waiting: int = 0
+
+
+class DirectorySyncs:
+    """fsync of a directory, shared by every thread that needs it at the same moment.
+
+    A thread that renamed a file into a directory needs one fsync of the directory
+    that *starts* after its rename. When several associations store into the same
+    series folder at once, one fsync in progress cannot count for a rename that
+    came after it started, but the next one counts for every rename made before it
+    starts: so while one thread syncs, the others queue, and the next sync, run by
+    one of them, makes all their renames durable together (group commit). A single
+    writer pays exactly one fsync per call, as before.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._states: dict[Path, _DirectoryState] = {}
+
+    def sync(self, directory: Path) -> None:
+        """Return once every entry changed in ``directory`` before this call is durable."""
+        with self._lock:
+            state = self._states.get(directory)
+            if state is None:
+                state = self._states[directory] = _DirectoryState(threading.Condition(self._lock))
+            state.requested += 1
+            ticket = state.requested
+            state.waiting += 1
+            try:
+                while state.durable < ticket:
+                    if state.running:
+                        state.changed.wait()
+                        continue
+                    self._run(directory, state)
+            finally:
+                state.waiting -= 1
+                if state.waiting == 0 and not state.running:
+                    del self._states[directory]
+
+    def _run(self, directory: Path, state: _DirectoryState) -> None:
+        """One fsync covering every request made so far; called and returns with the lock."""
+        state.running = True
+        covers = state.requested
+        self._lock.release()
+        try:
+            _fsync_directory(directory)
+        finally:
+            self._lock.acquire()
+            state.running = False
+            state.changed.notify_all()
+        state.durable = max(state.durable, covers)
+
+
+_directory_syncs = DirectorySyncs()
+
+#: Directories this process made or found (a stat per instance saved); an entry is
+#: dropped again when a write finds its directory gone (removed by housekeeping).
+_known_directories: set[Path] = set()
+
+
 def _make_directories(directory: Path) -> None:
     """Create the directory and make each new entry durable in its parent."""
+    if directory in _known_directories:
+        return
     missing: list[Path] = []
     current = directory
     while not current.exists():
@@ -179,13 +251,28 @@ def _make_directories(directory: Path) -> None:
             path.mkdir()
         except FileExistsError:
             continue
-        _fsync_directory(path.parent)
+        _directory_syncs.sync(path.parent)
+    _known_directories.add(directory)
+
+
+def _temporary_file(directory: Path) -> tuple[int, str]:
+    """A new hidden ``.part`` file in ``directory`` (created, if need be)."""
+    _make_directories(directory)
+    try:
+        return tempfile.mkstemp(dir=directory, prefix=".", suffix=".part")
+    except FileNotFoundError:
+        _known_directories.discard(directory)
+        _make_directories(directory)
+        return tempfile.mkstemp(dir=directory, prefix=".", suffix=".part")
 
 
 def write_atomically(path: Path, payload: bytes) -> None:
-    """Write ``payload`` so that ``path`` is either absent or complete, even after a crash."""
-    _make_directories(path.parent)
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".part")
+    """Write ``payload`` so that ``path`` is either absent or complete, even after a crash.
+
+    The file is written under a temporary name and fsynced, renamed into place, and
+    then its directory is fsynced (shared with concurrent writers: DirectorySyncs).
+    """
+    fd, temporary = _temporary_file(path.parent)
     try:
         with os.fdopen(fd, "wb") as stream:
             stream.write(payload)
@@ -195,7 +282,7 @@ def write_atomically(path: Path, payload: bytes) -> None:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
-    _fsync_directory(path.parent)
+    _directory_syncs.sync(path.parent)
 
 
 #: Records a stored instance; returns True when it was new. Raises on database failure.
