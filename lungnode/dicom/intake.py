@@ -13,7 +13,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import re
 import shutil
 import tempfile
 import threading
@@ -28,6 +27,8 @@ from pydicom.encaps import generate_fragments
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
+from lungnode.dicom.instance_header import is_valid_uid as is_valid_uid
+from lungnode.dicom.instance_header import read_instance_header
 from lungnode.dicom.modality import ACCEPTED_SOP_CLASSES as ACCEPTED_SOP_CLASSES
 from lungnode.dicom.modality import why_not_ct
 from lungnode.domain import InstanceFacts
@@ -45,14 +46,24 @@ STATUS_MISSING_ATTRIBUTE = 0xC001
 STATUS_INVALID_UID = 0xC002
 STATUS_PIXEL_DATA_INVALID = 0xC003
 
-# PS3.5 9.1: digits and dots, no empty component, at most 64 characters. Being
-# strict here is what makes a UID safe to use as a path component.
-_UID_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _REQUIRED = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 
 
-def is_valid_uid(value: object) -> bool:
-    return isinstance(value, str) and len(value) <= 64 and bool(_UID_PATTERN.match(value))
+def read_instance(encoded: bytes) -> tuple[InstanceFacts, str | None]:
+    """(facts, why it is not a CT image or None) of a received data set with file meta.
+
+    Plain uncompressed slices are read by ``dicom.instance_header``; everything
+    else, and anything that path is not sure of, by pydicom (:func:`parse_instance`).
+    Raises IntakeError when the instance is unusable.
+    """
+    fast = read_instance_header(encoded)
+    if fast is not None:
+        return fast
+    dataset, facts = parse_instance(encoded)
+    try:
+        return facts, why_not_ct(dataset)
+    except Exception as exc:  # a value the rule reads does not decode
+        raise IntakeError(STATUS_CANNOT_UNDERSTAND, f"cannot read the image type: {exc}") from exc
 
 
 def parse_instance(encoded: bytes) -> tuple[Dataset, InstanceFacts]:
@@ -65,7 +76,15 @@ def parse_instance(encoded: bytes) -> tuple[Dataset, InstanceFacts]:
         raise IntakeError(STATUS_CANNOT_UNDERSTAND, f"cannot parse data set: {exc}") from exc
     except Exception as exc:  # a malformed stream can fail anywhere inside the parser
         raise IntakeError(STATUS_CANNOT_UNDERSTAND, f"cannot parse data set: {exc!r}") from exc
+    try:
+        return dataset, _facts_of(dataset)
+    except IntakeError:
+        raise
+    except Exception as exc:  # a raw value read below does not decode (wrong VR or length)
+        raise IntakeError(STATUS_CANNOT_UNDERSTAND, f"cannot read data set values: {exc}") from exc
 
+
+def _facts_of(dataset: Dataset) -> InstanceFacts:
     missing = [kw for kw in _REQUIRED if not dataset.get(kw)]
     if missing:
         raise IntakeError(STATUS_MISSING_ATTRIBUTE, f"missing required attributes: {missing}")
@@ -74,7 +93,7 @@ def parse_instance(encoded: bytes) -> tuple[Dataset, InstanceFacts]:
             raise IntakeError(STATUS_INVALID_UID, f"{keyword} is not a valid UID")
     transfer_syntax = UID(str(dataset.file_meta.get("TransferSyntaxUID", "")))
     _check_pixel_data(dataset, transfer_syntax)
-    facts = InstanceFacts(
+    return InstanceFacts(
         study_instance_uid=str(dataset.StudyInstanceUID),
         series_instance_uid=str(dataset.SeriesInstanceUID),
         sop_instance_uid=str(dataset.SOPInstanceUID),
@@ -88,7 +107,6 @@ def parse_instance(encoded: bytes) -> tuple[Dataset, InstanceFacts]:
         orientation=_floats(dataset, "ImageOrientationPatient", 6),
         declared_count=_integer(dataset, "ImagesInAcquisition"),
     )
-    return dataset, facts
 
 
 def _check_pixel_data(dataset: Dataset, transfer_syntax: UID) -> None:
@@ -299,9 +317,8 @@ class Intake:
 
     def store(self, encoded: bytes, association_id: int | None = None) -> InstanceFacts:
         """Store one data set (preamble, file meta and data set bytes); raise IntakeError."""
-        dataset, facts = parse_instance(encoded)
+        facts, reason = read_instance(encoded)
         # The same rule as every other route in (``dicom.modality``).
-        reason = why_not_ct(dataset)
         if reason is not None:
             raise IntakeError(STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS, reason)
         path = instance_path(self.incoming_dir, facts)

@@ -47,8 +47,20 @@ def why_not_ct(dataset: Dataset) -> str | None:
     The reason starts with the modality, so that it survives the 64 characters
     of a DIMSE Error Comment (PS3.7 C.4.2.1.6).
     """
-    modality = str(dataset.get("Modality") or "").strip() or "unknown"
-    sop_class = UID(str(dataset.get("SOPClassUID") or _media_sop_class(dataset)))
+    return why_not_ct_values(
+        sop_class=str(dataset.get("SOPClassUID") or _media_sop_class(dataset)),
+        modality=str(dataset.get("Modality") or ""),
+        samples=dataset.get("SamplesPerPixel"),
+        photometric=str(dataset.get("PhotometricInterpretation") or ""),
+    )
+
+
+def why_not_ct_values(
+    *, sop_class: str, modality: str, samples: object, photometric: str
+) -> str | None:
+    """:func:`why_not_ct` on the four attribute values it reads (intake's fast path)."""
+    modality = modality.strip() or "unknown"
+    sop_class = UID(sop_class)
     if sop_class not in ACCEPTED_SOP_CLASSES:
         name = sop_class.name if sop_class else "no SOP Class UID"
         if modality == "CT":
@@ -65,8 +77,7 @@ def why_not_ct(dataset: Dataset) -> str | None:
             f"Modality {modality} is not CT, though the SOP Class is {sop_class.name}; "
             "only CT images have the Hounsfield units the model reads"
         )
-    samples = dataset.get("SamplesPerPixel")
-    photometric = str(dataset.get("PhotometricInterpretation") or "").strip()
+    photometric = photometric.strip()
     if (samples not in (None, "") and str(samples).strip() != "1") or (
         photometric and photometric not in _MONOCHROME
     ):

@@ -32,6 +32,13 @@ EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
 
 #: VRs with a 2-byte reserved field and a 4-byte length in explicit VR (PS3.5 7.1.2).
 _LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT"})
+#: Every VR of PS3.5 6.2; pydicom reads anything else as implicit VR, so this reader stops.
+_KNOWN_VRS = _LONG_VRS | frozenset(
+    {
+        b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FD", b"FL", b"IS", b"LO",
+        b"LT", b"PN", b"SH", b"SL", b"SS", b"ST", b"SV", b"TM", b"UI", b"UL", b"US", b"UV",
+    }
+)  # fmt: skip
 _UNDEFINED = 0xFFFFFFFF
 _ITEM = 0xFFFEE000
 _ITEM_END = 0xFFFEE00D
@@ -203,6 +210,8 @@ def _read_file_meta(data: bytes, pos: int) -> tuple[int, str]:
         if vr in _LONG_VRS:
             (length,) = _U32.unpack_from(data, pos + 8)
             pos += 12
+        elif vr not in _KNOWN_VRS:
+            raise _NotNative(f"unknown VR {vr!r} in the file meta")
         else:
             (length,) = _U16.unpack_from(data, pos + 6)
             pos += 8
@@ -227,11 +236,41 @@ def _element_header(data: bytes, pos: int, explicit: bool) -> tuple[int, bytes |
     if vr in _LONG_VRS:
         (length,) = _U32.unpack_from(data, pos + 8)
         return tag, vr, length, pos + 12
+    if vr not in _KNOWN_VRS:
+        raise _NotNative(f"unknown VR {vr!r}")
     (length,) = _U16.unpack_from(data, pos + 6)
     return tag, vr, length, pos + 8
 
 
-def _read_top_level(data: bytes, pos: int, *, explicit: bool) -> tuple[dict[int, bytes], int, int]:
+def read_top_level(
+    data: bytes, wanted: frozenset[int], vrs: dict[int, bytes] | None = None
+) -> tuple[str, dict[int, bytes], int, int] | None:
+    """For a Part 10 file in an uncompressed little-endian syntax with native Pixel Data:
+    (transfer syntax, raw values of the ``wanted`` top-level tags, Pixel Data's value
+    offset, its length). None for anything else, malformed or truncated included.
+    ``vrs``, when given, receives the explicit VR of each wanted tag found."""
+    try:
+        if len(data) < 132 or data[128:132] != b"DICM":
+            return None
+        pos, syntax = _read_file_meta(data, 132)
+        if syntax not in (IMPLICIT_VR_LITTLE_ENDIAN, EXPLICIT_VR_LITTLE_ENDIAN):
+            return None
+        values, offset, length = _read_top_level(
+            data, pos, explicit=syntax == EXPLICIT_VR_LITTLE_ENDIAN, wanted=wanted, vrs=vrs
+        )
+    except (_NotNative, struct.error, UnicodeDecodeError):
+        return None
+    return syntax, values, offset, length
+
+
+def _read_top_level(
+    data: bytes,
+    pos: int,
+    *,
+    explicit: bool,
+    wanted: frozenset[int] = _WANTED,
+    vrs: dict[int, bytes] | None = None,
+) -> tuple[dict[int, bytes], int, int]:
     """Raw values of the wanted top-level elements, and where Pixel Data lies."""
     values: dict[int, bytes] = {}
     end = len(data)
@@ -244,15 +283,19 @@ def _read_top_level(data: bytes, pos: int, *, explicit: bool) -> tuple[dict[int,
                 raise _NotNative("truncated Pixel Data")
             return values, pos, length
         if length == _UNDEFINED:
-            if tag in _WANTED:
+            if tag in wanted:
                 values[tag] = b""
+                if vrs is not None and vr is not None:
+                    vrs[tag] = vr
             # An undefined-length UN holds implicit VR data (PS3.5 6.2.2).
             pos = _skip_sequence(data, pos, explicit and vr != b"UN")
             continue
         if pos + length > end:
             raise _NotNative("truncated element")
-        if tag in _WANTED:
+        if tag in wanted:
             values[tag] = data[pos : pos + length]
+            if vrs is not None and vr is not None:
+                vrs[tag] = vr
         pos += length
     raise _NotNative("no Pixel Data")
 
