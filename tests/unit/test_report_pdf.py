@@ -105,6 +105,8 @@ def test_first_page_renders_with_heatmaps(series: list[Dataset], tmp_path: Path)
     page = cv2.imread(str(tmp_path / "page.png"))
     assert page is not None and page.shape[0] > page.shape[1]
     assert float(page.std()) > 5.0  # not blank
+    # Images are binary Flate streams: ASCII85 cost a third of a second per report.
+    assert b"/ASCII85Decode" not in (tmp_path / "r.pdf").read_bytes()
 
 
 def test_bad_key_images_raise(series: list[Dataset]) -> None:
