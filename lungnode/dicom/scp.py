@@ -212,7 +212,7 @@ class SCPConfig:
     host: str
     port: int
     allowed_callers: list[str] | None  # None: anyone may call
-    max_associations: int = 8
+    max_associations: int = 32
     max_pdu_size: int = 4_194_304
     network_timeout: float = 60.0
     tls_cert: Path | None = None
