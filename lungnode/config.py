@@ -100,7 +100,10 @@ class Settings(BaseSettings):
     #: Peer names that receive results; empty means the peer that sent the series.
     result_destinations: Annotated[list[str], NoDecode] = Field(default_factory=list)
     allow_unknown_callers: bool = False
-    max_associations: int = Field(default=8, ge=1)
+    #: Associations received at once (all receiving processes together); beyond it
+    #: an association is rejected as transient. About 0.1 MiB each while idle
+    #: (docs/configuration.md).
+    max_associations: int = Field(default=32, ge=1)
     #: Processes that receive DICOM: the node and ingest_processes - 1 workers;
     #: 0 means one per CPU core available to the node.
     ingest_processes: int = Field(default=0, ge=0, le=64)

@@ -16,10 +16,22 @@ need, so the sleeps become waits that end early on the event they wait for:
 - the association thread waits on its DIMSE message queue, at most 1 ms as
   before.
 
-Only those two sleeps change, and only in those threads; their upper bounds
-stay pynetdicom's. Installed once per process by :func:`install`; against a
-pynetdicom whose internals differ from what this expects, it installs nothing
-and logs why, and pynetdicom keeps its own behaviour.
+Only those two sleeps change, and only in those threads. While a thread has
+seen an event in the last ``_IDLE_AFTER_S`` its upper bound stays
+pynetdicom's (1 ms). After that it waits up to ``_IDLE_WAIT_S`` (50 ms): an
+idle association otherwise costs its two threads a thousand wake-ups a
+second each, and 32 idle associations took most of a core in the receiving
+process (``scripts/measure_association_memory.py``). What an idle thread
+must still see at once wakes it: a DUL thread its socket, a queued primitive
+and a stop (``stop_dul``); an acceptor's association thread a DIMSE message,
+and anything its DUL thread was woken for (a release or abort request
+arrives on the socket). A requestor's association thread keeps the 1 ms
+bound: the caller's ``send_*`` pauses it at a checkpoint that nothing here
+can wake.
+
+Installed once per process by :func:`install`; against a pynetdicom whose
+internals differ from what this expects, it installs nothing and logs why,
+and pynetdicom keeps its own behaviour.
 """
 
 from __future__ import annotations
@@ -43,6 +55,12 @@ logger = logging.getLogger(__name__)
 #: The association reactor's per-loop sleep in pynetdicom (association.py).
 _ASSOCIATION_SLEEP_S = 0.001
 
+#: Seconds without an event after which a reactor thread counts as idle.
+_IDLE_AFTER_S = 0.5
+
+#: The longest wait of an idle reactor thread (module docstring).
+_IDLE_WAIT_S = 0.05
+
 _lock = threading.Lock()
 _installed = False
 
@@ -62,6 +80,7 @@ def install() -> bool:
             and getattr(dul_module, "time", None) is time
             and callable(getattr(DULServiceProvider, "run_reactor", None))
             and callable(getattr(DULServiceProvider, "send_pdu", None))
+            and callable(getattr(DULServiceProvider, "stop_dul", None))
         )
         if not expected:
             logger.warning("reactor waits not installed: unexpected pynetdicom internals")
@@ -69,6 +88,7 @@ def install() -> bool:
         patches: dict[tuple[object, str], object] = {
             (DULServiceProvider, "run_reactor"): _with_wake_pipe(DULServiceProvider.run_reactor),
             (DULServiceProvider, "send_pdu"): _waking(DULServiceProvider.send_pdu),
+            (DULServiceProvider, "stop_dul"): _waking_first(DULServiceProvider.stop_dul),
             (dul_module, "time"): _time_with_sleep(_dul_sleep),
             (association_module, "time"): _time_with_sleep(_association_sleep),
         }
@@ -132,6 +152,7 @@ def _with_wake_pipe(run_reactor: Callable[[Any], None]) -> Callable[[Any], None]
     def run_reactor_with_wake_pipe(dul: Any) -> None:
         pipe = _WakePipe()
         dul._lungnode_wake = pipe
+        dul._lungnode_event_at = time.monotonic()
         try:
             run_reactor(dul)
         finally:
@@ -151,8 +172,30 @@ def _waking(send_pdu: Callable[[Any, Any], None]) -> Callable[[Any, Any], None]:
     return send_pdu_and_wake
 
 
+def _waking_first(stop_dul: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    def wake_and_stop_dul(dul: Any) -> bool:
+        # Woken, the DUL thread counts as busy again and sees the stop within 1 ms.
+        pipe = getattr(dul, "_lungnode_wake", None)
+        if pipe is not None:
+            pipe.wake()
+        return stop_dul(dul)
+
+    return wake_and_stop_dul
+
+
+def _bound(thread: Any, seconds: float) -> float:
+    """``seconds`` while ``thread`` has seen an event lately, else the idle wait."""
+    now = time.monotonic()
+    event_at = getattr(thread, "_lungnode_event_at", None)
+    if event_at is None:
+        thread._lungnode_event_at = event_at = now  # its first wait: busy until shown idle
+    if now - event_at < _IDLE_AFTER_S:
+        return seconds
+    return max(seconds, _IDLE_WAIT_S)
+
+
 def _dul_sleep(seconds: float) -> None:
-    """In a DUL thread: wait for the socket or a queued primitive, at most ``seconds``."""
+    """In a DUL thread: wait for the socket or a queued primitive (module docstring)."""
     dul = threading.current_thread()
     wake = getattr(dul, "_lungnode_wake", None)
     transport = getattr(dul, "socket", None)
@@ -163,23 +206,39 @@ def _dul_sleep(seconds: float) -> None:
     if not dul.to_provider_queue.empty():
         return
     try:
-        readable, _, _ = select.select([sock, wake.read_fd], [], [], seconds)
+        readable, _, _ = select.select([sock, wake.read_fd], [], [], _bound(dul, seconds))
     except (OSError, ValueError):  # the socket closed under us: let pynetdicom see it
         time.sleep(seconds)
         return
     if wake.read_fd in readable:
         wake.drain()
+    if readable:
+        dul._lungnode_event_at = time.monotonic()  # type: ignore[attr-defined]
+        _wake_association(dul.assoc)
+
+
+def _wake_association(assoc: Any) -> None:
+    """Whatever woke a DUL thread may concern its association thread: wake that too."""
+    messages = getattr(getattr(assoc, "dimse", None), "msg_queue", None)
+    if messages is None:
+        return
+    assoc._lungnode_event_at = time.monotonic()
+    with messages.not_empty:
+        messages.not_empty.notify_all()
 
 
 def _association_sleep(seconds: float) -> None:
-    """In an association thread's reactor: wait for a DIMSE message, at most ``seconds``."""
+    """In an association thread's reactor: wait for a DIMSE message (module docstring)."""
     assoc = threading.current_thread()
     if seconds != _ASSOCIATION_SLEEP_S or not isinstance(assoc, Association):
         time.sleep(seconds)
         return
+    bound = _bound(assoc, seconds) if assoc.is_acceptor else seconds
     messages = assoc.dimse.msg_queue
     # not_empty shares the queue's mutex, so look at the deque itself
     # (qsize() would take that mutex a second time).
     with messages.not_empty:
         if not messages.queue:
-            messages.not_empty.wait(seconds)
+            messages.not_empty.wait(bound)
+        if messages.queue:
+            assoc._lungnode_event_at = time.monotonic()  # type: ignore[attr-defined]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import threading
 from collections.abc import Callable
 
@@ -22,7 +23,14 @@ from lungnode.config import Settings
 from lungnode.db.models import Association, Instance, Job, Series
 from lungnode.dicom import ingest_workers
 from lungnode.series.assembler import RULE_ASSOCIATION_RELEASED
-from tests.dicom.helpers import associate, process_alive, row_count, store_all, wait_until
+from tests.dicom.helpers import (
+    associate,
+    close_dropped,
+    process_alive,
+    row_count,
+    store_all,
+    wait_until,
+)
 from tests.support.synthetic import make_ct_series
 
 
@@ -169,6 +177,37 @@ def test_associations_beyond_the_cap_are_rejected_as_transient(
             assoc.release()
     # Capacity comes back once they are released.
     assert wait_until(lambda: associate_and_release(node.scp.port), timeout=10)
+
+
+@pytest.mark.parametrize("processes", [1, 2], ids=["one-process", "two-processes"])
+def test_a_connection_closed_before_its_request_frees_its_slot_at_once(
+    processes: int, make_settings: Callable[..., Settings], start_node: Callable[..., Node]
+) -> None:
+    """A peer that connects and closes without an A-ASSOCIATE-RQ (a TCP port check,
+    a scanner) must not hold an association slot until ``network_timeout``: pynetdicom
+    left the association thread waiting for the request that long (AA-5)."""
+    node = start_node(
+        make_settings(ingest_processes=processes, max_associations=2, network_timeout=60.0),
+        serve_http=False,
+    )
+    for _ in range(4):
+        with socket.create_connection(("127.0.0.1", node.scp.port), timeout=5):
+            pass
+    # Far sooner than the 60 s timeout, the whole cap is free again.
+    assert wait_until(lambda: _all_accepted(node.scp.port, 2), timeout=10, step=0.5)
+
+
+def _all_accepted(port: int, count: int) -> bool:
+    """Open ``count`` associations at once: were all of them accepted?"""
+    held = [associate(port) for _ in range(count)]
+    try:
+        return all(assoc.is_established for assoc in held)
+    finally:
+        for assoc in held:
+            if assoc.is_established:
+                assoc.release()
+            else:
+                close_dropped(assoc)
 
 
 def associate_and_release(port: int) -> bool:

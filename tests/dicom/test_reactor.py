@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pynetdicom.association
@@ -13,6 +14,7 @@ from pynetdicom.dul import DULServiceProvider
 from sqlalchemy import select
 
 from lungnode.app.node import Node
+from lungnode.config import Settings
 from lungnode.db.models import Association
 from lungnode.dicom import reactor
 from tests.dicom.helpers import associate, store_all, wait_until
@@ -103,7 +105,42 @@ def test_an_idle_association_still_answers_and_releases(node: Node) -> None:
     assoc = associate(node.scp.port)
     time.sleep(0.3)  # both reactors wait with nothing to do
     assert assoc.send_c_echo().Status == 0x0000
-    time.sleep(0.3)
+    # Idle longer than _IDLE_AFTER_S: the node's threads now wait up to _IDLE_WAIT_S,
+    # and what arrives must still wake them.
+    time.sleep(2 * reactor._IDLE_AFTER_S)
     assert assoc.send_c_echo().Status == 0x0000
+    time.sleep(2 * reactor._IDLE_AFTER_S)
+    started = time.monotonic()
     assoc.release()
     assert assoc.is_released
+    assert time.monotonic() - started < 5
+
+
+def test_idle_associations_cost_the_receiving_process_little_cpu(
+    make_settings: Callable[..., Settings], start_node: Callable[..., Node]
+) -> None:
+    """Idle associations once woke their two threads every millisecond: 32 of them
+    took about 0.85 CPU-seconds a second. The worker process's CPU time is its own
+    (this process also holds the requesting side of every association)."""
+    node = start_node(make_settings(ingest_processes=2, max_associations=32), serve_http=False)
+    workers = node.ingest_workers
+    assert workers is not None
+    (pid,) = workers.pids
+    held = [associate(node.scp.port) for _ in range(16)]
+    try:
+        assert all(assoc.is_established for assoc in held)
+        assert workers.handed_over()["ingest-1"] >= 6
+        time.sleep(2 * reactor._IDLE_AFTER_S)
+        before = _cpu_seconds(pid)
+        time.sleep(3.0)
+        per_second = (_cpu_seconds(pid) - before) / 3.0
+        # About 0.2 s/s for 8 associations polling at 1 ms; about 0.03 now.
+        assert per_second < 0.1, per_second
+    finally:
+        for assoc in held:
+            assoc.release()
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
