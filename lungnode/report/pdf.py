@@ -28,8 +28,8 @@ from xml.sax.saxutils import escape
 import cv2
 import numpy as np
 from pydicom.dataset import Dataset
-from reportlab.graphics.charts.barcharts import HorizontalBarChart
 from reportlab import rl_config
+from reportlab.graphics.charts.barcharts import HorizontalBarChart
 from reportlab.graphics.shapes import Drawing
 from reportlab.lib import colors
 from reportlab.lib.pagesizes import A4
