@@ -74,11 +74,19 @@ def model_fields(prediction: Prediction) -> dict[str, Any]:
 
 
 def predict_upload(upload: StoredUpload, user_id: int) -> dict[str, Any]:
-    """Analyse one stored upload, keep the Prediction row and heatmaps, return the answer."""
+    """Analyse one stored upload, keep the Prediction row and heatmaps, return the answer.
+
+    The image is judged and decoded first: an image that is not analysed (not CT,
+    unreadable, too small) answers 422 at once, without waiting for a warming model.
+    """
+    try:
+        volume = upload_prediction.decode_upload(upload)
+    except ImageRefused as exc:
+        raise APIError(422, exc.code, exc.message, exc.details) from exc
     bundle = model_bundle()
     try:
         recorded = upload_prediction.predict_upload(
-            upload, bundle, context.settings(), context.sessions(), user_id
+            upload, bundle, context.settings(), context.sessions(), user_id, volume=volume
         )
     except ImageRefused as exc:
         raise APIError(422, exc.code, exc.message, exc.details) from exc

@@ -41,6 +41,7 @@ EXTENSIONS = {"PNG": "png", "JPEG": "jpg", "DICOM": "dcm"}
 _FILE_ID = re.compile(r"^[0-9a-f]{32}$")
 #: Pictures larger than this many pixels are refused (decompression bombs).
 MAX_PIXELS = 64 * 2**20
+_NEITHER = "the file is neither a PNG or JPEG image nor a readable DICOM file"
 
 
 def _sniff_picture(path: Path) -> str | None:
@@ -60,21 +61,45 @@ def _sniff_picture(path: Path) -> str | None:
     return kind
 
 
-def _sniff_dicom(path: Path) -> tuple[str | None, str | None] | None:
+def _sniff_dicom(path: Path) -> tuple[str | None, str | None] | str:
+    """The Study and Series Instance UIDs of a DICOM image (None where not a valid
+    UID, PS3.5 9.1), or why the file is not a DICOM image."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     try:
         dataset = pydicom.dcmread(path, stop_before_pixels=False, force=False)
     except (InvalidDicomError, OSError, ValueError, TypeError, AttributeError, KeyError):
-        return None
+        return _NEITHER
     except Exception:  # a damaged file can surface any error from the parser
-        return None
+        return _NEITHER
     if "PixelData" not in dataset and "FloatPixelData" not in dataset:
+        sop_class = _sop_class_name(dataset)
+        return f"the DICOM file ({sop_class}) has no pixel data: it is not an image"
+    # Recorded on the prediction; a value that is no UID (too long for the column,
+    # or no digits and dots) is not recorded rather than failing the prediction.
+    return (_uid(dataset, "StudyInstanceUID"), _uid(dataset, "SeriesInstanceUID"))
+
+
+def _uid(dataset: Any, keyword: str) -> str | None:
+    from lungnode.dicom.intake import is_valid_uid
+
+    try:
+        value = str(dataset.get(keyword) or "")
+    except Exception:  # a raw value that does not decode
         return None
-    study = dataset.get("StudyInstanceUID")
-    series = dataset.get("SeriesInstanceUID")
-    return (str(study) if study else None, str(series) if series else None)
+    return value if is_valid_uid(value) else None
+
+
+def _sop_class_name(dataset: Any) -> str:
+    from pydicom.uid import UID
+
+    try:
+        meta = getattr(dataset, "file_meta", None)
+        uid = dataset.get("SOPClassUID") or (meta.get("MediaStorageSOPClassUID") if meta else None)
+    except Exception:
+        uid = None
+    return UID(str(uid)).name if uid else "no SOP Class UID"
 
 
 def _copy_limited(stream: IO[bytes], target: Path, limit: int) -> None:
@@ -107,11 +132,11 @@ def store_upload(file: FileStorage) -> StoredUpload:
         kind = _sniff_picture(partial)
         if kind is None:
             uids = _sniff_dicom(partial)
-            if uids is None:
+            if isinstance(uids, str):
                 raise APIError(
                     415,
                     "unsupported_media_type",
-                    "the file is neither a PNG or JPEG image nor a DICOM image",
+                    uids,
                     {"accepted": ["png", "jpg", "jpeg", "dcm"]},
                 )
             kind, (study, series) = "DICOM", uids
@@ -131,7 +156,7 @@ def find_upload(file_id: str) -> StoredUpload:
         path = context.uploads_dir() / f"{file_id}.{extension}"
         if path.is_file():
             uids = _sniff_dicom(path) if kind == "DICOM" else None
-            study, series = uids if uids else (None, None)
+            study, series = uids if isinstance(uids, tuple) else (None, None)
             return StoredUpload(file_id, path, kind, study, series)
     raise APIError(404, "not_found", "no upload with this file_id")
 

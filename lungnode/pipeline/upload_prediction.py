@@ -105,17 +105,21 @@ def predict_upload(
     user_id: int | None,
     batch_id: int | None = None,
     on_record: OnRecord | None = None,
+    *,
+    volume: HUVolume | None = None,
 ) -> RecordedPrediction:
     """Analyse one stored upload; keep its Prediction row and heatmaps.
 
-    Raises ``ImageRefused`` for an image that is not analysed. Whatever
+    ``volume``: the upload already decoded by ``decode_upload`` (else it is decoded
+    here). Raises ``ImageRefused`` for an image that is not analysed. Whatever
     ``on_record`` raises leaves nothing behind: no row, no heatmap.
     """
     from lungnode.imaging.heatmap import overlay, save_png
     from lungnode.pipeline.analyze import analyze_volume
 
     started = time.perf_counter()
-    volume = decode_upload(upload)
+    if volume is None:
+        volume = decode_upload(upload)
     result = analyze_volume(volume, bundle, with_heatmaps=True)
     if not result.analysed:
         raise ImageRefused("not_analysed", result.not_analysed_reason or "not analysed")

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 from urllib.error import HTTPError
 
+import pydicom
 import pytest
 from sqlalchemy import select
 
@@ -53,11 +54,11 @@ def _post(url: str, body: bytes, content_type: str, token: str = "") -> tuple[in
         return exc.code, json.load(exc)
 
 
-def _predict(base: str) -> tuple[int, Any]:
+def _predict(base: str, content: bytes | None = None, name: str = "image.png") -> tuple[int, Any]:
     login = json.dumps({"username": "admin", "password": ADMIN_PASSWORD}).encode()
     status, tokens = _post(f"{base}/auth/login", login, "application/json")
     assert status == 200, tokens
-    form = multipart(png_bytes(64))
+    form = multipart(png_bytes(64) if content is None else content, name)
     return _post(f"{base}/predict", form["data"], form["content_type"], tokens["access_token"])
 
 
@@ -153,3 +154,31 @@ def test_a_bundle_that_cannot_load_fails_health_with_the_reason(
     assert body["failing"] == ["model"]
     model = body["checks"]["model"]
     assert model["state"] == "failed" and "cannot load model.keras" in model["error"], model
+
+
+@pytest.mark.parametrize(
+    ("name", "code"),
+    [("MR_small.dcm", "not_ct"), ("dicomdirtests/77654033/CT2/17106", "image_too_small")],
+)
+def test_an_image_that_is_not_analysed_is_refused_at_once_while_the_model_warms(
+    make_settings: Callable[..., Settings],
+    start_node: Callable[..., Node],
+    tiny_bundle: Path,
+    tmp_path: Path,
+    slow_loads: tuple[threading.Event, list[Any]],
+    monkeypatch: pytest.MonkeyPatch,
+    name: str,
+    code: str,
+) -> None:
+    """Found by the bad-input corpus drill: ``/predict`` waited for the model before it
+    looked at the image, so an MR image sent while the node warmed answered 503
+    ``model_warming`` (after a minute) instead of 422 ``not_ct``."""
+    monkeypatch.setattr(context, "MODEL_WAIT_SECONDS", 5, raising=False)
+    bundle = shutil.copytree(tiny_bundle, tmp_path / "tiny")
+    node = start_node(make_settings(model=str(bundle), admin_password=ADMIN_PASSWORD), analyse=True)
+    base = f"http://127.0.0.1:{node.http_port}/api/v1"
+    assert node.model is not None and node.model.state == "warming"
+    path = Path(pydicom.__file__).parent / "data" / "test_files" / name
+    status, answer = _predict(base, path.read_bytes(), "image.dcm")
+    assert (status, answer["error"]["code"]) == (422, code), answer
+    assert node.model.state == "warming"

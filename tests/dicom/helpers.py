@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from pydicom import Dataset
-from pynetdicom import AE, build_context
+from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy import select
@@ -28,7 +28,8 @@ def associate(
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
     ae.add_requested_context(Verification)
     for sop_class, syntax in contexts:
-        ae.requested_contexts = [*ae.requested_contexts, build_context(sop_class, [syntax])]
+        # One context per pair (the setter of requested_contexts appends to what is there).
+        ae.add_requested_context(sop_class, [syntax])
     return ae.associate("127.0.0.1", port, ae_title=called_ae)
 
 
