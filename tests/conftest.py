@@ -56,7 +56,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     ones (they ran in the SQLite pass)."""
     if not ON_POSTGRESQL:
         return
-    selected, deselected = [], []
+    selected: list[pytest.Item] = []
+    deselected: list[pytest.Item] = []
     for item in items:
         fixtures = getattr(item, "fixturenames", ())
         touches = "databases" in fixtures or "module_databases" in fixtures
@@ -141,6 +142,8 @@ class Databases:
         return {"LUNGNODE_DATABASE_URL": self.url(storage_dir)} if self.postgresql else {}
 
     def drop_all(self) -> None:
+        if self.admin is None:
+            return
         for name in self._created:
             self.admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         self._created.clear()
