@@ -257,3 +257,56 @@ def test_a_node_start_sends_at_once_what_a_crash_left_claimed(
         engine.dispose()
     assert delivered, [(r.state, r.next_attempt_at) for r in rows(repo)]
     assert sorted(pacs.received) == sorted(path.stem for path in result_files)
+
+
+class PickyPACS(FakePACS):
+    """A Storage SCP that answers only to its own AE title: any other called AE
+    title is rejected-permanent (service user, called AE title not recognised)."""
+
+    def __init__(self) -> None:
+        super().__init__(0x0000)
+        self.ae.require_called_aet = True
+
+
+def test_a_permanently_rejected_association_is_dead_lettered_at_once(
+    deliveries: DeliveryRepository, result_files: list[Path]
+) -> None:
+    with PickyPACS() as pacs:
+        queue_files(deliveries, result_files[:2], ["wrong"])
+        wrong = Peer("wrong", "NOTTHEPACS", "127.0.0.1", pacs.port)
+        Outbox(deliveries, {"wrong": wrong}, "LUNGNODE", FAST).deliver_all_due()
+    assert pacs.received == []
+    assert [(r.state, r.attempts) for r in rows(deliveries)] == [("dead", 1)] * 2
+    for row in rows(deliveries):
+        assert "Rejected Permanent" in (row.last_error or "")
+        assert "Called AE title not recognised" in (row.last_error or "")
+
+
+class BusyPACS(FakePACS):
+    """A Storage SCP at its association limit: one association is held open, and
+    every other is rejected-transient (service provider, local limit exceeded)."""
+
+    def __enter__(self) -> BusyPACS:
+        self.ae.maximum_associations = 1
+        super().__enter__()
+        holder = AE(ae_title="HOLDER")
+        holder.add_requested_context(CTImageStorage)
+        self.held = holder.associate("127.0.0.1", self.port, ae_title="FAKEPACS")
+        assert self.held.is_established
+        return self
+
+    def __exit__(self, *args: object) -> None:
+        self.held.release()
+        super().__exit__(*args)
+
+
+def test_a_transiently_rejected_association_is_retried(
+    deliveries: DeliveryRepository, result_files: list[Path]
+) -> None:
+    with BusyPACS(0x0000) as pacs:
+        queue_files(deliveries, result_files[:1], ["fake"])
+        Outbox(deliveries, {"fake": pacs.peer}, "LUNGNODE", FAST).deliver_all_due()
+    assert pacs.received == []
+    (row,) = rows(deliveries)
+    assert (row.state, row.attempts) == ("pending", 1)
+    assert "Rejected Transient" in (row.last_error or "")
