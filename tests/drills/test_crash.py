@@ -45,7 +45,7 @@ from pydicom import Dataset
 
 from tests.conftest import Databases, require_tool
 from tests.dicom.helpers import associate, close_dropped, free_port, store_all, wait_until
-from tests.drills.conftest import Drill
+from tests.drills.conftest import LONG, Drill
 from tests.drills.results_node import SeriesFacts, kinds_text, results_node, series_facts
 from tests.pacs import Orthanc
 from tests.serve import ServedNode
@@ -300,6 +300,7 @@ class CrashDrill:
 
 @pytest.mark.drill
 @pytest.mark.slow
+@pytest.mark.timeout(3600 if LONG else 600)
 @pytest.mark.sqlite_only(
     "what survives kill -9 is the node's own files and SQLite's WAL; a PostgreSQL server "
     "is not killed. The e2e crash tests run on both backends."

@@ -36,7 +36,7 @@ import pytest
 
 from tests.conftest import SENDER_AE, Databases, require_tool
 from tests.dicom.helpers import free_port, store_all, wait_until
-from tests.drills.conftest import Drill
+from tests.drills.conftest import LONG, Drill
 from tests.drills.results_node import kinds_text, series_facts
 from tests.pacs import ORTHANC_AE, Orthanc
 from tests.serve import ServedNode
@@ -71,6 +71,7 @@ def _time(text: str) -> datetime:
 
 @pytest.mark.drill
 @pytest.mark.slow
+@pytest.mark.timeout(1200 if LONG else 600)
 @pytest.mark.sqlite_only(
     "the back-off and dead letters are the outbox's, whose rows tests/dicom/test_outbox.py "
     "checks on both backends"
