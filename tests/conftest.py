@@ -21,7 +21,7 @@ import shutil
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import pytest
 from sqlalchemy import create_engine, make_url, text
@@ -31,6 +31,9 @@ from sqlalchemy.pool import NullPool
 from lungnode.app.node import Node
 from lungnode.config import Settings, load_settings
 from lungnode.db.session import database_url
+
+if TYPE_CHECKING:
+    from tests.serve import ServedNode
 
 #: The calling AE title the tests' SCUs use; it is a configured peer of the node.
 SENDER_AE = "TESTSCU"
@@ -252,3 +255,13 @@ def start_node() -> Iterator[Callable[..., Node]]:
 @pytest.fixture
 def node(settings: Settings, start_node: Callable[..., Node]) -> Node:
     return start_node(settings, serve_http=False)
+
+
+@pytest.fixture
+def serve_node(tmp_path: Path) -> Iterator[Callable[..., ServedNode]]:
+    """Make ``lungnode serve`` subprocesses (tests/serve.py); all killed afterwards.
+    A node on the test's database gets ``databases=databases``."""
+    from tests.serve import served_nodes
+
+    with served_nodes(tmp_path) as make:
+        yield make

@@ -23,10 +23,17 @@ def free_port() -> int:
 class Orthanc:
     """One Orthanc process; stop() and start() keep its storage and ports."""
 
-    def __init__(self, executable: str, work: Path, modalities: dict[str, list[Any]]) -> None:
+    def __init__(
+        self,
+        executable: str,
+        work: Path,
+        modalities: dict[str, list[Any]],
+        *,
+        dicom_port: int | None = None,
+    ) -> None:
         self.executable = executable
         self.work = work
-        self.dicom_port = free_port()
+        self.dicom_port = dicom_port or free_port()
         self.http_port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
         work.mkdir(parents=True, exist_ok=True)
@@ -85,6 +92,10 @@ class Orthanc:
         with urllib.request.urlopen(self.url + path, timeout=10) as response:
             return json.load(response)
 
+    def get_text(self, path: str) -> str:
+        with urllib.request.urlopen(self.url + path, timeout=10) as response:
+            return str(response.read().decode())
+
     def post(self, path: str, body: bytes | str | dict[str, Any]) -> Any:
         data = (
             json.dumps(body).encode()
@@ -105,3 +116,15 @@ class Orthanc:
             tags = self.get(f"/instances/{orthanc_id}/simplified-tags")
             uids.add(str(tags["SOPInstanceUID"]))
         return uids
+
+    def study_objects(self, study_uid: str) -> dict[str, str]:
+        """SOP Instance UID -> SOP Class UID of every instance in the study with this
+        Study Instance UID (none while Orthanc has no such study)."""
+        found = self.post("/tools/lookup", study_uid)
+        studies = [item["ID"] for item in found if item["Type"] == "Study"]
+        objects: dict[str, str] = {}
+        for study in studies:
+            for instance in self.get(f"/studies/{study}/instances"):
+                sop_class = self.get_text(f"/instances/{instance['ID']}/metadata/SopClassUid")
+                objects[str(instance["MainDicomTags"]["SOPInstanceUID"])] = sop_class.strip()
+        return objects

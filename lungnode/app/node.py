@@ -2,9 +2,10 @@
 
 ``lungnode serve`` builds one :class:`Node`; tests build one on free ports.
 Start-up order makes a restart safe: migrate, close associations a crash left
-open, re-queue interrupted jobs, register files stored but not recorded, and
-only then listen. The receiving side is :class:`lungnode.app.receiving.Receiver`,
-which the ``scp`` role runs alone.
+open, re-queue interrupted jobs, make every pending delivery due (the node is the
+only sender on its database, so a claim a crash left is nobody's), register files
+stored but not recorded, and only then listen. The receiving side is
+:class:`lungnode.app.receiving.Receiver`, which the ``scp`` role runs alone.
 """
 
 from __future__ import annotations
@@ -129,6 +130,11 @@ class Node:
         if self.analyse and settings.workers > 0:
             self._check_model_bundle()
         self.jobs.start()
+        # The only sender on this database: what a crash (or a stop) left claimed
+        # would otherwise wait out its lease.
+        released = self.outbox.deliveries.release_all()
+        if released:
+            logger.info("%d pending delivery(ies) due now, at start", released)
         self.outbox.start()
         self.housekeeping.start()
         self.receiver.start()

@@ -137,6 +137,26 @@ class DeliveryRepository:
                 .values(next_attempt_at=_now())
             )
 
+    def release_all(self) -> int:
+        """Every pending delivery due now; the number made due.
+
+        For a sender that knows it is the only one on its database (``serve``) at
+        its start: deliveries that a crash or a stop left claimed would otherwise
+        wait out their lease, and those waiting out a back-off are tried once at
+        once (a restart is when an operator expects things to move).
+        """
+        moment = _now()
+        with write_transaction(self.sessions) as session:
+            result = session.execute(
+                update(Delivery)
+                .where(
+                    Delivery.state == DeliveryState.PENDING.value,
+                    Delivery.next_attempt_at > moment,
+                )
+                .values(next_attempt_at=moment)
+            )
+            return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
     def mark_done(self, delivery_id: int, status: int | None) -> None:
         with write_transaction(self.sessions) as session:
             session.execute(

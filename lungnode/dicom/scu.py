@@ -3,7 +3,8 @@
 Outcomes follow PS3.4 Table B.2-1: success (0x0000) and warnings (0xB000,
 0xB007, 0xB006) are delivered; 0xA7xx is out of resources, worth retrying
 later; 0xA9xx and 0xCxxx are final failures; no association, a timeout or an
-abort are transient.
+abort are transient. An association the peer rejects is final when it says
+rejected-permanent and transient when it says rejected-transient (PS3.8 9.3.4).
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ logger = logging.getLogger(__name__)
 
 class Outcome(enum.StrEnum):
     DELIVERED = "delivered"
-    RETRY = "retry"  # transient: no association, timeout, abort, 0xA7xx
-    FINAL = "final"  # 0xA9xx, 0xCxxx and other failures: dead-letter
+    RETRY = "retry"  # transient: no association, timeout, abort, 0xA7xx, rejected-transient
+    FINAL = "final"  # 0xA9xx, 0xCxxx, other failures, rejected-permanent: dead-letter
 
 
 def classify_status(status: int | None) -> Outcome:
@@ -102,8 +103,10 @@ def send_files(
     assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
     if not assoc.is_established:
         _close_dropped(assoc)
-        reason = "association rejected" if assoc.is_rejected else "no association"
-        return _all_failed(paths, reason, on_sent)
+        if assoc.is_rejected:
+            reason, outcome = _rejection(assoc)
+            return _all_failed(paths, reason, on_sent, outcome)
+        return _all_failed(paths, "no association", on_sent)
     try:
         for path in paths:
             result = _send_one(assoc, path)
@@ -139,10 +142,24 @@ def _unreachable(destination: Destination, timeout: float) -> str | None:
         return f"no association: cannot connect to {destination.host}:{destination.port}: {exc}"
 
 
+def _rejection(assoc: Association) -> tuple[str, Outcome]:
+    """Why the peer rejected the association, and what to do: a rejected-permanent
+    (PS3.8 9.3.4: a called or calling AE title it does not know, say) is final, a
+    rejected-transient (too many associations, say) is worth retrying."""
+    answer = assoc.acceptor.primitive
+    if answer is None or answer.result not in (0x01, 0x02):
+        return "association rejected", Outcome.RETRY
+    reason = f"association rejected ({answer.result_str}, {answer.source_str}: {answer.reason_str})"
+    return reason, Outcome.FINAL if answer.result == 0x01 else Outcome.RETRY
+
+
 def _all_failed(
-    paths: Sequence[Path], reason: str, on_sent: Callable[[SendResult], None] | None
+    paths: Sequence[Path],
+    reason: str,
+    on_sent: Callable[[SendResult], None] | None,
+    outcome: Outcome = Outcome.RETRY,
 ) -> list[SendResult]:
-    results = [SendResult(path, None, Outcome.RETRY, reason) for path in paths]
+    results = [SendResult(path, None, outcome, reason) for path in paths]
     if on_sent:
         for result in results:
             on_sent(result)

@@ -5,9 +5,11 @@ sends it with ``dicom.scu`` and records each outcome (PS3.4 B.2.3 statuses,
 classified in :func:`lungnode.dicom.scu.classify_status`):
 
 - delivered (success or warning): ``done``;
-- transient (no association, timeout, abort, 0xA7xx): retried with exponential
-  back-off and jitter, up to ``max_attempts``, then ``dead``;
-- final (0xA9xx, 0xCxxx, others): ``dead`` at once, with the reason.
+- transient (no association, timeout, abort, 0xA7xx, an association
+  rejected-transient): retried with exponential back-off and jitter, up to
+  ``max_attempts``, then ``dead``;
+- final (0xA9xx, 0xCxxx, others, an association rejected-permanent): ``dead`` at
+  once, with the reason.
 
 Each destination is served by its own worker, so one unreachable PACS never
 delays the others. A crash between sending and recording only means the

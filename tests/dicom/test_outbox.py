@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -13,6 +13,8 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 from sqlalchemy import select
 
+from lungnode.app.node import Node
+from lungnode.config import Settings
 from lungnode.db.deliveries import DeliveryRepository
 from lungnode.db.migrate import upgrade
 from lungnode.db.models import Delivery, Job, Series
@@ -20,6 +22,7 @@ from lungnode.db.session import make_engine, make_session_factory
 from lungnode.peers import Peer
 from lungnode.pipeline.outbox import Outbox, RetryPolicy
 from tests.conftest import Databases, require_tool
+from tests.dicom.helpers import wait_until
 from tests.pacs import ORTHANC_AE, Orthanc, free_port
 from tests.support.synthetic import make_ct_series, write_series
 
@@ -225,3 +228,85 @@ def test_outbox_thread_delivers_when_woken(
         finally:
             outbox.stop()
     assert len(pacs.received) == 4
+
+
+def test_a_node_start_sends_at_once_what_a_crash_left_claimed(
+    make_settings: Callable[..., Settings],
+    start_node: Callable[..., Node],
+    result_files: list[Path],
+) -> None:
+    """A node killed while it sent leaves its deliveries claimed on a lease (meant for
+    the scaled roles' other senders); its next start sends them at once, not after
+    the lease (the crash drill found a restart waiting it out)."""
+    with FakePACS(0x0000) as pacs:
+        settings = make_settings(
+            peers=f"fake=FAKEPACS@127.0.0.1:{pacs.port}",
+            delivery_timeout=60.0,
+            delivery_check_interval=0.1,
+        )
+        upgrade(settings.effective_database_url)
+        engine = make_engine(settings.effective_database_url)
+        repo = DeliveryRepository(make_session_factory(engine), settings.storage_dir)
+        queue_files(repo, result_files, ["fake"])
+        assert len(repo.claim_due(settings.delivery_timeout)) == 4  # then the kill
+        assert repo.due() == []  # nobody's to send for the next 5 minutes
+        start_node(settings, serve_http=False)
+        delivered = wait_until(
+            lambda: {r.state for r in rows(repo)} == {"done"}, timeout=20, step=0.1
+        )
+        engine.dispose()
+    assert delivered, [(r.state, r.next_attempt_at) for r in rows(repo)]
+    assert sorted(pacs.received) == sorted(path.stem for path in result_files)
+
+
+class PickyPACS(FakePACS):
+    """A Storage SCP that answers only to its own AE title: any other called AE
+    title is rejected-permanent (service user, called AE title not recognised)."""
+
+    def __init__(self) -> None:
+        super().__init__(0x0000)
+        self.ae.require_called_aet = True
+
+
+def test_a_permanently_rejected_association_is_dead_lettered_at_once(
+    deliveries: DeliveryRepository, result_files: list[Path]
+) -> None:
+    with PickyPACS() as pacs:
+        queue_files(deliveries, result_files[:2], ["wrong"])
+        wrong = Peer("wrong", "NOTTHEPACS", "127.0.0.1", pacs.port)
+        Outbox(deliveries, {"wrong": wrong}, "LUNGNODE", FAST).deliver_all_due()
+    assert pacs.received == []
+    assert [(r.state, r.attempts) for r in rows(deliveries)] == [("dead", 1)] * 2
+    for row in rows(deliveries):
+        assert "Rejected Permanent" in (row.last_error or "")
+        assert "Called AE title not recognised" in (row.last_error or "")
+
+
+class BusyPACS(FakePACS):
+    """A Storage SCP at its association limit: one association is held open, and
+    every other is rejected-transient (service provider, local limit exceeded)."""
+
+    def __enter__(self) -> BusyPACS:
+        self.ae.maximum_associations = 1
+        super().__enter__()
+        holder = AE(ae_title="HOLDER")
+        holder.add_requested_context(CTImageStorage)
+        self.held = holder.associate("127.0.0.1", self.port, ae_title="FAKEPACS")
+        assert self.held.is_established
+        return self
+
+    def __exit__(self, *args: object) -> None:
+        self.held.release()
+        super().__exit__(*args)
+
+
+def test_a_transiently_rejected_association_is_retried(
+    deliveries: DeliveryRepository, result_files: list[Path]
+) -> None:
+    with BusyPACS(0x0000) as pacs:
+        queue_files(deliveries, result_files[:1], ["fake"])
+        Outbox(deliveries, {"fake": pacs.peer}, "LUNGNODE", FAST).deliver_all_due()
+    assert pacs.received == []
+    (row,) = rows(deliveries)
+    assert (row.state, row.attempts) == ("pending", 1)
+    assert "Rejected Transient" in (row.last_error or "")

@@ -8,14 +8,9 @@ analysed once, complete. A stop by signal is clean and quick.
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
-import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
 import pydicom
@@ -23,87 +18,42 @@ import pytest
 from pydicom import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
-from tests.conftest import SENDER_AE, Databases, query
-from tests.dicom.helpers import associate, close_dropped, free_port, process_alive, wait_until
+from tests.conftest import Databases
+from tests.dicom.helpers import associate, close_dropped, process_alive, wait_until
+from tests.serve import ServedNode, port_open
 from tests.support.synthetic import make_ct_series
 
-LUNGNODE = Path(sys.executable).with_name("lungnode")
 N_SLICES = 150
 KILL_AFTER = 60
 QUIET_SECONDS = 3.0
 
 
-@dataclass
-class Server:
-    """One ``lungnode serve`` process and where it listens and logs."""
-
-    process: subprocess.Popen[bytes]
-    dicom_port: int
-    log: Path
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-
-def _port_open(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
 @pytest.fixture
-def serve(tmp_path: Path, databases: Databases) -> Iterator[Callable[..., Server]]:
-    """Start ``lungnode serve`` on a storage folder; every process is gone afterwards."""
-    servers: list[Server] = []
+def make_node(
+    serve_node: Callable[..., ServedNode], tmp_path: Path, databases: Databases
+) -> Callable[..., ServedNode]:
+    """A node on ``tmp_path/storage`` whose completed series' jobs stay queued."""
 
-    def _start(storage: Path, dicom_port: int | None = None, processes: int = 1) -> Server:
-        port = dicom_port or free_port()
-        env = {
-            **os.environ,
-            "LUNGNODE_CONFIG": str(tmp_path / "no-config.toml"),
-            "LUNGNODE_ENV": "testing",
-            "LUNGNODE_STORAGE_DIR": str(storage),
-            "LUNGNODE_DICOM_HOST": "127.0.0.1",
-            "LUNGNODE_DICOM_PORT": str(port),
-            "LUNGNODE_HTTP_PORT": str(free_port()),
-            "LUNGNODE_PEERS": f"scu={SENDER_AE}@127.0.0.1:11119",
-            "LUNGNODE_MIN_FREE_DISK_MB": "0",
-            "LUNGNODE_SERIES_QUIET_SECONDS": str(QUIET_SECONDS),
-            "LUNGNODE_SERIES_GRACE_SECONDS": "0.5",
-            "LUNGNODE_SERIES_CHECK_INTERVAL": "0.1",
+    def _make(processes: int = 1) -> ServedNode:
+        return serve_node(
+            storage=tmp_path / "storage",
+            databases=databases,
+            series_quiet_seconds=str(QUIET_SECONDS),
             # No analysis workers: a completed series' job stays queued, for the test to see.
-            "LUNGNODE_WORKERS": "0",
-            "LUNGNODE_INGEST_PROCESSES": str(processes),
-            **databases.env(storage),
-        }
-        log = tmp_path / f"serve-{len(servers)}.log"
-        with log.open("wb") as stream:
-            process = subprocess.Popen(
-                [str(LUNGNODE), "serve"],
-                stdout=stream,
-                stderr=subprocess.STDOUT,
-                env=env,
-                cwd=tmp_path,
-            )
-        server = Server(process, port, log)
-        servers.append(server)
-        ready = wait_until(
-            lambda: process.poll() is not None or _port_open(port), timeout=60, step=0.1
+            workers="0",
+            ingest_processes=str(processes),
         )
-        assert ready and process.poll() is None, f"serve did not start:\n{server.log_text()}"
-        assoc = associate(port)
-        assert assoc.is_established, server.log_text()
-        assert assoc.send_c_echo().Status == 0x0000
-        assoc.release()
-        return server
 
-    yield _start
-    for server in servers:
-        if server.process.poll() is None:
-            server.process.kill()
-        server.process.wait(timeout=30)
+    return _make
+
+
+def _start(node: ServedNode) -> None:
+    """Start the node and check that it answers C-ECHO."""
+    node.start(timeout=60)
+    assoc = associate(node.dicom_port)
+    assert assoc.is_established, node.log_text()
+    assert assoc.send_c_echo().Status == 0x0000
+    assoc.release()
 
 
 def _store_context(datasets: list[Dataset]) -> list[tuple[str, str]]:
@@ -112,14 +62,14 @@ def _store_context(datasets: list[Dataset]) -> list[tuple[str, str]]:
 
 @pytest.mark.slow
 def test_acknowledged_instances_survive_sigkill(
-    serve: Callable[..., Server], tmp_path: Path, databases: Databases
+    make_node: Callable[..., ServedNode], tmp_path: Path
 ) -> None:
     storage = tmp_path / "storage"
-    database = databases.url(storage)
     datasets = make_ct_series(N_SLICES, rows=256, columns=256)
     series_uid = str(datasets[0].SeriesInstanceUID)
     study_uid = str(datasets[0].StudyInstanceUID)
-    server = serve(storage)
+    server = make_node()
+    _start(server)
 
     acknowledged: list[str] = []
     assoc = associate(server.dicom_port, _store_context(datasets))
@@ -131,9 +81,8 @@ def test_acknowledged_instances_survive_sigkill(
         assert response.Status == 0x0000
         acknowledged.append(str(ds.SOPInstanceUID))
         if len(acknowledged) == KILL_AFTER:
-            os.kill(server.process.pid, signal.SIGKILL)
+            server.kill()
     close_dropped(assoc)
-    assert server.process.wait(timeout=10) == -signal.SIGKILL
     # Nothing was acknowledged after the kill: a dead node answers nobody.
     assert len(acknowledged) == KILL_AFTER
 
@@ -148,11 +97,10 @@ def test_acknowledged_instances_survive_sigkill(
     # Down for longer than the quiet timer: a sender cannot resend meanwhile, so
     # coming back must not complete the cut series with what it has.
     time.sleep(QUIET_SECONDS + 0.5)
-    server = serve(storage, dicom_port=server.dicom_port)
+    _start(server)
     recorded = {
         str(uid)
-        for (uid,) in query(
-            database,
+        for (uid,) in server.query(
             "SELECT instance.sop_instance_uid FROM instance "
             "JOIN series ON series.id = instance.series_id "
             "WHERE series.series_instance_uid = :uid",
@@ -160,7 +108,7 @@ def test_acknowledged_instances_survive_sigkill(
         )
     }
     assert set(acknowledged) <= recorded
-    outcomes = {str(outcome) for (outcome,) in query(database, "SELECT outcome FROM association")}
+    outcomes = {str(outcome) for (outcome,) in server.query("SELECT outcome FROM association")}
     assert outcomes == {"interrupted"}, "the association cut by the kill is not closed"
 
     # The sender resends what it had no answer for; the node finishes the series.
@@ -174,8 +122,7 @@ def test_acknowledged_instances_survive_sigkill(
     assert statuses == [0x0000] * len(remaining)
 
     def jobs() -> list[tuple[object, ...]]:
-        return query(
-            database,
+        return server.query(
             "SELECT job.state, job.instance_count, job.version FROM job "
             "JOIN series ON series.id = job.series_id "
             "WHERE series.series_instance_uid = :uid",
@@ -185,8 +132,7 @@ def test_acknowledged_instances_survive_sigkill(
     assert wait_until(lambda: bool(jobs()), timeout=QUIET_SECONDS + 15), server.log_text()
     time.sleep(1.0)  # a second, spurious completion would show up here
     assert jobs() == [("queued", N_SLICES, 1)], server.log_text()
-    count = query(
-        database,
+    count = server.query(
         "SELECT COUNT(*) FROM instance JOIN series ON series.id = instance.series_id "
         "WHERE series.series_instance_uid = :uid",
         uid=series_uid,
@@ -197,17 +143,18 @@ def test_acknowledged_instances_survive_sigkill(
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT], ids=["TERM", "INT"])
 def test_signal_stops_serve_cleanly(
-    serve: Callable[..., Server], tmp_path: Path, stop_signal: signal.Signals
+    make_node: Callable[..., ServedNode], stop_signal: signal.Signals
 ) -> None:
-    server = serve(tmp_path / "storage")
+    server = make_node()
+    _start(server)
     started = time.monotonic()
-    server.process.send_signal(stop_signal)
-    assert server.process.wait(timeout=10) == 0, server.log_text()
+    server.signal(stop_signal)
+    assert server.wait(timeout=10) == 0, server.log_text()
     assert time.monotonic() - started < 5.0
     log = server.log_text()
     assert f"received {stop_signal.name}" in log
     assert "DICOM SCP stopped" in log
-    assert not _port_open(server.dicom_port)
+    assert not port_open(server.dicom_port)
 
 
 def _children(pid: int) -> list[int]:
@@ -217,7 +164,7 @@ def _children(pid: int) -> list[int]:
 
 @pytest.mark.slow
 def test_sigkill_with_two_ingest_processes_leaves_no_worker_and_loses_nothing(
-    serve: Callable[..., Server], tmp_path: Path, databases: Databases
+    make_node: Callable[..., ServedNode], tmp_path: Path
 ) -> None:
     """The node and one worker each run an association; the node is killed.
 
@@ -227,8 +174,9 @@ def test_sigkill_with_two_ingest_processes_leaves_no_worker_and_loses_nothing(
     """
     storage = tmp_path / "storage"
     datasets = make_ct_series(40, rows=128, columns=128)
-    server = serve(storage, processes=2)
-    children = _children(server.process.pid)
+    server = make_node(processes=2)
+    _start(server)
+    children = _children(server.pid)
     workers = [c for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
     assert len(workers) == 1, children
 
@@ -242,8 +190,7 @@ def test_sigkill_with_two_ingest_processes_leaves_no_worker_and_loses_nothing(
         assoc = first if k % 2 == 0 else second
         assert assoc.send_c_store(ds).Status == 0x0000
         acknowledged.append(str(ds.SOPInstanceUID))
-    os.kill(server.process.pid, signal.SIGKILL)
-    assert server.process.wait(timeout=10) == -signal.SIGKILL
+    server.kill(whole_group=False)  # the worker is left to notice by itself
     # The worker notices that the node is gone and exits by itself, as does
     # multiprocessing's resource tracker.
     assert wait_until(lambda: not any(map(process_alive, children)), timeout=15), server.log_text()
@@ -261,9 +208,6 @@ def test_sigkill_with_two_ingest_processes_leaves_no_worker_and_loses_nothing(
         assert path.is_file(), f"acknowledged {sop_uid} is not on disk"
 
     # Nothing holds the port: the node comes back on it, and knows every instance.
-    server = serve(storage, dicom_port=server.dicom_port, processes=2)
-    recorded = {
-        str(uid)
-        for (uid,) in query(databases.url(storage), "SELECT sop_instance_uid FROM instance")
-    }
+    _start(server)
+    recorded = {str(uid) for (uid,) in server.query("SELECT sop_instance_uid FROM instance")}
     assert set(acknowledged) <= recorded

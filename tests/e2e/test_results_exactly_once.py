@@ -8,108 +8,42 @@ number of instances in the study is exactly the source plus one set of results.
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import Databases, execute, query, require_tool
+from tests.conftest import Databases, execute, require_tool
 from tests.dicom.helpers import wait_until
 from tests.pacs import ORTHANC_AE, Orthanc, free_port
+from tests.serve import ServedNode
 from tests.support.synthetic import make_ct_series, write_series
 
-ROOT = Path(__file__).resolve().parents[2]
-LUNGNODE = Path(sys.executable).with_name("lungnode")
 N_SLICES = 12
 
 
-def _port_open(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
-class Node:
-    def __init__(
-        self, tmp_path: Path, orthanc: Orthanc, dicom_port: int, databases: Databases
-    ) -> None:
-        self.tmp_path = tmp_path
-        self.storage = tmp_path / "storage"
-        self.database = databases.url(self.storage)
-        self.dicom_port = dicom_port
-        self.process: subprocess.Popen[bytes] | None = None
-        self.env = {
-            **os.environ,
-            "LUNGNODE_CONFIG": str(tmp_path / "no-config.toml"),
-            "LUNGNODE_ENV": "testing",
-            "LUNGNODE_STORAGE_DIR": str(self.storage),
-            "LUNGNODE_DICOM_HOST": "127.0.0.1",
-            "LUNGNODE_DICOM_PORT": str(dicom_port),
-            "LUNGNODE_HTTP_PORT": str(free_port()),
-            "LUNGNODE_PEERS": f"orthanc={ORTHANC_AE}@127.0.0.1:{orthanc.dicom_port}",
-            "LUNGNODE_MIN_FREE_DISK_MB": "0",
-            "LUNGNODE_SERIES_QUIET_SECONDS": "3",
-            "LUNGNODE_SERIES_GRACE_SECONDS": "0.5",
-            "LUNGNODE_SERIES_CHECK_INTERVAL": "0.1",
-            "LUNGNODE_MODELS_DIR": str(ROOT / "models"),
-            "LUNGNODE_DELIVERY_RETRY_BASE_SECONDS": "0.5",
-            "LUNGNODE_DELIVERY_RETRY_CAP_SECONDS": "2",
-            "LUNGNODE_DELIVERY_CHECK_INTERVAL": "0.2",
-            "LUNGNODE_DELIVERY_TIMEOUT": "10",
-            **databases.env(self.storage),
-        }
-        self.runs = 0
-
-    def start(self) -> None:
-        log = self.tmp_path / f"serve-{self.runs}.log"
-        self.runs += 1
-        with log.open("wb") as stream:
-            self.process = subprocess.Popen(
-                [str(LUNGNODE), "serve"],
-                stdout=stream,
-                stderr=subprocess.STDOUT,
-                env=self.env,
-                cwd=self.tmp_path,
-            )
-        assert wait_until(lambda: _port_open(self.dicom_port), timeout=90, step=0.2), log.read_text(
-            errors="replace"
-        )
-
-    def kill(self) -> None:
-        assert self.process is not None
-        os.kill(self.process.pid, signal.SIGKILL)
-        assert self.process.wait(timeout=30) == -signal.SIGKILL
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(timeout=30)
-
-    def query(self, sql: str) -> list[tuple[object, ...]]:
-        """Rows of the node's database; none before it is migrated."""
-        return query(self.database, sql)
-
-    def logs(self) -> str:
-        return "\n".join(
-            p.read_text(errors="replace") for p in sorted(self.tmp_path.glob("serve-*.log"))
-        )
-
-
 @pytest.fixture
-def setup(tmp_path: Path, databases: Databases) -> Iterator[tuple[Orthanc, Node]]:
-    port = free_port()
+def setup(
+    tmp_path: Path, databases: Databases, serve_node: Callable[..., ServedNode]
+) -> Iterator[tuple[Orthanc, ServedNode]]:
+    orthanc_port = free_port()
+    node = serve_node(
+        storage=tmp_path / "storage",
+        databases=databases,
+        peers=f"orthanc={ORTHANC_AE}@127.0.0.1:{orthanc_port}",
+        series_quiet_seconds="3",
+        delivery_retry_base_seconds="0.5",
+        delivery_retry_cap_seconds="2",
+        delivery_check_interval="0.2",
+        delivery_timeout="10",
+    )
     orthanc = Orthanc(
-        require_tool("Orthanc"), tmp_path / "orthanc", {"lungnode": ["LUNGNODE", "127.0.0.1", port]}
+        require_tool("Orthanc"),
+        tmp_path / "orthanc",
+        {"lungnode": ["LUNGNODE", "127.0.0.1", node.dicom_port]},
+        dicom_port=orthanc_port,
     )
     orthanc.start()
-    node = Node(tmp_path, orthanc, port, databases)
     yield orthanc, node
     node.stop()
     orthanc.stop()
@@ -120,7 +54,9 @@ def _study_instances(orthanc: Orthanc, study: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_kill_during_job_and_during_sending(setup: tuple[Orthanc, Node], tmp_path: Path) -> None:
+def test_kill_during_job_and_during_sending(
+    setup: tuple[Orthanc, ServedNode], tmp_path: Path
+) -> None:
     orthanc, node = setup
     for path in write_series(make_ct_series(N_SLICES, rows=128, columns=128), tmp_path / "src"):
         orthanc.upload(path)
