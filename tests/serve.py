@@ -134,6 +134,8 @@ class ServedNode:
             step=0.05,
         )
         assert ready and process.poll() is None, f"serve did not start:\n{self.log_text()}"
+        http_up = wait_until(lambda: process.poll() is not None or port_open(self.http_port), 30)
+        assert http_up and process.poll() is None, f"serve's API did not start:\n{self.log_text()}"
         return process
 
     def kill(self, *, whole_group: bool = True) -> None:
@@ -220,6 +222,11 @@ class ServedNode:
     def wait_model_ready(self, timeout: float = 180.0) -> None:
         ready = wait_until(lambda: self.model_state() == "ready", timeout=timeout, step=0.2)
         assert ready, f"model not ready ({self.model_state()}):\n{self.log_text()}"
+
+    @property
+    def base_url(self) -> str:
+        """The API's base URL."""
+        return f"http://127.0.0.1:{self.http_port}/api/v1"
 
     def api(self, path: str) -> Any:
         """``GET /api/v1<path>`` as the admin; the JSON answer."""

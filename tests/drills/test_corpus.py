@@ -53,9 +53,8 @@ from tests.drills.corpus import (
     pydicom_data_files,
     pydicom_test_files,
 )
-from tests.support.serve import ServeProcess, start_serve
+from tests.serve import ADMIN_PASSWORD, ServedNode
 
-ADMIN_PASSWORD = "corpus-drill-admin"
 #: Files per association (and between two checks that the node is up).
 BATCH = 40
 #: A log line that shows an error or an exception escaping somewhere in the node.
@@ -101,26 +100,22 @@ def results_peer() -> Iterator[ResultsPeer]:
 
 
 @pytest.fixture
-def node(tmp_path: Path, databases: Databases, results_peer: ResultsPeer) -> Iterator[ServeProcess]:
-    storage = tmp_path / "storage"
-    server = start_serve(
+def node(tmp_path: Path, databases: Databases, results_peer: ResultsPeer) -> Iterator[ServedNode]:
+    server = ServedNode(
         tmp_path,
-        storage,
-        env={
-            "LUNGNODE_PEERS": f"pacs={SENDER_AE}@127.0.0.1:{results_peer.port}",
-            "LUNGNODE_ADMIN_PASSWORD": ADMIN_PASSWORD,
-            # One client sends everything: the per-client limit would answer 429.
-            "LUNGNODE_RATE_LIMIT_DEFAULT": "100000/minute",
-            "LUNGNODE_SERIES_QUIET_SECONDS": "2",
-            "LUNGNODE_SERIES_GRACE_SECONDS": "0.5",
-            "LUNGNODE_SERIES_CHECK_INTERVAL": "0.1",
-            "LUNGNODE_DELIVERY_CHECK_INTERVAL": "0.2",
-            "LUNGNODE_WORKERS": "1",
-            **databases.env(storage),
-        },
+        storage=tmp_path / "storage",
+        databases=databases,
+        peers=f"pacs={SENDER_AE}@127.0.0.1:{results_peer.port}",
+        # One client sends everything: the per-client limit would answer 429.
+        rate_limit_default="100000/minute",
+        series_quiet_seconds="2",
+        delivery_check_interval="0.2",
+        workers="1",
+        ingest_processes="1",
     )
+    server.start()
     yield server
-    server.stop()
+    server.close()
 
 
 def _batches(files: list[Facts]) -> list[list[Facts]]:
@@ -203,7 +198,7 @@ def upload(http: requests.Session, api: str, file: CorpusFile) -> Outcome:
     return Outcome(answer, message.split(";")[0].split(":")[0])
 
 
-def node_is_up(server: ServeProcess) -> str | None:
+def node_is_up(server: ServedNode) -> str | None:
     """None when the process runs, answers C-ECHO and ``/health`` says ok; else what failed."""
     if not server.alive():
         return f"the node exited with {server.process.returncode}"
@@ -214,19 +209,19 @@ def node_is_up(server: ServeProcess) -> str | None:
     assoc.release()
     if status.get("Status") != 0x0000:
         return "C-ECHO did not answer 0x0000"
-    health = requests.get(f"{server.api}/health", timeout=120)
+    health = requests.get(f"{server.base_url}/health", timeout=120)
     if health.status_code != 200:
         return f"/health answered {health.status_code}: {health.text[:200]}"
     return None
 
 
-def model_state(node: ServeProcess) -> str:
+def model_state(node: ServedNode) -> str:
     """``warming``, ``ready`` or ``failed``: the model check of ``/health``."""
-    health = requests.get(f"{node.api}/health", timeout=120).json()
+    health = requests.get(f"{node.base_url}/health", timeout=120).json()
     return str(health["checks"]["model"]["state"])
 
 
-def _assert_up(node: ServeProcess, when: str) -> None:
+def _assert_up(node: ServedNode, when: str) -> None:
     down = node_is_up(node)
     assert down is None, f"{when}: {down}\n{node.log_text()[-5000:]}"
 
@@ -356,7 +351,7 @@ def the_corpus() -> list[CorpusFile]:
 @pytest.mark.slow
 def test_every_corpus_file_gets_its_stated_answer(
     drill: Drill,
-    node: ServeProcess,
+    node: ServedNode,
     databases: Databases,
     results_peer: ResultsPeer,
     tmp_path: Path,
@@ -369,7 +364,7 @@ def test_every_corpus_file_gets_its_stated_answer(
     assert wait_until(lambda: node_is_up(node) is None, timeout=120, step=0.5), (
         f"{node_is_up(node)}\n{node.log_text()}"
     )
-    http = _login(node.api)
+    http = _login(node.base_url)
 
     # DIMSE needs no model, nor does refusing an upload: both run while the model warms.
     # The CT images, which the API analyses, go last, once it is ready.
@@ -383,7 +378,7 @@ def test_every_corpus_file_gets_its_stated_answer(
             assert wait_until(lambda: model_state(node) == "ready", timeout=180, step=0.5)
         for batch in _batches([f for f in facts if f.ct_rule == analysed]):
             for item in batch:
-                uploads[item.file.name] = upload(http, node.api, item.file)
+                uploads[item.file.name] = upload(http, node.base_url, item.file)
             _assert_up(node, f"after uploading {batch[-1].file.name}")
     assert wait_until(lambda: _settled(database), timeout=120, step=0.2), node.log_text()[-5000:]
 
