@@ -49,101 +49,44 @@ from lungnode.dicom import reactor
 from tests.conftest import Databases, query
 from tests.dicom.helpers import close_dropped, free_port, wait_until
 from tests.drills.conftest import Drill
+from tests.serve import ADMIN_PASSWORD, ServedNode
 from tests.support.synthetic import make_ct_series
 
-ROOT = Path(__file__).resolve().parents[2]
-LUNGNODE = Path(sys.executable).with_name("lungnode")
 LOCUSTFILE = Path(__file__).with_name("locustfile_load.py")
 SENDERS = 20
 SENDER_AE = "LOADPACS"
-ADMIN_PASSWORD = "admin-password-for-the-load-drill"
 VIEWER_PASSWORD = "viewer-password-for-the-load-drill"
 
 
 # -- the node under test -------------------------------------------------------------
 
 
-class ServeProcess:
-    """``lungnode serve`` as a subprocess, on free ports of 127.0.0.1."""
+def wait_healthy(node: ServedNode, timeout: float) -> None:
+    """The API answers and is healthy: the SCP listens (the model may still warm:
+    a PACS does not wait for it either, and the series' jobs do)."""
 
-    def __init__(self, tmp_path: Path, databases: Databases, results_port: int) -> None:
-        self.storage = tmp_path / "storage"
-        self.database = databases.url(self.storage)
-        self.dicom_port, self.http_port = free_port(), free_port()
-        self.log = tmp_path / "serve.log"
-        self.env = {
-            **os.environ,
-            "LUNGNODE_CONFIG": str(tmp_path / "no-config.toml"),
-            "LUNGNODE_ENV": "testing",
-            "LUNGNODE_STORAGE_DIR": str(self.storage),
-            "LUNGNODE_DICOM_HOST": "127.0.0.1",
-            "LUNGNODE_DICOM_PORT": str(self.dicom_port),
-            "LUNGNODE_HTTP_PORT": str(self.http_port),
-            "LUNGNODE_PEERS": f"pacs={SENDER_AE}@127.0.0.1:{results_port}",
-            "LUNGNODE_MIN_FREE_DISK_MB": "0",
-            "LUNGNODE_MODELS_DIR": str(ROOT / "models"),
-            "LUNGNODE_ADMIN_PASSWORD": ADMIN_PASSWORD,
-            # Every series declares its size: complete at its last instance.
-            "LUNGNODE_SERIES_QUIET_SECONDS": "30",
-            "LUNGNODE_SERIES_CHECK_INTERVAL": "0.2",
-            # The load comes from one address (127.0.0.1): the per-address rate
-            # limit (300/minute) would answer most of it 429, which is not load.
-            "LUNGNODE_RATE_LIMIT_DEFAULT": "1000000/minute",
-            "LUNGNODE_ACCESS_TOKEN_MINUTES": "120",
-            **databases.env(self.storage),
-        }
-        self.process: subprocess.Popen[bytes] | None = None
+    def ready() -> bool:
+        assert node.alive(), node.log_text()[-4000:]
+        return http_json("GET", f"{node.base_url}/health")[0] == 200
 
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}/api/v1"
+    assert wait_until(ready, timeout=timeout, step=0.5), node.log_text()[-4000:]
 
-    def start(self) -> None:
-        with self.log.open("wb") as stream:
-            self.process = subprocess.Popen(
-                [str(LUNGNODE), "serve"],
-                stdout=stream,
-                stderr=subprocess.STDOUT,
-                env=self.env,
-                cwd=self.storage.parent,
-            )
 
-    def wait_ready(self, timeout: float) -> None:
-        """The API answers and is healthy: the SCP listens (the model may still warm:
-        a PACS does not wait for it either, and the series' jobs do)."""
+def ingest_worker_pids(node: ServedNode) -> list[int]:
+    """The node's ingest worker processes (not multiprocessing's helpers)."""
+    pids = set()
+    for task in Path(f"/proc/{node.pid}/task").iterdir():
+        try:  # a thread or a child may end while we look
+            for child in (task / "children").read_text().split():
+                if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                    pids.add(int(child))
+        except OSError:
+            continue
+    return sorted(pids)
 
-        def ready() -> bool:
-            assert self.process is not None
-            assert self.process.poll() is None, self.log.read_text()[-4000:]
-            return http_json("GET", f"{self.base_url}/health")[0] == 200
 
-        assert wait_until(ready, timeout=timeout, step=0.5), self.log.read_text()[-4000:]
-
-    def ingest_worker_pids(self) -> list[int]:
-        """The node's ingest worker processes (not multiprocessing's helpers)."""
-        assert self.process is not None
-        pids = set()
-        for task in Path(f"/proc/{self.process.pid}/task").iterdir():
-            try:  # a thread or a child may end while we look
-                for child in (task / "children").read_text().split():
-                    if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
-                        pids.add(int(child))
-            except OSError:
-                continue
-        return sorted(pids)
-
-    def receiving_pids(self) -> list[int]:
-        assert self.process is not None
-        return [self.process.pid, *self.ingest_worker_pids()]
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+def receiving_pids(node: ServedNode) -> list[int]:
+    return [node.pid, *ingest_worker_pids(node)]
 
 
 def rss_mib(pids: list[int]) -> float:
@@ -198,7 +141,7 @@ def http_json(
         return 0, {}
 
 
-def viewer_token(node: ServeProcess) -> str:
+def viewer_token(node: ServedNode) -> str:
     """A viewer (reads history and statistics), created by the first admin over the API."""
     status, admin = http_json(
         "POST", f"{node.base_url}/auth/login", {"username": "admin", "password": ADMIN_PASSWORD}
@@ -300,7 +243,7 @@ def send(port: int, sender: Sender, associated: threading.Barrier, go: threading
 
 
 def start_locust(
-    node: ServeProcess, token: str, users: int, seconds: int, prefix: Path
+    node: ServedNode, token: str, users: int, seconds: int, prefix: Path
 ) -> subprocess.Popen[bytes]:
     command = [
         sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless",
@@ -351,15 +294,27 @@ def test_twenty_senders_at_once_under_api_load(
     # millisecond, as the node's do: they share the machine with it.
     reactor.install()
 
-    node = ServeProcess(tmp_path, databases, results_port=results_pacs[0])
+    node = ServedNode(
+        tmp_path,
+        storage=tmp_path / "storage",
+        databases=databases,
+        peers=f"pacs={SENDER_AE}@127.0.0.1:{results_pacs[0]}",
+        # Every series declares its size: complete at its last instance.
+        series_quiet_seconds="30",
+        series_check_interval="0.2",
+        # The load comes from one address (127.0.0.1): the per-address rate
+        # limit (300/minute) would answer most of it 429, which is not load.
+        rate_limit_default="1000000/minute",
+        access_token_minutes="120",
+    )
     locust: subprocess.Popen[bytes] | None = None
     try:
         node.start()
-        node.wait_ready(timeout=drill.seconds(120, 300))
+        wait_healthy(node, timeout=drill.seconds(120, 300))
         token = viewer_token(node)
         # Memory per association, measured in the ingest workers: processes that
         # only receive (the node process also loads the model meanwhile).
-        workers = node.ingest_worker_pids()
+        workers = ingest_worker_pids(node)
         rss_before = rss_mib(workers)
 
         # All 20 associate first: the node must hold them at once.
@@ -389,13 +344,13 @@ def test_twenty_senders_at_once_under_api_load(
             step=0.5,
         ), prefix.with_name("locust.log").read_text()
 
-        peak_workers, peak_all = [rss_idle], [rss_mib(node.receiving_pids())]
+        peak_workers, peak_all = [rss_idle], [rss_mib(receiving_pids(node))]
         sampling = threading.Event()
 
         def sample() -> None:
             while not sampling.wait(0.5):
                 peak_workers.append(rss_mib(workers))
-                peak_all.append(rss_mib(node.receiving_pids()))
+                peak_all.append(rss_mib(receiving_pids(node)))
 
         sampler = threading.Thread(target=sample, name="rss", daemon=True)
         sampler.start()
