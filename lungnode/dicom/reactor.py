@@ -16,10 +16,20 @@ need, so the sleeps become waits that end early on the event they wait for:
 - the association thread waits on its DIMSE message queue, at most 1 ms as
   before.
 
-Only those two sleeps change, and only in those threads; their upper bounds
-stay pynetdicom's. Installed once per process by :func:`install`; against a
-pynetdicom whose internals differ from what this expects, it installs nothing
-and logs why, and pynetdicom keeps its own behaviour.
+Only those two sleeps change (but for the fix below), and only in those
+threads; their upper bounds stay pynetdicom's.
+
+One more change, a fix: when a DUL thread ends, whoever waits for a primitive
+from it is told at once (an empty primitive, as when the wait times out). An
+acceptor waits up to the ACSE timeout for the peer's A-ASSOCIATE-RQ, and
+pynetdicom tells it nothing when the connection closes or the DUL aborts first
+(PS3.8 9.2, AA-5 and AA-1 in Sta2 have no indication): every connection that
+closed, or sent something else, before its A-ASSOCIATE-RQ held one of the node's
+``max_associations`` for ``network_timeout`` (60 s), long after it was gone.
+
+Installed once per process by :func:`install`; against a pynetdicom whose
+internals differ from what this expects, it installs nothing and logs why,
+and pynetdicom keeps its own behaviour.
 """
 
 from __future__ import annotations
@@ -137,6 +147,9 @@ def _with_wake_pipe(run_reactor: Callable[[Any], None]) -> Callable[[Any], None]
         finally:
             dul._lungnode_wake = None
             pipe.close()
+            # Nothing comes after this: end a wait for the A-ASSOCIATE-RQ (module doc).
+            # A primitive queued before (an A-ABORT, an A-RELEASE) is still read first.
+            dul.to_user_queue.put(None)
 
     return run_reactor_with_wake_pipe
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pynetdicom.association
@@ -13,6 +15,7 @@ from pynetdicom.dul import DULServiceProvider
 from sqlalchemy import select
 
 from lungnode.app.node import Node
+from lungnode.config import Settings
 from lungnode.db.models import Association
 from lungnode.dicom import reactor
 from tests.dicom.helpers import associate, store_all, wait_until
@@ -107,3 +110,23 @@ def test_an_idle_association_still_answers_and_releases(node: Node) -> None:
     assert assoc.send_c_echo().Status == 0x0000
     assoc.release()
     assert assoc.is_released
+
+
+def test_a_connection_gone_before_its_association_request_frees_its_slot(
+    make_settings: Callable[..., Settings], start_node: Callable[..., Node]
+) -> None:
+    """Found by the fuzzing drill: a connection that closed before sending an
+    A-ASSOCIATE-RQ (a TCP probe; or one that sent garbage, which the node aborts)
+    held an association slot for the whole network timeout (60 s), so that
+    ``max_associations`` such connections locked every peer out for that long."""
+    node = start_node(make_settings(max_associations=2), serve_http=False)
+    assert node.settings.network_timeout >= 60
+    for first_bytes in (b"", b"\x00" * 10, b"\x01\x00\x00\x00\x00\x40partial"):
+        with socket.create_connection(("127.0.0.1", node.scp.port), timeout=5) as probe:
+            probe.sendall(first_bytes)
+            time.sleep(0.3)  # the node has taken it up as an association
+    assert wait_until(lambda: not node.scp.ae.active_associations, timeout=5)
+    assoc = associate(node.scp.port)
+    assert assoc.is_established, "refused: the slots are still held"
+    assert assoc.send_c_echo().Status == 0x0000
+    assoc.release()
