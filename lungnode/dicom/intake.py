@@ -17,7 +17,8 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from io import BytesIO
 from pathlib import Path
 
@@ -63,7 +64,23 @@ def parse_instance(encoded: bytes) -> tuple[Dataset, InstanceFacts]:
         raise IntakeError(STATUS_CANNOT_UNDERSTAND, f"cannot parse data set: {exc}") from exc
     except Exception as exc:  # a malformed stream can fail anywhere inside the parser
         raise IntakeError(STATUS_CANNOT_UNDERSTAND, f"cannot parse data set: {exc!r}") from exc
+    with values_must_decode():
+        return dataset, _facts(dataset)
 
+
+@contextmanager
+def values_must_decode() -> Iterator[None]:
+    """pydicom converts a value when it is first read: one that does not convert (an
+    unknown VR, a bad length, a bad character) is the sender's error, not ours."""
+    try:
+        yield
+    except IntakeError:
+        raise
+    except Exception as exc:
+        raise IntakeError(STATUS_CANNOT_UNDERSTAND, f"cannot read data set: {exc!r}") from exc
+
+
+def _facts(dataset: Dataset) -> InstanceFacts:
     missing = [kw for kw in _REQUIRED if not dataset.get(kw)]
     if missing:
         raise IntakeError(STATUS_MISSING_ATTRIBUTE, f"missing required attributes: {missing}")
@@ -71,8 +88,11 @@ def parse_instance(encoded: bytes) -> tuple[Dataset, InstanceFacts]:
         if not is_valid_uid(str(dataset[keyword].value)):
             raise IntakeError(STATUS_INVALID_UID, f"{keyword} is not a valid UID")
     transfer_syntax = UID(str(dataset.file_meta.get("TransferSyntaxUID", "")))
+    if not transfer_syntax.is_transfer_syntax:
+        # A C-STORE's comes from the negotiated context; a file's (reconcile) may be damaged.
+        raise IntakeError(STATUS_CANNOT_UNDERSTAND, "the Transfer Syntax UID is not one")
     _check_pixel_data(dataset, transfer_syntax)
-    facts = InstanceFacts(
+    return InstanceFacts(
         study_instance_uid=str(dataset.StudyInstanceUID),
         series_instance_uid=str(dataset.SeriesInstanceUID),
         sop_instance_uid=str(dataset.SOPInstanceUID),
@@ -86,7 +106,6 @@ def parse_instance(encoded: bytes) -> tuple[Dataset, InstanceFacts]:
         orientation=_floats(dataset, "ImageOrientationPatient", 6),
         declared_count=_integer(dataset, "ImagesInAcquisition"),
     )
-    return dataset, facts
 
 
 def _check_pixel_data(dataset: Dataset, transfer_syntax: UID) -> None:
@@ -214,7 +233,8 @@ class Intake:
         """Store one data set (preamble, file meta and data set bytes); raise IntakeError."""
         dataset, facts = parse_instance(encoded)
         # The same rule as every other route in (``dicom.modality``).
-        reason = why_not_ct(dataset)
+        with values_must_decode():
+            reason = why_not_ct(dataset)
         if reason is not None:
             raise IntakeError(STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS, reason)
         path = instance_path(self.incoming_dir, facts)

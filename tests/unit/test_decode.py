@@ -374,3 +374,47 @@ def test_out_of_memory_while_decoding_is_not_the_files_fault(
     )
     with pytest.raises(MemoryError):
         load_series(paths)
+
+
+def _rle_overrun(tmp_path: Path, enhanced: bool) -> list[Path]:
+    """RLE Lossless whose second segment holds a literal run far longer than the frame."""
+    import struct
+
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import RLELossless
+
+    datasets = make_ct_series(
+        2 if enhanced else 1, rows=2, columns=2, transfer_syntax=RLELossless, enhanced=enhanced
+    )
+    # Two segments (high and low bytes of 4 pixels): 4 literal bytes, then 128 of them.
+    header = struct.pack("<16I", 2, 64, 69, *([0] * 13))
+    frame = header + b"\x03" + bytes(4) + b"\x7f" + bytes(128)
+    for ds in datasets:
+        ds.PixelData = encapsulate([frame] * int(ds.get("NumberOfFrames", 1)))
+    return write_series(datasets, tmp_path)
+
+
+@pytest.mark.parametrize("enhanced", [False, True])
+def test_a_codec_panic_is_a_decode_error(tmp_path: Path, enhanced: bool) -> None:
+    """Found by the fuzzing drill: on this RLE data pylibjpeg-rle (Rust) panics, which
+    pyo3 raises as a BaseException: it went through ``except Exception`` and ended the
+    worker thread (or the API's request) instead of answering "not analysed"."""
+    paths = _rle_overrun(tmp_path, enhanced)
+    with pytest.raises(DecodeError, match="cannot decode pixel data") as info:
+        load_series(paths)
+    assert type(info.value.__cause__).__name__ == "PanicException"
+
+
+def test_a_stream_the_parser_cannot_read_is_a_decode_error(tmp_path: Path) -> None:
+    """Found by the fuzzing drill: a truncated deflated data set made pydicom raise
+    zlib.error, which went past DecodeError."""
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    series = make_ct_series(
+        1, rows=SIZE, columns=SIZE, transfer_syntax=DeflatedExplicitVRLittleEndian
+    )
+    (path,) = write_series(series, tmp_path)
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) // 3])
+    with pytest.raises(DecodeError, match="not a readable DICOM file"):
+        load_image(path)
