@@ -418,3 +418,32 @@ def test_a_stream_the_parser_cannot_read_is_a_decode_error(tmp_path: Path) -> No
     path.write_bytes(raw[: len(raw) // 3])
     with pytest.raises(DecodeError, match="not a readable DICOM file"):
         load_image(path)
+
+
+def test_a_header_value_the_parser_cannot_convert_is_a_decode_error(tmp_path: Path) -> None:
+    """Found by the fuzzing drill: Pixel Spacing with an unknown VR made pydicom raise
+    NotImplementedError when frames_of read it, which went past DecodeError. (Implicit
+    VR Big Endian is no syntax the fast native reader takes, so pydicom reads it.)"""
+    from pydicom.uid import ExplicitVRBigEndian
+
+    series = make_ct_series(1, rows=SIZE, columns=SIZE, transfer_syntax=ExplicitVRBigEndian)
+    (path,) = write_series(series, tmp_path)
+    raw = path.read_bytes()
+    spacing = raw.index(b"\x00\x28\x00\x30DS")  # (0028,0030) Pixel Spacing, big endian
+    path.write_bytes(raw[: spacing + 4] + b"H\x02" + raw[spacing + 6 :])
+    with pytest.raises(DecodeError, match="a header value cannot be read"):
+        load_image(path)
+
+
+@pytest.mark.parametrize("enhanced", [False, True])
+def test_a_number_of_frames_beyond_the_file_is_a_decode_error(
+    tmp_path: Path, enhanced: bool
+) -> None:
+    """Found while fuzzing: Number of Frames damaged into millions made frames_of build
+    as many frames (minutes, gigabytes) before decoding found the pixels short; an
+    upload could do that to the API."""
+    (ds,) = make_ct_series(3 if enhanced else 1, rows=16, columns=16, enhanced=enhanced)
+    ds.NumberOfFrames = 20_000_000
+    (path,) = write_series([ds], tmp_path)
+    with pytest.raises(DecodeError, match="Number of Frames 20000000 is more than the file"):
+        load_image(path)
