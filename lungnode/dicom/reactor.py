@@ -27,6 +27,12 @@ pynetdicom tells it nothing when the connection closes or the DUL aborts first
 closed, or sent something else, before its A-ASSOCIATE-RQ held one of the node's
 ``max_associations`` for ``network_timeout`` (60 s), long after it was gone.
 
+And when the peer breaks the protocol while its association request is being
+answered (a P-DATA before our A-ASSOCIATE-AC, say), the DUL aborts, and our
+answer then reaches a state machine that has no transition for it: pynetdicom
+raised InvalidEventError out of the DUL thread, a traceback for every such
+peer. That one is logged as a warning now.
+
 Installed once per process by :func:`install`; against a pynetdicom whose
 internals differ from what this expects, it installs nothing and logs why,
 and pynetdicom keeps its own behaviour.
@@ -47,6 +53,7 @@ import pynetdicom.association as association_module
 import pynetdicom.dul as dul_module
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
+from pynetdicom.fsm import InvalidEventError
 
 logger = logging.getLogger(__name__)
 
@@ -144,6 +151,13 @@ def _with_wake_pipe(run_reactor: Callable[[Any], None]) -> Callable[[Any], None]
         dul._lungnode_wake = pipe
         try:
             run_reactor(dul)
+        except InvalidEventError as exc:
+            if dul.state_machine.current_state != "Sta13":
+                raise
+            # Aborted already (Sta13, awaiting the close): what the association thread
+            # does meanwhile (accept or reject the request) has nothing left to do. A
+            # peer that sends P-DATA before our A-ASSOCIATE-AC gets here (module doc).
+            logger.warning("association aborted on a protocol error of the peer: %s", exc)
         finally:
             dul._lungnode_wake = None
             pipe.close()

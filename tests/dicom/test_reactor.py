@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pynetdicom.association
 import pynetdicom.dul
+import pytest
 from pynetdicom.dul import DULServiceProvider
 from sqlalchemy import select
 
@@ -18,8 +19,8 @@ from lungnode.app.node import Node
 from lungnode.config import Settings
 from lungnode.db.models import Association
 from lungnode.dicom import reactor
-from tests.dicom.helpers import associate, store_all, wait_until
-from tests.support.synthetic import make_ct_series
+from tests.dicom.helpers import associate, capture_stream, store_all, wait_until
+from tests.support.synthetic import make_ct_series, write_series
 
 
 def _database_sockets() -> set[str]:
@@ -128,5 +129,29 @@ def test_a_connection_gone_before_its_association_request_frees_its_slot(
     assert wait_until(lambda: not node.scp.ae.active_associations, timeout=5)
     assoc = associate(node.scp.port)
     assert assoc.is_established, "refused: the slots are still held"
+    assert assoc.send_c_echo().Status == 0x0000
+    assoc.release()
+
+
+def test_a_peer_that_does_not_wait_for_the_accept_is_aborted_quietly(
+    node: Node, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by the fuzzing drill: a peer that sends its P-DATA before our
+    A-ASSOCIATE-AC is aborted (PS3.8 Sta3, Evt10); our accept then reached a state
+    machine with no transition for it, and pynetdicom's InvalidEventError ended the
+    DUL thread with a traceback, once for every such peer."""
+    (path,) = write_series(make_ct_series(1, rows=16, columns=16), tmp_path)
+    stream = capture_stream(node.scp.port, path)
+    died: list[BaseException | None] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: died.append(args.exc_value))
+    for _ in range(10):
+        with socket.create_connection(("127.0.0.1", node.scp.port), timeout=10) as peer:
+            peer.sendall(stream)  # everything at once, without waiting for the accept
+            peer.shutdown(socket.SHUT_WR)
+            while peer.recv(65536):
+                pass  # until the node closes
+    assert wait_until(lambda: not node.scp.ae.active_associations, timeout=10)
+    assert died == []
+    assoc = associate(node.scp.port)
     assert assoc.send_c_echo().Status == 0x0000
     assoc.release()
