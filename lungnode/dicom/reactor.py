@@ -33,6 +33,11 @@ answer then reaches a state machine that has no transition for it: pynetdicom
 raised InvalidEventError out of the DUL thread, a traceback for every such
 peer. That one is logged as a warning now.
 
+Last, an association request that pynetdicom itself fails on (a presentation
+context without an abstract syntax raised TypeError in the negotiation) ended
+the association's thread with the DUL thread and the connection left open; it
+is aborted instead.
+
 Installed once per process by :func:`install`; against a pynetdicom whose
 internals differ from what this expects, it installs nothing and logs why,
 and pynetdicom keeps its own behaviour.
@@ -79,12 +84,14 @@ def install() -> bool:
             and getattr(dul_module, "time", None) is time
             and callable(getattr(DULServiceProvider, "run_reactor", None))
             and callable(getattr(DULServiceProvider, "send_pdu", None))
+            and callable(getattr(Association, "run_reactor", None))
         )
         if not expected:
             logger.warning("reactor waits not installed: unexpected pynetdicom internals")
             return False
         patches: dict[tuple[object, str], object] = {
             (DULServiceProvider, "run_reactor"): _with_wake_pipe(DULServiceProvider.run_reactor),
+            (Association, "run_reactor"): _aborting_on_error(Association.run_reactor),
             (DULServiceProvider, "send_pdu"): _waking(DULServiceProvider.send_pdu),
             (dul_module, "time"): _time_with_sleep(_dul_sleep),
             (association_module, "time"): _time_with_sleep(_association_sleep),
@@ -166,6 +173,26 @@ def _with_wake_pipe(run_reactor: Callable[[Any], None]) -> Callable[[Any], None]
             dul.to_user_queue.put(None)
 
     return run_reactor_with_wake_pipe
+
+
+def _aborting_on_error(run_reactor: Callable[[Any], None]) -> Callable[[Any], None]:
+    def run_reactor_aborting_on_error(assoc: Any) -> None:
+        try:
+            run_reactor(assoc)
+        except Exception as exc:
+            # A request pynetdicom cannot negotiate (module doc): abort it, free the DUL
+            # thread and the connection, rather than let the thread die with them held.
+            logger.warning("association aborted: its request could not be handled: %r", exc)
+            try:
+                assoc.abort()
+            finally:
+                transport = getattr(assoc.dul, "socket", None)
+                sock = getattr(transport, "socket", None)
+                server = getattr(assoc, "_server", None)
+                if server is not None and sock is not None:
+                    server.shutdown_request(sock)
+
+    return run_reactor_aborting_on_error
 
 
 def _waking(send_pdu: Callable[[Any, Any], None]) -> Callable[[Any, Any], None]:

@@ -155,3 +155,30 @@ def test_a_peer_that_does_not_wait_for_the_accept_is_aborted_quietly(
     assoc = associate(node.scp.port)
     assert assoc.send_c_echo().Status == 0x0000
     assoc.release()
+
+
+def test_a_request_pynetdicom_fails_on_is_aborted_and_frees_its_threads(
+    node: Node, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by the fuzzing drill: an A-ASSOCIATE-RQ whose presentation context item
+    lost its abstract syntax (one flipped bit in the item's sub-item type) made
+    pynetdicom raise TypeError in the acceptor's thread, which died and left the DUL
+    thread and the connection open for as long as the peer kept it."""
+    (path,) = write_series(make_ct_series(1, rows=16, columns=16), tmp_path)
+    stream = capture_stream(node.scp.port, path)
+    request = bytearray(stream[: 6 + int.from_bytes(stream[2:6], "big")])
+    # The first presentation context item (0x20), its abstract syntax sub-item (0x30).
+    abstract = request.index(b"\x30\x00", request.index(b"\x20\x00", 74))
+    request[abstract] ^= 0x20  # 0x30 -> 0x10, an item type no context has
+    died: list[BaseException | None] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: died.append(args.exc_value))
+    threads = threading.active_count()
+    with socket.create_connection(("127.0.0.1", node.scp.port), timeout=10) as peer:
+        peer.sendall(bytes(request))  # and keeps the connection open
+        answer = peer.recv(65536)
+        assert answer[:1] == b"\x07", answer[:16]  # A-ABORT
+        assert wait_until(lambda: threading.active_count() <= threads, timeout=10), [
+            t.name for t in threading.enumerate()
+        ]
+    assert wait_until(lambda: not node.scp.ae.active_associations, timeout=10)
+    assert died == []
