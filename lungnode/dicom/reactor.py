@@ -31,7 +31,10 @@ And when the peer breaks the protocol while its association request is being
 answered (a P-DATA before our A-ASSOCIATE-AC, say), the DUL aborts, and our
 answer then reaches a state machine that has no transition for it: pynetdicom
 raised InvalidEventError out of the DUL thread, a traceback for every such
-peer. That one is logged as a warning now.
+peer. That one is logged as a warning now; and any other exception out of the
+DUL's loop on a peer's data (a DIMSE command set without Command Data Set Type
+raised AttributeError while decoding) aborts the association, as pynetdicom's
+own guard does for the errors it catches, instead of ending the thread.
 
 Last, an association request that pynetdicom itself fails on (a presentation
 context without an abstract syntax raised TypeError in the negotiation) ended
@@ -59,6 +62,7 @@ import pynetdicom.dul as dul_module
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.fsm import InvalidEventError
+from pynetdicom.pdu import A_ABORT_RQ
 
 logger = logging.getLogger(__name__)
 
@@ -165,6 +169,11 @@ def _with_wake_pipe(run_reactor: Callable[[Any], None]) -> Callable[[Any], None]
             # does meanwhile (accept or reject the request) has nothing left to do. A
             # peer that sends P-DATA before our A-ASSOCIATE-AC gets here (module doc).
             logger.warning("association aborted on a protocol error of the peer: %s", exc)
+        except Exception as exc:
+            # pynetdicom failed on the peer's data outside its own guard (module doc):
+            # abort as that guard does; the association thread sees the DUL gone.
+            logger.warning("association aborted: the peer's data could not be handled: %r", exc)
+            _send_abort(dul)
         finally:
             dul._lungnode_wake = None
             pipe.close()
@@ -173,6 +182,19 @@ def _with_wake_pipe(run_reactor: Callable[[Any], None]) -> Callable[[Any], None]
             dul.to_user_queue.put(None)
 
     return run_reactor_with_wake_pipe
+
+
+def _send_abort(dul: Any) -> None:
+    """An A-ABORT (service provider, reason not specified, PS3.8 9.3.8) to the peer."""
+    abort = A_ABORT_RQ()
+    abort.source = 0x02
+    abort.reason_diagnostic = 0x00
+    try:
+        dul.socket.send(abort.encode())
+    except Exception:  # the connection is gone: nothing to tell
+        logger.debug("A-ABORT not sent", exc_info=True)
+    dul.assoc.is_aborted = True
+    dul.assoc.is_established = False
 
 
 def _aborting_on_error(run_reactor: Callable[[Any], None]) -> Callable[[Any], None]:

@@ -182,3 +182,37 @@ def test_a_request_pynetdicom_fails_on_is_aborted_and_frees_its_threads(
         ]
     assert wait_until(lambda: not node.scp.ae.active_associations, timeout=10)
     assert died == []
+
+
+def test_a_command_set_pynetdicom_fails_on_aborts_the_association(
+    node: Node, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by the fuzzing drill: a C-ECHO command set without Command Data Set Type
+    made pynetdicom raise AttributeError while decoding it, in the DUL thread, which
+    died with a traceback instead of aborting the association."""
+    from pydicom import Dataset
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    (path,) = write_series(make_ct_series(1, rows=16, columns=16), tmp_path)
+    stream = capture_stream(node.scp.port, path)
+    request = stream[: 6 + int.from_bytes(stream[2:6], "big")]
+    command = Dataset()
+    command.AffectedSOPClassUID = "1.2.840.10008.1.1"
+    command.CommandField = 0x0030  # C-ECHO-RQ
+    command.MessageID = 1  # and no CommandDataSetType
+    encoded = DicomBytesIO()
+    encoded.is_little_endian, encoded.is_implicit_VR = True, True
+    write_dataset(encoded, command)
+    # One PDV: context 1 (Verification, the first proposed), a last command fragment.
+    pdv = (2 + len(encoded.getvalue())).to_bytes(4, "big") + b"\x01\x03" + encoded.getvalue()
+    p_data = b"\x04\x00" + len(pdv).to_bytes(4, "big") + pdv
+    died: list[BaseException | None] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: died.append(args.exc_value))
+    with socket.create_connection(("127.0.0.1", node.scp.port), timeout=10) as peer:
+        peer.sendall(request)
+        assert peer.recv(65536)[:1] == b"\x02"  # A-ASSOCIATE-AC
+        peer.sendall(p_data)
+        assert peer.recv(65536)[:1] == b"\x07"  # A-ABORT
+    assert wait_until(lambda: not node.scp.ae.active_associations, timeout=10)
+    assert died == []
