@@ -31,11 +31,16 @@ from typing import Any
 
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
+from hypothesis.configuration import set_hypothesis_home_dir
 from hypothesis.database import DirectoryBasedExampleDatabase
 
 from tests.conftest import require_tool
 from tests.drills.conftest import ROOT, Drill
 from tests.support.synthetic import make_ct_series, write_series
+
+# Hypothesis keeps caches (the constants of the code under test) besides any example
+# database: under build/, not a .hypothesis folder in the repository.
+set_hypothesis_home_dir(str(ROOT / "build" / "hypothesis"))
 
 #: Boundary values written over 16- and 32-bit fields (lengths, counts, tags).
 _WORDS = (0, 1, 2, 0x7F, 0x80, 0xFF, 0x7FFF, 0x8000, 0xFFFF, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF)
