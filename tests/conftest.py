@@ -204,30 +204,37 @@ def require_tool(name: str) -> str:
     return path
 
 
+def node_settings(storage_dir: Path, databases: Databases, **overrides: Any) -> Settings:
+    """Settings for a test node on ``storage_dir``, whose database ``databases`` holds
+    (``make_settings`` for one test; a module-scoped node calls this directly)."""
+    values: dict[str, Any] = {
+        "env": "testing",
+        "storage_dir": storage_dir,
+        "dicom_host": "127.0.0.1",
+        "dicom_port": 0,
+        "http_port": 0,
+        "peers": f"scu={SENDER_AE}@127.0.0.1:11119",
+        "min_free_disk_mb": 0,
+        "series_quiet_seconds": 5.0,
+        "series_grace_seconds": 0.5,
+        "series_check_interval": 0.1,
+        # One receiving process unless a test asks for more (ingest_workers tests).
+        "ingest_processes": 1,
+        "models_dir": Path(__file__).resolve().parents[1] / "models",
+    }
+    values.update(overrides)
+    if "database_url" not in overrides:
+        values.update(databases.settings_overrides(Path(values["storage_dir"])))
+    return load_settings(**values)
+
+
 @pytest.fixture
 def make_settings(tmp_path: Path, databases: Databases) -> Callable[..., Settings]:
     """Settings for a test node; its database is the storage folder's (``databases``)."""
 
     def _make(**overrides: Any) -> Settings:
-        values: dict[str, Any] = {
-            "env": "testing",
-            "storage_dir": tmp_path / "storage",
-            "dicom_host": "127.0.0.1",
-            "dicom_port": 0,
-            "http_port": 0,
-            "peers": f"scu={SENDER_AE}@127.0.0.1:11119",
-            "min_free_disk_mb": 0,
-            "series_quiet_seconds": 5.0,
-            "series_grace_seconds": 0.5,
-            "series_check_interval": 0.1,
-            # One receiving process unless a test asks for more (ingest_workers tests).
-            "ingest_processes": 1,
-            "models_dir": Path(__file__).resolve().parents[1] / "models",
-        }
-        values.update(overrides)
-        if "database_url" not in overrides:
-            values.update(databases.settings_overrides(Path(values["storage_dir"])))
-        return load_settings(**values)
+        storage_dir = overrides.pop("storage_dir", tmp_path / "storage")
+        return node_settings(storage_dir, databases, **overrides)
 
     return _make
 

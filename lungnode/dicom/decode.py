@@ -27,7 +27,6 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 from pydicom.pixels.utils import iter_pixels, pixel_array
 
 from lungnode.dicom.frames import Frame, frames_of, native_frame
@@ -264,16 +263,27 @@ def _placed(frames: Sequence[Frame], stack: SliceStack) -> list[Frame]:
 def _read(path: Path, *, pixels: bool) -> Dataset:
     try:
         return pydicom.dcmread(path, stop_before_pixels=not pixels)
-    except (InvalidDicomError, OSError, EOFError, ValueError, KeyError) as exc:
+    except MemoryError:
+        raise
+    except Exception as exc:  # a damaged file can fail anywhere in the parser
         raise DecodeError(f"{path.name}: not a readable DICOM file: {exc}") from exc
+
+
+def _codec_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` from a codec is the file's fault: any Exception but MemoryError
+    (the node's: the job is retried, not answered), and the panic of a codec written in
+    Rust (pylibjpeg-rle), which pyo3 raises as a BaseException on corrupt data."""
+    if isinstance(exc, MemoryError):
+        return False
+    return isinstance(exc, Exception) or type(exc).__name__ == "PanicException"
 
 
 def _decode(ds: Dataset, path: Path, frame_index: int | None) -> np.ndarray:
     try:
         return pixel_array(ds, index=frame_index)
-    except MemoryError:
-        raise  # the node's fault, not the file's: the job is retried, not answered
-    except Exception as exc:  # any codec failure is this file's fault
+    except BaseException as exc:
+        if not _codec_failure(exc):
+            raise
         ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "unknown")
         raise DecodeError(f"{path.name}: cannot decode pixel data ({ts}): {exc}") from exc
 
@@ -282,9 +292,9 @@ def _decode_frames(ds: Dataset, path: Path) -> Iterator[np.ndarray]:
     """The frames of a multi-frame instance one at a time; codec failures as ``_decode``."""
     try:
         yield from iter_pixels(ds)
-    except MemoryError:
-        raise
-    except Exception as exc:  # any codec failure is this file's fault
+    except BaseException as exc:  # GeneratorExit (closed early) is no codec failure
+        if not _codec_failure(exc):
+            raise
         raise DecodeError(f"{path.name}: cannot decode pixel data: {exc}") from exc
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import Dataset
+from pydicom.uid import UID
 
 from lungnode.dicom.native_slice import NativeSlice
 from lungnode.errors import DecodeError
@@ -47,7 +48,21 @@ class Frame:
 
 
 def frames_of(path: Path, ds: Dataset) -> list[Frame]:
-    """The frames of one instance, with per-frame values over shared ones."""
+    """The frames of one instance, with per-frame values over shared ones.
+
+    Raises:
+        DecodeError: a header that does not describe a grey image, or a value that
+            does not decode (pydicom converts each value when it is first read).
+    """
+    try:
+        return _frames_of(path, ds)
+    except (DecodeError, MemoryError):
+        raise
+    except Exception as exc:  # a damaged value can fail anywhere in its conversion
+        raise DecodeError(f"{path.name}: a header value cannot be read: {exc}") from exc
+
+
+def _frames_of(path: Path, ds: Dataset) -> list[Frame]:
     if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
         raise DecodeError(f"{path.name}: {ds.SamplesPerPixel} samples per pixel; CT is grayscale")
     try:
@@ -58,6 +73,8 @@ def frames_of(path: Path, ds: Dataset) -> list[Frame]:
     instance_number = _int_or_none(ds.get("InstanceNumber"))
     padding = _padding(ds)
     n_frames = _int_or_none(ds.get("NumberOfFrames")) or 1
+    if n_frames > 1 and n_frames > _most_frames(path, ds, shape):
+        raise DecodeError(f"{path.name}: Number of Frames {n_frames} is more than the file holds")
     shared = _first_item(ds, "SharedFunctionalGroupsSequence")
     per_frame = ds.get("PerFrameFunctionalGroupsSequence")
     if n_frames == 1 and per_frame is None:
@@ -111,6 +128,25 @@ def frames_of(path: Path, ds: Dataset) -> list[Frame]:
             )
         )
     return out
+
+
+def _most_frames(path: Path, ds: Dataset, shape: tuple[int, int]) -> int:
+    """The most frames the file can hold: its size over the least size of one frame,
+    the frame's pixels (native; deflate shrinks them at most 1032 times), or one 8-byte
+    item header (encapsulated, PS3.5 A.4).
+
+    A Number of Frames damaged into millions would otherwise make as many frames.
+    """
+    meta = getattr(ds, "file_meta", None)
+    syntax = UID(str(meta.get("TransferSyntaxUID", ""))) if meta is not None else UID("")
+    known = syntax.is_transfer_syntax
+    bits = _int_or_none(ds.get("BitsAllocated")) or 1
+    least = max(1, shape[0] * shape[1] * bits // 8)
+    if known and syntax.is_encapsulated:
+        least = 8
+    elif known and syntax.is_deflated:
+        least = max(1, least // 1032)
+    return path.stat().st_size // least
 
 
 def native_frame(path: Path, native: NativeSlice) -> Frame:

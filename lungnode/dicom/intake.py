@@ -17,7 +17,8 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
@@ -60,10 +61,8 @@ def read_instance(encoded: bytes) -> tuple[InstanceFacts, str | None]:
     if fast is not None:
         return fast
     dataset, facts = parse_instance(encoded)
-    try:
+    with values_must_decode():
         return facts, why_not_ct(dataset)
-    except Exception as exc:  # a value the rule reads does not decode
-        raise IntakeError(STATUS_CANNOT_UNDERSTAND, f"cannot read the image type: {exc}") from exc
 
 
 def parse_instance(encoded: bytes) -> tuple[Dataset, InstanceFacts]:
@@ -76,12 +75,20 @@ def parse_instance(encoded: bytes) -> tuple[Dataset, InstanceFacts]:
         raise IntakeError(STATUS_CANNOT_UNDERSTAND, f"cannot parse data set: {exc}") from exc
     except Exception as exc:  # a malformed stream can fail anywhere inside the parser
         raise IntakeError(STATUS_CANNOT_UNDERSTAND, f"cannot parse data set: {exc!r}") from exc
-    try:
+    with values_must_decode():
         return dataset, _facts_of(dataset)
+
+
+@contextmanager
+def values_must_decode() -> Iterator[None]:
+    """pydicom converts a value when it is first read: one that does not convert (an
+    unknown VR, a bad length, a bad character) is the sender's error, not ours."""
+    try:
+        yield
     except IntakeError:
         raise
-    except Exception as exc:  # a raw value read below does not decode (wrong VR or length)
-        raise IntakeError(STATUS_CANNOT_UNDERSTAND, f"cannot read data set values: {exc}") from exc
+    except Exception as exc:
+        raise IntakeError(STATUS_CANNOT_UNDERSTAND, f"cannot read data set: {exc!r}") from exc
 
 
 def _facts_of(dataset: Dataset) -> InstanceFacts:
@@ -92,6 +99,9 @@ def _facts_of(dataset: Dataset) -> InstanceFacts:
         if not is_valid_uid(str(dataset[keyword].value)):
             raise IntakeError(STATUS_INVALID_UID, f"{keyword} is not a valid UID")
     transfer_syntax = UID(str(dataset.file_meta.get("TransferSyntaxUID", "")))
+    if not transfer_syntax.is_transfer_syntax:
+        # A C-STORE's comes from the negotiated context; a file's (reconcile) may be damaged.
+        raise IntakeError(STATUS_CANNOT_UNDERSTAND, "the Transfer Syntax UID is not one")
     _check_pixel_data(dataset, transfer_syntax)
     return InstanceFacts(
         study_instance_uid=str(dataset.StudyInstanceUID),

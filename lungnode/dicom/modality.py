@@ -25,7 +25,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from pydicom import Dataset, dcmread
-from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
 from lungnode.errors import DecodeError, NotCTError
@@ -108,9 +107,12 @@ def require_ct_file(path: Path, name: str | None = None) -> None:
     path = Path(path)
     try:
         header = dcmread(path, stop_before_pixels=True, specific_tags=list(RULE_KEYWORDS))
-    except (InvalidDicomError, OSError, EOFError, ValueError) as exc:
+        # Values are converted when first read: a damaged one fails in the rule.
+        require_ct(header, path.name if name is None else name)
+    except (NotCTError, MemoryError):
+        raise
+    except Exception as exc:  # a damaged file can fail anywhere in the parser
         raise DecodeError(f"{path.name}: not a readable DICOM file: {exc}") from exc
-    require_ct(header, path.name if name is None else name)
 
 
 def _media_sop_class(dataset: Dataset) -> str:

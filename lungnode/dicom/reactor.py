@@ -29,6 +29,30 @@ arrives on the socket). A requestor's association thread keeps the 1 ms
 bound: the caller's ``send_*`` pauses it at a checkpoint that nothing here
 can wake.
 
+Besides the waits, three fixes:
+
+- When a DUL thread ends, whoever waits for a primitive
+  from it is told at once (an empty primitive, as when the wait times out). An
+  acceptor waits up to the ACSE timeout for the peer's A-ASSOCIATE-RQ, and
+  pynetdicom tells it nothing when the connection closes or the DUL aborts first
+  (PS3.8 9.2, AA-5 and AA-1 in Sta2 have no indication): every connection that
+  closed, or sent something else, before its A-ASSOCIATE-RQ held one of the node's
+  ``max_associations`` for ``network_timeout`` (60 s), long after it was gone.
+
+- When the peer breaks the protocol while its association request is being
+  answered (a P-DATA before our A-ASSOCIATE-AC, say), the DUL aborts, and our
+  answer then reaches a state machine that has no transition for it: pynetdicom
+  raised InvalidEventError out of the DUL thread, a traceback for every such
+  peer. That one is logged as a warning now; and any other exception out of the
+  DUL's loop on a peer's data (a DIMSE command set without Command Data Set Type
+  raised AttributeError while decoding) aborts the association, as pynetdicom's
+  own guard does for the errors it catches, instead of ending the thread.
+
+- An association request that pynetdicom itself fails on (a presentation
+  context without an abstract syntax raised TypeError in the negotiation) ended
+  the association's thread with the DUL thread and the connection left open; it
+  is aborted instead.
+
 Installed once per process by :func:`install`; against a pynetdicom whose
 internals differ from what this expects, it installs nothing and logs why,
 and pynetdicom keeps its own behaviour.
@@ -49,6 +73,8 @@ import pynetdicom.association as association_module
 import pynetdicom.dul as dul_module
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
+from pynetdicom.fsm import InvalidEventError
+from pynetdicom.pdu import A_ABORT_RQ
 
 logger = logging.getLogger(__name__)
 
@@ -81,12 +107,14 @@ def install() -> bool:
             and callable(getattr(DULServiceProvider, "run_reactor", None))
             and callable(getattr(DULServiceProvider, "send_pdu", None))
             and callable(getattr(DULServiceProvider, "stop_dul", None))
+            and callable(getattr(Association, "run_reactor", None))
         )
         if not expected:
             logger.warning("reactor waits not installed: unexpected pynetdicom internals")
             return False
         patches: dict[tuple[object, str], object] = {
             (DULServiceProvider, "run_reactor"): _with_wake_pipe(DULServiceProvider.run_reactor),
+            (Association, "run_reactor"): _aborting_on_error(Association.run_reactor),
             (DULServiceProvider, "send_pdu"): _waking(DULServiceProvider.send_pdu),
             (DULServiceProvider, "stop_dul"): _waking_first(DULServiceProvider.stop_dul),
             (dul_module, "time"): _time_with_sleep(_dul_sleep),
@@ -155,11 +183,59 @@ def _with_wake_pipe(run_reactor: Callable[[Any], None]) -> Callable[[Any], None]
         dul._lungnode_event_at = time.monotonic()
         try:
             run_reactor(dul)
+        except InvalidEventError as exc:
+            if dul.state_machine.current_state != "Sta13":
+                raise
+            # Aborted already (Sta13, awaiting the close): what the association thread
+            # does meanwhile (accept or reject the request) has nothing left to do. A
+            # peer that sends P-DATA before our A-ASSOCIATE-AC gets here (module doc).
+            logger.warning("association aborted on a protocol error of the peer: %s", exc)
+        except Exception as exc:
+            # pynetdicom failed on the peer's data outside its own guard (module doc):
+            # abort as that guard does; the association thread sees the DUL gone.
+            logger.warning("association aborted: the peer's data could not be handled: %r", exc)
+            _send_abort(dul)
         finally:
             dul._lungnode_wake = None
             pipe.close()
+            # Nothing comes after this: end a wait for the A-ASSOCIATE-RQ (module doc).
+            # A primitive queued before (an A-ABORT, an A-RELEASE) is still read first.
+            dul.to_user_queue.put(None)
 
     return run_reactor_with_wake_pipe
+
+
+def _send_abort(dul: Any) -> None:
+    """An A-ABORT (service provider, reason not specified, PS3.8 9.3.8) to the peer."""
+    abort = A_ABORT_RQ()
+    abort.source = 0x02
+    abort.reason_diagnostic = 0x00
+    try:
+        dul.socket.send(abort.encode())
+    except Exception:  # the connection is gone: nothing to tell
+        logger.debug("A-ABORT not sent", exc_info=True)
+    dul.assoc.is_aborted = True
+    dul.assoc.is_established = False
+
+
+def _aborting_on_error(run_reactor: Callable[[Any], None]) -> Callable[[Any], None]:
+    def run_reactor_aborting_on_error(assoc: Any) -> None:
+        try:
+            run_reactor(assoc)
+        except Exception as exc:
+            # A request pynetdicom cannot negotiate (module doc): abort it, free the DUL
+            # thread and the connection, rather than let the thread die with them held.
+            logger.warning("association aborted: its request could not be handled: %r", exc)
+            try:
+                assoc.abort()
+            finally:
+                transport = getattr(assoc.dul, "socket", None)
+                sock = getattr(transport, "socket", None)
+                server = getattr(assoc, "_server", None)
+                if server is not None and sock is not None:
+                    server.shutdown_request(sock)
+
+    return run_reactor_aborting_on_error
 
 
 def _waking(send_pdu: Callable[[Any, Any], None]) -> Callable[[Any, Any], None]:

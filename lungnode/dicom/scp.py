@@ -185,25 +185,6 @@ def handle_closed(event: evt.Event, tracker: _AssociationTracker) -> None:
     )
     released = assoc.is_released or (state == "Sta13" and not assoc.is_aborted)
     tracker.ended(assoc, "released" if released else "closed")
-    if state == "Sta2":
-        _wake_acceptor_waiting_for_request(assoc)
-
-
-def _wake_acceptor_waiting_for_request(assoc: Association) -> None:
-    """The peer closed before sending its A-ASSOCIATE-RQ: end the association thread now.
-
-    In Sta2 (connection open, awaiting A-ASSOCIATE-RQ) a closed connection is
-    AA-5 (PS3.8 Table 9-10): the DUL stops, but tells the association thread
-    nothing, and that thread waits for a request until ``acse_timeout`` (the
-    node's ``network_timeout``). Meanwhile it counts against
-    ``max_associations``, so a port scan or a load balancer's TCP check could
-    take every slot. ``None`` on its queue is what the thread would get when
-    that wait timed out: it stops and closes the connection at once.
-    """
-    dul = getattr(assoc, "dul", None)
-    waiting = getattr(dul, "to_user_queue", None)
-    if waiting is not None and not assoc.is_established:
-        waiting.put(None)
 
 
 @dataclass(frozen=True)

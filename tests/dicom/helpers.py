@@ -65,6 +65,33 @@ def store_files(port: int, paths: Sequence[Path]) -> list[int]:
     return statuses
 
 
+def capture_stream(port: int, path: Path) -> bytes:
+    """What an SCU sends to associate, C-ECHO, C-STORE the file at ``path`` and
+    release: its PDUs as bytes, to replay (or damage) on a plain socket."""
+    from pydicom import dcmread
+    from pynetdicom import evt
+
+    header = dcmread(path, stop_before_pixels=True)
+    sent: list[bytes] = []
+    ae = AE(ae_title=SENDER_AE)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    ae.add_requested_context(Verification)
+    ae.add_requested_context(str(header.SOPClassUID), str(header.file_meta.TransferSyntaxUID))
+    assoc = ae.associate(
+        "127.0.0.1",
+        port,
+        ae_title="LUNGNODE",
+        evt_handlers=[(evt.EVT_DATA_SENT, lambda event: sent.append(bytes(event.data)))],
+    )
+    assert assoc.is_established
+    try:
+        assert assoc.send_c_echo().Status == 0x0000
+        assert assoc.send_c_store(path).Status == 0x0000
+    finally:
+        assoc.release()
+    return b"".join(sent)
+
+
 def free_port() -> int:
     """A TCP port nobody listens on right now (for servers started as subprocesses)."""
     import socket

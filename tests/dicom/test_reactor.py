@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pynetdicom.association
 import pynetdicom.dul
+import pytest
 from pynetdicom.dul import DULServiceProvider
 from sqlalchemy import select
 
@@ -17,8 +19,8 @@ from lungnode.app.node import Node
 from lungnode.config import Settings
 from lungnode.db.models import Association
 from lungnode.dicom import reactor
-from tests.dicom.helpers import associate, store_all, wait_until
-from tests.support.synthetic import make_ct_series
+from tests.dicom.helpers import associate, capture_stream, store_all, wait_until
+from tests.support.synthetic import make_ct_series, write_series
 
 
 def _database_sockets() -> set[str]:
@@ -144,3 +146,108 @@ def test_idle_associations_cost_the_receiving_process_little_cpu(
 def _cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_a_connection_gone_before_its_association_request_frees_its_slot(
+    make_settings: Callable[..., Settings], start_node: Callable[..., Node]
+) -> None:
+    """Found by the fuzzing drill: a connection that closed before sending an
+    A-ASSOCIATE-RQ (a TCP probe; or one that sent garbage, which the node aborts)
+    held an association slot for the whole network timeout (60 s), so that
+    ``max_associations`` such connections locked every peer out for that long."""
+    node = start_node(make_settings(max_associations=2), serve_http=False)
+    assert node.settings.network_timeout >= 60
+    for first_bytes in (b"", b"\x00" * 10, b"\x01\x00\x00\x00\x00\x40partial"):
+        with socket.create_connection(("127.0.0.1", node.scp.port), timeout=5) as probe:
+            probe.sendall(first_bytes)
+            time.sleep(0.3)  # the node has taken it up as an association
+    assert wait_until(lambda: not node.scp.ae.active_associations, timeout=5)
+    assoc = associate(node.scp.port)
+    assert assoc.is_established, "refused: the slots are still held"
+    assert assoc.send_c_echo().Status == 0x0000
+    assoc.release()
+
+
+def test_a_peer_that_does_not_wait_for_the_accept_is_aborted_quietly(
+    node: Node, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by the fuzzing drill: a peer that sends its P-DATA before our
+    A-ASSOCIATE-AC is aborted (PS3.8 Sta3, Evt10); our accept then reached a state
+    machine with no transition for it, and pynetdicom's InvalidEventError ended the
+    DUL thread with a traceback, once for every such peer."""
+    (path,) = write_series(make_ct_series(1, rows=16, columns=16), tmp_path)
+    stream = capture_stream(node.scp.port, path)
+    died: list[BaseException | None] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: died.append(args.exc_value))
+    for _ in range(10):
+        with socket.create_connection(("127.0.0.1", node.scp.port), timeout=10) as peer:
+            peer.sendall(stream)  # everything at once, without waiting for the accept
+            peer.shutdown(socket.SHUT_WR)
+            while peer.recv(65536):
+                pass  # until the node closes
+    assert wait_until(lambda: not node.scp.ae.active_associations, timeout=10)
+    assert died == []
+    assoc = associate(node.scp.port)
+    assert assoc.send_c_echo().Status == 0x0000
+    assoc.release()
+
+
+def test_a_request_pynetdicom_fails_on_is_aborted_and_frees_its_threads(
+    node: Node, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by the fuzzing drill: an A-ASSOCIATE-RQ whose presentation context item
+    lost its abstract syntax (one flipped bit in the item's sub-item type) made
+    pynetdicom raise TypeError in the acceptor's thread, which died and left the DUL
+    thread and the connection open for as long as the peer kept it."""
+    (path,) = write_series(make_ct_series(1, rows=16, columns=16), tmp_path)
+    stream = capture_stream(node.scp.port, path)
+    request = bytearray(stream[: 6 + int.from_bytes(stream[2:6], "big")])
+    # The first presentation context item (0x20), its abstract syntax sub-item (0x30).
+    abstract = request.index(b"\x30\x00", request.index(b"\x20\x00", 74))
+    request[abstract] ^= 0x20  # 0x30 -> 0x10, an item type no context has
+    died: list[BaseException | None] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: died.append(args.exc_value))
+    threads = threading.active_count()
+    with socket.create_connection(("127.0.0.1", node.scp.port), timeout=10) as peer:
+        peer.sendall(bytes(request))  # and keeps the connection open
+        answer = peer.recv(65536)
+        assert answer[:1] == b"\x07", answer[:16]  # A-ABORT
+        assert wait_until(lambda: threading.active_count() <= threads, timeout=10), [
+            t.name for t in threading.enumerate()
+        ]
+    assert wait_until(lambda: not node.scp.ae.active_associations, timeout=10)
+    assert died == []
+
+
+def test_a_command_set_pynetdicom_fails_on_aborts_the_association(
+    node: Node, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by the fuzzing drill: a C-ECHO command set without Command Data Set Type
+    made pynetdicom raise AttributeError while decoding it, in the DUL thread, which
+    died with a traceback instead of aborting the association."""
+    from pydicom import Dataset
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    (path,) = write_series(make_ct_series(1, rows=16, columns=16), tmp_path)
+    stream = capture_stream(node.scp.port, path)
+    request = stream[: 6 + int.from_bytes(stream[2:6], "big")]
+    command = Dataset()
+    command.AffectedSOPClassUID = "1.2.840.10008.1.1"
+    command.CommandField = 0x0030  # C-ECHO-RQ
+    command.MessageID = 1  # and no CommandDataSetType
+    encoded = DicomBytesIO()
+    encoded.is_little_endian, encoded.is_implicit_VR = True, True
+    write_dataset(encoded, command)
+    # One PDV: context 1 (Verification, the first proposed), a last command fragment.
+    pdv = (2 + len(encoded.getvalue())).to_bytes(4, "big") + b"\x01\x03" + encoded.getvalue()
+    p_data = b"\x04\x00" + len(pdv).to_bytes(4, "big") + pdv
+    died: list[BaseException | None] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: died.append(args.exc_value))
+    with socket.create_connection(("127.0.0.1", node.scp.port), timeout=10) as peer:
+        peer.sendall(request)
+        assert peer.recv(65536)[:1] == b"\x02"  # A-ASSOCIATE-AC
+        peer.sendall(p_data)
+        assert peer.recv(65536)[:1] == b"\x07"  # A-ABORT
+    assert wait_until(lambda: not node.scp.ae.active_associations, timeout=10)
+    assert died == []

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom.sop_class import MRImageStorage  # type: ignore[attr-defined]
@@ -229,4 +231,23 @@ def test_ct_sop_class_that_is_not_ct_inside_is_refused(node: Node) -> None:
     assert [int(r.Status) for r in responses] == [0xA900, 0xA900]
     assert str(responses[0].ErrorComment).startswith("Modality MR is not CT")
     assert "3 samples per pixel" in str(responses[1].ErrorComment)
+    assert count(node, Instance) == 0
+
+
+def test_a_value_pydicom_cannot_convert_is_refused_not_an_internal_error(
+    node: Node, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found by the fuzzing drill: Pixel Data with an unknown VR made the intake raise
+    NotImplementedError (pydicom converts values when first read), logged as an
+    unexpected failure of the node instead of the sender's error."""
+    import pynetdicom._config
+
+    (path,) = write_series(make_ct_series(1, rows=32, columns=32), tmp_path)
+    encoded = path.read_bytes()
+    path.write_bytes(encoded.replace(b"\xe0\x7f\x10\x00OW", b"\xe0\x7f\x10\x00NW", 1))
+    # Send the data set's bytes as they are (pynetdicom would parse and re-encode them).
+    monkeypatch.setattr(pynetdicom._config, "STORE_SEND_CHUNKED_DATASET", True)
+    with caplog.at_level(logging.ERROR, logger="lungnode"):
+        assert store_files(node.scp.port, [path]) == [0xC000]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
     assert count(node, Instance) == 0

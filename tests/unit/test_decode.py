@@ -374,3 +374,76 @@ def test_out_of_memory_while_decoding_is_not_the_files_fault(
     )
     with pytest.raises(MemoryError):
         load_series(paths)
+
+
+def _rle_overrun(tmp_path: Path, enhanced: bool) -> list[Path]:
+    """RLE Lossless whose second segment holds a literal run far longer than the frame."""
+    import struct
+
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import RLELossless
+
+    datasets = make_ct_series(
+        2 if enhanced else 1, rows=2, columns=2, transfer_syntax=RLELossless, enhanced=enhanced
+    )
+    # Two segments (high and low bytes of 4 pixels): 4 literal bytes, then 128 of them.
+    header = struct.pack("<16I", 2, 64, 69, *([0] * 13))
+    frame = header + b"\x03" + bytes(4) + b"\x7f" + bytes(128)
+    for ds in datasets:
+        ds.PixelData = encapsulate([frame] * int(ds.get("NumberOfFrames", 1)))
+    return write_series(datasets, tmp_path)
+
+
+@pytest.mark.parametrize("enhanced", [False, True])
+def test_a_codec_panic_is_a_decode_error(tmp_path: Path, enhanced: bool) -> None:
+    """Found by the fuzzing drill: on this RLE data pylibjpeg-rle (Rust) panics, which
+    pyo3 raises as a BaseException: it went through ``except Exception`` and ended the
+    worker thread (or the API's request) instead of answering "not analysed"."""
+    paths = _rle_overrun(tmp_path, enhanced)
+    with pytest.raises(DecodeError, match="cannot decode pixel data") as info:
+        load_series(paths)
+    assert type(info.value.__cause__).__name__ == "PanicException"
+
+
+def test_a_stream_the_parser_cannot_read_is_a_decode_error(tmp_path: Path) -> None:
+    """Found by the fuzzing drill: a truncated deflated data set made pydicom raise
+    zlib.error, which went past DecodeError."""
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    series = make_ct_series(
+        1, rows=SIZE, columns=SIZE, transfer_syntax=DeflatedExplicitVRLittleEndian
+    )
+    (path,) = write_series(series, tmp_path)
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) // 3])
+    with pytest.raises(DecodeError, match="not a readable DICOM file"):
+        load_image(path)
+
+
+def test_a_header_value_the_parser_cannot_convert_is_a_decode_error(tmp_path: Path) -> None:
+    """Found by the fuzzing drill: Pixel Spacing with an unknown VR made pydicom raise
+    NotImplementedError when frames_of read it, which went past DecodeError. (Implicit
+    VR Big Endian is no syntax the fast native reader takes, so pydicom reads it.)"""
+    from pydicom.uid import ExplicitVRBigEndian
+
+    series = make_ct_series(1, rows=SIZE, columns=SIZE, transfer_syntax=ExplicitVRBigEndian)
+    (path,) = write_series(series, tmp_path)
+    raw = path.read_bytes()
+    spacing = raw.index(b"\x00\x28\x00\x30DS")  # (0028,0030) Pixel Spacing, big endian
+    path.write_bytes(raw[: spacing + 4] + b"H\x02" + raw[spacing + 6 :])
+    with pytest.raises(DecodeError, match="a header value cannot be read"):
+        load_image(path)
+
+
+@pytest.mark.parametrize("enhanced", [False, True])
+def test_a_number_of_frames_beyond_the_file_is_a_decode_error(
+    tmp_path: Path, enhanced: bool
+) -> None:
+    """Found while fuzzing: Number of Frames damaged into millions made frames_of build
+    as many frames (minutes, gigabytes) before decoding found the pixels short; an
+    upload could do that to the API."""
+    (ds,) = make_ct_series(3 if enhanced else 1, rows=16, columns=16, enhanced=enhanced)
+    ds.NumberOfFrames = 20_000_000
+    (path,) = write_series([ds], tmp_path)
+    with pytest.raises(DecodeError, match="Number of Frames 20000000 is more than the file"):
+        load_image(path)

@@ -80,3 +80,34 @@ def test_an_unreadable_file_is_a_decode_error(tmp_path: Path) -> None:
     junk.write_bytes(b"not DICOM")
     with pytest.raises(DecodeError, match="junk.dcm"):
         require_ct_file(junk)
+
+
+def _damaged(tmp_path: Path, damage: str) -> Path:
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    syntax = DeflatedExplicitVRLittleEndian if damage == "truncated deflate" else None
+    series = make_ct_series(
+        1, rows=16, columns=16, **({"transfer_syntax": syntax} if syntax else {})
+    )
+    (path,) = write_series(series, tmp_path)
+    raw = path.read_bytes()
+    if damage == "truncated deflate":
+        raw = raw[: len(raw) // 3]
+    elif damage == "unknown VR":
+        at = raw.index(b"\x02\x00\x10\x00UI")  # (0002,0010) Transfer Syntax UID
+        raw = raw[: at + 4] + b"TI" + raw[at + 6 :]
+    else:  # "short length": the file ends inside (0002,0010)'s 4-byte length
+        at = raw.index(b"\x02\x00\x10\x00UI")
+        raw = raw[: at + 4] + b"OB\x00\x00\x01"
+    path.write_bytes(raw)
+    return path
+
+
+@pytest.mark.parametrize("damage", ["truncated deflate", "unknown VR", "short length"])
+def test_a_damaged_file_is_a_decode_error_whatever_the_parser_raises(
+    tmp_path: Path, damage: str
+) -> None:
+    """Found by the fuzzing drill: pydicom raised zlib.error, NotImplementedError and
+    struct.error on these, which went past DecodeError (the upload route answered 500)."""
+    with pytest.raises(DecodeError, match="not a readable DICOM file"):
+        require_ct_file(_damaged(tmp_path, damage))
