@@ -183,3 +183,9 @@ def _association_sleep(seconds: float) -> None:
     with messages.not_empty:
         if not messages.queue:
             messages.not_empty.wait(seconds)
+        if messages.queue:
+            # Queue.put wakes one waiter only. A send_*() of this association waits
+            # for its response in get_msg() on this same condition (pynetdicom pauses
+            # this reactor first, but its pause can race): pass on the wake-up this
+            # wait may have taken, or that thread sleeps until its DIMSE timeout.
+            messages.not_empty.notify()
