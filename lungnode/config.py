@@ -175,6 +175,8 @@ class Settings(BaseSettings):
     #: Back-off after the n-th failed attempt of a job: base * 2^(n-1), capped.
     job_retry_base_seconds: float = Field(default=30.0, gt=0)
     job_retry_cap_seconds: float = Field(default=600.0, gt=0)
+    #: A job that found the storage full waits this long, then tries again (uncounted).
+    job_storage_wait_seconds: float = Field(default=30.0, gt=0)
     #: Seconds between looks for queued jobs that are due (a new job also wakes the pool).
     job_check_interval: float = Field(default=1.0, gt=0)
     #: Seconds a stop waits for running jobs; a job still running then is queued again.

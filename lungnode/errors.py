@@ -7,6 +7,8 @@ a JSON error or an exit code without catching everything.
 
 from __future__ import annotations
 
+import errno
+
 
 class LungnodeError(Exception):
     """Base class of every error lungnode raises on purpose."""
@@ -64,3 +66,46 @@ class JobNotRunning(LungnodeError):
 class ItemNotRunning(LungnodeError):
     """A batch item's result came after its attempt ended (its lease ran out and it was
     given up, or another worker has it now); not recorded."""
+
+
+class StorageFull(LungnodeError):
+    """The storage (or the database) has no room for what must be written now.
+
+    Not a fault of the series, nor of the node's code: a job that meets it waits for
+    space and runs again, without spending one of its attempts (``pipeline.jobs``).
+    ``needed_bytes`` is how much the write wanted, when known.
+    """
+
+    def __init__(self, message: str, needed_bytes: int | None = None) -> None:
+        super().__init__(message)
+        self.needed_bytes = needed_bytes
+
+
+#: errno values of a write refused for want of space: the device, or the user's quota.
+_NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+#: SQLite's SQLITE_FULL (its database or journal cannot grow); PostgreSQL's disk_full.
+_SQLITE_FULL = 13
+_POSTGRESQL_DISK_FULL = "53100"
+
+
+def storage_full(exc: BaseException) -> bool:
+    """Whether ``exc``, or an exception it was raised from, says the storage is full.
+
+    A write's ``OSError`` with ENOSPC or EDQUOT, a :class:`StorageFull`, SQLite's
+    "database or disk is full" and PostgreSQL's ``disk_full`` (SQLAlchemy raises
+    the driver's error as the cause of its own).
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, StorageFull):
+            return True
+        if isinstance(current, OSError) and current.errno in _NO_SPACE_ERRNOS:
+            return True
+        if getattr(current, "sqlite_errorcode", None) == _SQLITE_FULL:
+            return True
+        if getattr(current, "sqlstate", None) == _POSTGRESQL_DISK_FULL:
+            return True
+        current = current.__cause__ or current.__context__
+    return False

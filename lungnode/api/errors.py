@@ -3,8 +3,9 @@
 Every failure answers this shape, whatever raised it: an :class:`APIError` in a
 view, a schema validation error (422), an APIFlask ``HTTPError``, a Werkzeug
 ``HTTPException`` (404, 405, 413, a rate limit's 429), a token error from
-flask-jwt-extended (401, see ``auth.py``), or an unexpected exception (500,
-logged with its traceback, answered without it).
+flask-jwt-extended (401, see ``auth.py``), a full storage (507, with
+``Retry-After``), or an unexpected exception (500, logged with its traceback,
+answered without it).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from apiflask.types import ResponseReturnValueType
 from flask import jsonify
 from flask.typing import ResponseReturnValue
 from werkzeug.exceptions import HTTPException
+
+from lungnode.errors import storage_full
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +38,11 @@ STATUS_CODES: dict[int, str] = {
     429: "rate_limited",
     500: "internal_error",
     503: "unavailable",
+    507: "storage_full",
 }
+
+#: Seconds a client is told to wait when the storage is full (RFC 9110 10.2.3).
+STORAGE_FULL_RETRY_AFTER = 60
 
 #: The error shape as an OpenAPI schema (every documented 4xx/5xx response uses it).
 ERROR_SCHEMA: dict[str, Any] = {
@@ -110,5 +117,9 @@ def register_error_handlers(app: APIFlask) -> None:
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> ResponseReturnValue:
+        if storage_full(exc):  # not a bug: the disk (or the database's) has no room
+            logger.warning("request refused, the storage is full: %s", exc)
+            body = error_body("storage_full", "the node's storage is full; try again later")
+            return jsonify(body), 507, {"Retry-After": str(STORAGE_FULL_RETRY_AFTER)}
         logger.exception("unhandled error")
         return jsonify(error_body("internal_error", "internal server error")), 500

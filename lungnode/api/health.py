@@ -30,12 +30,28 @@ def _check_database() -> dict[str, Any]:
     return {"ok": True}
 
 
+#: Room above the reserve that the disk check asks for: one more CT slice (a
+#: 512 x 512 slice is half a MiB), so that it fails as soon as C-STORE may answer
+#: 0xA700, with ``min_free_disk_mb`` 0 too.
+HEADROOM_MB = 1
+
+
 def _check_disk() -> dict[str, Any]:
+    """Free space in ``storage_dir``: at least the reserve below which C-STORE answers
+    0xA700 (``min_free_disk_mb``), plus :data:`HEADROOM_MB`."""
     settings = context.settings()
     settings.storage_dir.mkdir(parents=True, exist_ok=True)
-    free_mb = shutil.disk_usage(settings.storage_dir).free // 2**20
-    ok = free_mb >= settings.min_free_disk_mb
-    return {"ok": ok, "free_mb": free_mb, "reserved_mb": settings.min_free_disk_mb}
+    free = shutil.disk_usage(settings.storage_dir).free
+    reserved_mb = settings.min_free_disk_mb
+    ok = free >= (reserved_mb + HEADROOM_MB) * 2**20
+    result: dict[str, Any] = {"ok": ok, "free_mb": free // 2**20, "reserved_mb": reserved_mb}
+    if not ok:
+        result["error"] = (
+            f"storage full: {free / 2**20:.1f} MiB free, {reserved_mb} MiB reserved; "
+            "C-STORE answers 0xA700 (out of resources) to what does not fit, and "
+            "analysis jobs wait for space"
+        )
+    return result
 
 
 def _check_scp() -> dict[str, Any]:

@@ -146,6 +146,23 @@ class JobRepository:
                 )
             )
 
+    def wait_for_storage(self, job_id: int, error: str, delay_seconds: float) -> None:
+        """running -> queued after an attempt that found the storage full, due again in
+        ``delay_seconds``. The attempt is not counted: a full disk is no fault of the
+        series nor of the job, and must never use up its attempts."""
+        with write_transaction(self.sessions) as session:
+            session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.state == JobState.RUNNING.value)
+                .values(
+                    state=JobState.QUEUED.value,
+                    attempts=Job.attempts - 1,
+                    last_error=error,
+                    next_attempt_at=_now() + timedelta(seconds=delay_seconds),
+                    lease_until=None,
+                )
+            )
+
     def retry_failed_jobs(self, job_ids: list[int] | None = None) -> list[int]:
         """failed -> queued (all, or these ids), due now, attempts counted afresh."""
         with write_transaction(self.sessions) as session:

@@ -10,14 +10,13 @@ carrying the DICOM status to answer (PS3.4 Table B.2-1 and GG.4-1).
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from io import BytesIO
@@ -33,7 +32,7 @@ from lungnode.dicom.instance_header import read_instance_header
 from lungnode.dicom.modality import ACCEPTED_SOP_CLASSES as ACCEPTED_SOP_CLASSES
 from lungnode.dicom.modality import why_not_ct
 from lungnode.domain import InstanceFacts
-from lungnode.errors import IntakeError
+from lungnode.errors import IntakeError, storage_full
 
 logger = logging.getLogger(__name__)
 
@@ -294,23 +293,51 @@ def _temporary_file(directory: Path) -> tuple[int, str]:
         return tempfile.mkstemp(dir=directory, prefix=".", suffix=".part")
 
 
-def write_atomically(path: Path, payload: bytes) -> None:
-    """Write ``payload`` so that ``path`` is either absent or complete, even after a crash.
-
-    The file is written under a temporary name and fsynced, renamed into place, and
-    then its directory is fsynced (shared with concurrent writers: DirectorySyncs).
-    """
+def _write_temporary(path: Path, payload: bytes) -> Path:
+    """``payload`` in a durable temporary file beside ``path`` (``.*.part``); on any
+    failure (a full disk) the temporary file is removed and the error raised."""
     fd, temporary = _temporary_file(path.parent)
     try:
         with os.fdopen(fd, "wb") as stream:
             stream.write(payload)
             stream.flush()
             os.fsync(stream.fileno())
-        os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
-    _directory_syncs.sync(path.parent)
+    return Path(temporary)
+
+
+def write_atomically(path: Path, payload: bytes) -> None:
+    """Write ``payload`` so that ``path`` is either absent or complete, even after a crash.
+
+    The file is written under a temporary name and fsynced, renamed into place, and
+    then its directory is fsynced (shared with concurrent writers: DirectorySyncs).
+    """
+    write_all_atomically([(path, payload)])
+
+
+def write_all_atomically(files: Sequence[tuple[Path, bytes]]) -> None:
+    """Write every file, or none of them: each to a durable temporary file first, and
+    only when all are written, rename them into place.
+
+    A failure while writing (a full disk) removes the temporary files written so far
+    and raises: none of the set appears, and none of the room stays taken. A file
+    that existed before is replaced whole, never left half-written.
+    """
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for path, payload in files:
+            staged.append((_write_temporary(path, payload), path))
+        while staged:
+            temporary, path = staged[0]
+            os.replace(temporary, path)
+            staged.pop(0)
+            _directory_syncs.sync(path.parent)
+    except BaseException:
+        for temporary, _path in staged:
+            temporary.unlink(missing_ok=True)
+        raise
 
 
 #: Records a stored instance; returns True when it was new. Raises on database failure.
@@ -336,13 +363,16 @@ class Intake:
         try:
             write_atomically(path, encoded)
         except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            if storage_full(exc):
                 raise IntakeError(STATUS_OUT_OF_RESOURCES, "storage is full") from exc
             raise IntakeError(STATUS_OUT_OF_RESOURCES, f"cannot write instance: {exc}") from exc
         try:
             self.register(facts, path, len(encoded), association_id)
         except Exception as exc:
             # The file stays: a resend or the start-up reconciliation registers it.
+            # (It may be one stored and acknowledged before, written again by a resend.)
+            if storage_full(exc):  # the database shares the full disk
+                raise IntakeError(STATUS_OUT_OF_RESOURCES, "storage is full") from exc
             logger.exception("cannot record instance %s", facts.sop_instance_uid)
             raise IntakeError(STATUS_OUT_OF_RESOURCES, "cannot record instance") from exc
         return facts

@@ -318,3 +318,8 @@ def _association_sleep(seconds: float) -> None:
             messages.not_empty.wait(bound)
         if messages.queue:
             assoc._lungnode_event_at = time.monotonic()  # type: ignore[attr-defined]
+            # Queue.put wakes one waiter only. A send_*() of this association waits
+            # for its response in get_msg() on this same condition (pynetdicom pauses
+            # this reactor first, but its pause can race): pass on the wake-up this
+            # wait may have taken, or that thread sleeps until its DIMSE timeout.
+            messages.not_empty.notify()

@@ -45,10 +45,11 @@ from lungnode.dicom import reactor
 from lungnode.dicom.intake import (
     ACCEPTED_SOP_CLASSES,
     STATUS_CANNOT_UNDERSTAND,
+    STATUS_OUT_OF_RESOURCES,
     STATUS_SUCCESS,
     Intake,
 )
-from lungnode.errors import IntakeError
+from lungnode.errors import IntakeError, storage_full
 
 if TYPE_CHECKING:
     from lungnode.dicom.ingest_workers import IngestWorkers
@@ -134,11 +135,24 @@ def _failure(status: int, comment: str) -> Dataset:
     return response
 
 
+def _association_id(tracker: _AssociationTracker, assoc: Association) -> int:
+    """The association's row; a database that cannot record it (a full disk under
+    it, or the database away) is out of resources, as in ``Intake.store``: 0xA700,
+    which a sender retries, not 0xC000, which tells it the data set is at fault."""
+    try:
+        return tracker.id_for(assoc)
+    except Exception as exc:
+        if storage_full(exc):  # the refusal's own warning says it
+            raise IntakeError(STATUS_OUT_OF_RESOURCES, "storage is full") from exc
+        logger.exception("cannot record the association")
+        raise IntakeError(STATUS_OUT_OF_RESOURCES, "cannot record the association") from exc
+
+
 def handle_store(event: evt.Event, intake: Intake, tracker: _AssociationTracker) -> int | Dataset:
     """C-STORE: store durably, then answer (PS3.4 B.2.3). Never raises."""
     try:
         encoded = event.encoded_dataset()
-        association_id = tracker.id_for(event.assoc)
+        association_id = _association_id(tracker, event.assoc)
         facts = intake.store(encoded, association_id)
     except IntakeError as exc:
         logger.warning(

@@ -70,3 +70,12 @@ def save_png(path: Path, rgb: np.ndarray) -> Path:
     if not cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
         raise OSError(f"cannot write PNG {path}")
     return path
+
+
+def png_bytes(rgb: np.ndarray) -> bytes:
+    """An RGB uint8 image encoded as PNG, in memory (the caller writes it as it must:
+    OpenCV's own file write reports a full disk only as False, and leaves a part)."""
+    encoded, buffer = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    if not encoded:
+        raise ValueError("OpenCV cannot encode the image as PNG")
+    return bytes(buffer.tobytes())

@@ -13,6 +13,13 @@ admin retries it. What the series itself cannot give (too few slices, pixels
 that cannot be decoded) is not an exception here: the handler answers it
 with a "not analysed" result and the job is ``done``.
 
+A full storage (``errors.storage_full``: a write's ENOSPC or EDQUOT, a database
+that cannot grow) is neither: the job *waits*. It goes back to ``queued`` with
+``last_error`` "storage full: ...", due again every ``storage_wait_seconds``, and
+the attempt is not counted, so however long the disk stays full the job is never
+``failed`` for it; it runs again by itself once there is room. The handler has
+written and recorded nothing of such an attempt (its outputs are all or none).
+
 What a job *does* is the :data:`JobHandler` seam: the analysis, the writers
 and the outbox plug in there. With no handler, jobs wait in ``queued``.
 """
@@ -31,7 +38,7 @@ from lungnode.config import Settings
 from lungnode.db.jobs import JobRepository
 from lungnode.db.leases import JobLeases
 from lungnode.db.models import JobState
-from lungnode.errors import JobNotRunning
+from lungnode.errors import JobNotRunning, storage_full
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +51,8 @@ class JobRetryPolicy:
     max_attempts: int = 3
     base_seconds: float = 30.0
     cap_seconds: float = 600.0
+    #: A job that found the storage full tries again after this many seconds.
+    storage_wait_seconds: float = 30.0
 
     @classmethod
     def from_settings(cls, settings: Settings) -> JobRetryPolicy:
@@ -51,6 +60,7 @@ class JobRetryPolicy:
             max_attempts=settings.job_max_attempts,
             base_seconds=settings.job_retry_base_seconds,
             cap_seconds=settings.job_retry_cap_seconds,
+            storage_wait_seconds=settings.job_storage_wait_seconds,
         )
 
     def delay(self, attempt: int) -> float:
@@ -109,10 +119,13 @@ def run_job(
     job_id: int,
     policy: JobRetryPolicy | None = None,
     lease: LeaseTerms | None = None,
+    stopping: threading.Event | None = None,
 ) -> bool:
     """Claim and run one attempt of a due job. Returns False when it was not ours to run.
 
     With ``lease`` (Celery workers), the attempt holds a lease while it runs.
+    ``stopping`` ends the wait of a job that cannot even record that it waits for
+    space (its database is on the full disk): it stays ``running``, for the next start.
     """
     policy = policy or JobRetryPolicy()
     attempt = repo.claim_job(job_id)
@@ -121,7 +134,7 @@ def run_job(
     logger.info("job %d running (attempt %d of %d)", job_id, attempt, policy.max_attempts)
     heartbeat = _Heartbeat(lease, job_id, attempt) if lease is not None else None
     try:
-        _run_attempt(repo, handler, job_id, attempt, policy)
+        _run_attempt(repo, handler, job_id, attempt, policy, stopping)
     finally:
         if heartbeat is not None:
             heartbeat.stop()
@@ -129,7 +142,12 @@ def run_job(
 
 
 def _run_attempt(
-    repo: JobRepository, handler: JobHandler, job_id: int, attempt: int, policy: JobRetryPolicy
+    repo: JobRepository,
+    handler: JobHandler,
+    job_id: int,
+    attempt: int,
+    policy: JobRetryPolicy,
+    stopping: threading.Event | None = None,
 ) -> None:
     try:
         details = handler(job_id)
@@ -138,6 +156,9 @@ def _run_attempt(
         # worker, its lease ran out): no longer ours, and nothing was recorded.
         logger.info("job %d was given up while it ran; another attempt runs it", job_id)
     except Exception as exc:
+        if storage_full(exc):
+            _wait_for_storage(repo, job_id, exc, policy, stopping)
+            return
         error = f"{type(exc).__name__}: {exc}"
         if attempt >= policy.max_attempts:
             logger.exception("job %d failed for good after %d attempt(s)", job_id, attempt)
@@ -159,6 +180,45 @@ def _run_attempt(
     else:
         repo.finish_job(job_id, JobState.DONE, details=details)
         logger.info("job %d done", job_id)
+
+
+def _wait_for_storage(
+    repo: JobRepository,
+    job_id: int,
+    exc: Exception,
+    policy: JobRetryPolicy,
+    stopping: threading.Event | None,
+) -> None:
+    """running -> queued, due in ``storage_wait_seconds``, the attempt not counted.
+
+    When the database shares the full disk, even that cannot be recorded: the
+    worker tries again every ``storage_wait_seconds`` until it can, or until
+    ``stopping`` is set (the job then stays ``running``: the next start queues it).
+    """
+    reason = str(exc) if str(exc).startswith("storage full") else f"storage full: {exc}"
+    delay = policy.storage_wait_seconds
+    logger.warning(
+        "job %d waits for storage space, tries again in %g s (not counted as an attempt; "
+        "nothing recorded or sent): %s",
+        job_id,
+        delay,
+        reason,
+    )
+    while True:
+        try:
+            repo.wait_for_storage(job_id, reason, delay)
+            return
+        except Exception as again:
+            if not storage_full(again) or stopping is None:
+                raise
+            logger.warning(
+                "job %d: cannot record its wait either (the database is on the full "
+                "storage); trying again in %g s",
+                job_id,
+                delay,
+            )
+        if stopping.wait(delay):
+            return
 
 
 class LocalJobQueue:
@@ -245,7 +305,12 @@ class LocalJobQueue:
             if thread.is_alive() and (job_id := self._running.get(thread.name)) is not None
         ]
         for job_id in given_up:
-            if self.repo.requeue_job(job_id):
+            try:
+                requeued = self.repo.requeue_job(job_id)
+            except Exception:  # a full disk under the database: the next start does it
+                logger.exception("job %d: cannot queue it again; the next start does", job_id)
+                continue
+            if requeued:
                 logger.warning(
                     "job %d still running when the stop's time ran out: "
                     "left queued for the next start",
@@ -285,9 +350,12 @@ class LocalJobQueue:
             self._running[name] = job_id
             try:
                 if not self._stopping.is_set():  # left queued for the next start
-                    run_job(self.repo, self.handler, job_id, self.policy)
-            except Exception:
-                logger.exception("worker error on job %d", job_id)
+                    run_job(self.repo, self.handler, job_id, self.policy, stopping=self._stopping)
+            except Exception as exc:
+                if storage_full(exc):  # the claim itself could not be recorded
+                    logger.warning("job %d waits: the database cannot record: %s", job_id, exc)
+                else:
+                    logger.exception("worker error on job %d", job_id)
             finally:
                 self._running.pop(name, None)
                 with self._handed_lock:

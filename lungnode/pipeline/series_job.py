@@ -8,12 +8,17 @@ transaction (``db.results``). A series that cannot be analysed still gets a
 PDF and an SR that say why, so the radiologist is never left wondering.
 
 Files are written atomically and named by their deterministic UIDs, so a job
-re-run after a crash overwrites identical files and queues no duplicates.
+re-run after a crash overwrites identical files and queues no duplicates. The
+outputs of one attempt are written all or none (``dicom.intake.write_all_atomically``):
+a full disk leaves none of them, and the job waits for space (:class:`StorageFull`,
+``pipeline.jobs``). It remembers how much room its outputs took, and until the storage
+has that much free again, its next attempt waits without running the analysis.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -25,9 +30,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from lungnode.config import Settings
 from lungnode.db.results import JobInputs, JobResults, ResultObject, job_inputs, record_job_results
-from lungnode.dicom.intake import write_atomically
+from lungnode.dicom.intake import write_all_atomically
 from lungnode.domain import AnalysisResult, HUVolume
-from lungnode.errors import DecodeError, LungnodeError
+from lungnode.errors import DecodeError, LungnodeError, StorageFull, storage_full
 from lungnode.ml.bundle import ModelBundle, load_bundle
 from lungnode.pipeline.jobs import JobHandler
 from lungnode.pipeline.outputs import dataset_bytes, render_results
@@ -83,6 +88,10 @@ class SeriesJob:
         self._bundle: ModelBundle | None = None
         self._bundle_lock = threading.Lock()
         self._provided_bundle = bundle
+        #: Bytes the outputs of a job waiting for space took: its next attempt runs
+        #: only when that much is free (an optimisation: a restart forgets it).
+        self._room_needed: dict[int, int] = {}
+        self._room_lock = threading.Lock()
 
     @property
     def bundle(self) -> ModelBundle:
@@ -98,6 +107,39 @@ class SeriesJob:
             return self._bundle
 
     def __call__(self, job_id: int) -> dict[str, Any] | None:
+        self._check_room(job_id)
+        try:
+            details = self._run(job_id)
+        except Exception as exc:
+            if storage_full(exc):
+                self._remember_room(job_id, exc)
+            raise
+        with self._room_lock:
+            self._room_needed.pop(job_id, None)
+        return details
+
+    def _check_room(self, job_id: int) -> None:
+        """A job that waited for space waits on, without analysing, while less is free
+        than its outputs took last time."""
+        with self._room_lock:
+            needed = self._room_needed.get(job_id)
+        if needed is None:
+            return
+        free = shutil.disk_usage(self.settings.storage_dir).free
+        if free < needed:
+            raise StorageFull(
+                f"storage full: {_mib(free)} free, the results need {_mib(needed)}", needed
+            )
+
+    def _remember_room(self, job_id: int, exc: BaseException) -> None:
+        cause: BaseException | None = exc
+        while cause is not None and not isinstance(cause, StorageFull):
+            cause = cause.__cause__
+        if cause is not None and cause.needed_bytes is not None:
+            with self._room_lock:
+                self._room_needed[job_id] = cause.needed_bytes
+
+    def _run(self, job_id: int) -> dict[str, Any] | None:
         started = time.perf_counter()
         inputs = job_inputs(self.sessions, job_id, self.settings.storage_dir)
         paths = [Path(p) for p in inputs.instance_paths]
@@ -153,28 +195,28 @@ class SeriesJob:
     def _write_outputs(
         self, inputs: JobInputs, source: Dataset, volume: HUVolume | None, result: AnalysisResult
     ) -> JobResults:
-        from lungnode.imaging.heatmap import save_png
+        from lungnode.imaging.heatmap import png_bytes
 
         version = inputs.version
         storage = self.settings.storage_dir
         rendered = render_results(source, volume, result, version)
-        datasets = rendered.datasets
+        files: list[tuple[Path, bytes]] = []
         heatmap_dir: Path | None = None
         if rendered.key_pictures:
             heatmap_dir = storage / "heatmaps" / f"job-{inputs.job_id}"
-            heatmap_dir.mkdir(parents=True, exist_ok=True)
-            for n, picture in enumerate(rendered.key_pictures):
-                save_png(heatmap_dir / f"{n}.png", picture)
+            files += [
+                (heatmap_dir / f"{n}.png", png_bytes(picture))
+                for n, picture in enumerate(rendered.key_pictures)
+            ]
         report_path = (
             storage
             / "reports"
             / inputs.study_instance_uid
             / f"{inputs.series_instance_uid}_v{version}.pdf"
         )
-        write_atomically(report_path, rendered.pdf)
-
+        files.append((report_path, rendered.pdf))
         objects = []
-        for kind, dataset in datasets:
+        for kind, dataset in rendered.datasets:
             path = (
                 storage
                 / "results"
@@ -182,10 +224,11 @@ class SeriesJob:
                 / str(dataset.SeriesInstanceUID)
                 / f"{dataset.SOPInstanceUID}.dcm"
             )
-            write_atomically(path, dataset_bytes(dataset))
+            files.append((path, dataset_bytes(dataset)))
             objects.append(
                 ResultObject(kind, str(dataset.SOPClassUID), str(dataset.SOPInstanceUID), str(path))
             )
+        _write_files(files)
         model = result.model
         return JobResults(
             details={
@@ -209,6 +252,24 @@ class SeriesJob:
             model_intended_use=model.intended_use,
             model_trained_on=model.trained_on,
         )
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.1f} MiB"
+
+
+def _write_files(files: list[tuple[Path, bytes]]) -> None:
+    """All the outputs of the attempt, or none; a full disk raises :class:`StorageFull`
+    with the room they need."""
+    needed = sum(len(payload) for _path, payload in files)
+    try:
+        write_all_atomically(files)
+    except OSError as exc:
+        if not storage_full(exc):
+            raise
+        raise StorageFull(
+            f"storage full: cannot write the results ({_mib(needed)}): {exc.strerror}", needed
+        ) from exc
 
 
 def make_series_job(

@@ -62,6 +62,7 @@ def test_health_names_each_failing_check(
     assert response.status_code == 503
     assert set(response.json["failing"]) == {"disk", "scp", "model"}
     assert "sha256" in response.json["checks"]["model"]["error"]
+    assert response.json["checks"]["disk"]["error"].startswith("storage full: ")
 
 
 def test_health_without_a_node_probes_the_dicom_port(
@@ -120,3 +121,30 @@ def test_the_api_alone_probes_the_scp_without_holding_an_association(
     assert wait_until(lambda: threading.active_count() <= threads, timeout=5), [
         t.name for t in threading.enumerate()
     ]
+
+
+def test_a_full_disk_fails_the_health_check_with_no_reserve_too(
+    make_settings: Callable[..., Settings], make_app: Callable[..., Flask], tmp_path: Path
+) -> None:
+    """Before, with ``min_free_disk_mb = 0`` a disk with nothing free passed (free ≥ 0),
+    and a failing disk check said no why."""
+    from tests.support.small_disk import fill, small_disk
+
+    with small_disk(tmp_path / "disk", 4) as disk:
+        settings = make_settings(
+            storage_dir=disk / "storage",
+            model=str(fake_bundle(tmp_path / "models")),
+            min_free_disk_mb=0,
+        )
+        upgrade(settings.effective_database_url)
+        client = make_app(settings, node_status=Listening(True)).test_client()
+        assert client.get("/api/v1/health").status_code == 200
+        filler = disk / "filler"
+        fill(filler)
+        response = client.get("/api/v1/health")
+        assert response.status_code == 503 and response.json["failing"] == ["disk"]
+        check = response.json["checks"]["disk"]
+        assert (check["ok"], check["free_mb"], check["reserved_mb"]) == (False, 0, 0)
+        assert check["error"].startswith("storage full: 0.0 MiB free, 0 MiB reserved")
+        filler.unlink()
+        assert client.get("/api/v1/health").status_code == 200

@@ -171,3 +171,34 @@ def test_upload_accepts_stream_in_chunks(api: API) -> None:
     response = api.client.post("/api/v1/upload", headers=api.headers("admin"), **multipart(content))
     stored = api.settings.storage_dir / "uploads" / f"{response.json['file_id']}.png"
     assert stored.read_bytes() == content
+
+
+def test_an_upload_to_a_full_disk_is_507_and_leaves_nothing(
+    make_api: Callable[..., API], tmp_path: Path
+) -> None:
+    """Before, a full disk answered 500 "internal server error", as a bug would."""
+    from tests.support.small_disk import fill, small_disk
+
+    with small_disk(tmp_path / "disk", 4) as disk:
+        api = make_api(storage_dir=disk / "storage")
+        headers = api.headers("radiologist")
+        fill(disk / "filler")
+        response = api.client.post(
+            "/api/v1/upload",
+            data=upload_form(png_bytes(256)),
+            headers=headers,
+            content_type="multipart/form-data",
+        )
+        assert response.status_code == 507, response.json
+        assert response.json["error"]["code"] == "storage_full"
+        assert response.headers["Retry-After"] == "60"
+        assert _all_files(disk / "storage" / "uploads") == set()
+        (disk / "filler").unlink()
+        response = api.client.post(
+            "/api/v1/upload",
+            data=upload_form(png_bytes(256)),
+            headers=headers,
+            content_type="multipart/form-data",
+        )
+        assert response.status_code == 201, response.json
+        api.app.extensions["lungnode"]["engine"].dispose()

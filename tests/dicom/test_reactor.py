@@ -251,3 +251,52 @@ def test_a_command_set_pynetdicom_fails_on_aborts_the_association(
         assert peer.recv(65536)[:1] == b"\x07"  # A-ABORT
     assert wait_until(lambda: not node.scp.ae.active_associations, timeout=10)
     assert died == []
+
+
+def test_a_wake_up_the_reactor_takes_is_passed_on_to_a_waiting_send() -> None:
+    """A response queued while both the association's reactor and a ``send_*()`` wait
+    on its message queue reaches the ``send_*()`` at once.
+
+    ``Queue.put`` wakes one waiter. The reactor's wait took that wake-up and kept it,
+    and the ``send_c_store`` waiting in ``get_msg`` slept until its DIMSE timeout:
+    about one C-STORE in a few hundred, over one association in the node's own
+    process (the disk-full drill's long variant and the outbox), stalled for the
+    whole timeout and the association was aborted. pynetdicom pauses the reactor
+    during a ``send_*()``, but its pause can race, which is when both wait.
+    """
+    from pynetdicom import AE
+
+    reactor.install()
+    association = pynetdicom.association.Association(AE(), "requestor")
+    messages = association.dimse.msg_queue
+    stop = threading.Event()
+
+    def reactor_loop() -> None:  # the association thread's sleep, back to back
+        while not stop.is_set():
+            pynetdicom.association.time.sleep(0.001)  # type: ignore[attr-defined]
+
+    association.run = reactor_loop  # type: ignore[method-assign]
+    association.daemon = True
+    association.start()
+    waiters = messages.not_empty._waiters  # type: ignore[attr-defined]
+    latencies: list[float] = []
+
+    def send(got: list[object]) -> None:  # send_c_store's wait for its response
+        got.append(messages.get(timeout=3))
+
+    try:
+        for number in range(20):
+            got: list[object] = []
+            assert wait_until(lambda: len(waiters) >= 1, timeout=1, step=0)  # the reactor
+            before = len(waiters)
+            threading.Thread(target=send, args=(got,)).start()
+            # The send waits (behind the reactor's wait), and the response comes at once.
+            wait_until(lambda b=before: len(waiters) > b, timeout=0.5, step=0)
+            put_at = time.monotonic()
+            messages.put((1, f"response {number}"))
+            assert wait_until(lambda g=got: bool(g), timeout=5, step=0.001)
+            latencies.append(time.monotonic() - put_at)
+    finally:
+        stop.set()
+        association.join(timeout=5)
+    assert max(latencies) < 1.0, latencies

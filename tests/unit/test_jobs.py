@@ -1,8 +1,10 @@
 """The job state machine on a real database: failed attempts are retried after a
-back-off, then ``failed``; the local pool re-runs a job once its back-off is over."""
+back-off, then ``failed``; the local pool re-runs a job once its back-off is over;
+a job that finds the storage full waits, however long, without using up attempts."""
 
 from __future__ import annotations
 
+import errno
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -16,6 +18,7 @@ from lungnode.db.jobs import JobRepository
 from lungnode.db.migrate import upgrade
 from lungnode.db.models import Job, Series
 from lungnode.db.session import make_engine, make_session_factory
+from lungnode.errors import StorageFull
 from lungnode.pipeline.jobs import JobRetryPolicy, LocalJobQueue, run_job
 from tests.conftest import Databases
 from tests.dicom.helpers import wait_until
@@ -70,12 +73,12 @@ def test_backoff_doubles_and_is_capped() -> None:
 
 def test_a_failed_attempt_requeues_the_job_after_a_backoff(repo: JobRepository) -> None:
     job_id = _queue_job(repo)
-    handler, _ = _failing(1, OSError(28, "No space left on device"))
+    handler, _ = _failing(1, OSError(errno.EIO, "Input/output error"))
     before = datetime.now(UTC)
     assert run_job(repo, handler, job_id, FAST)
     job = _job(repo, job_id)
     assert (job.state, job.attempts, job.reason) == ("queued", 1, None)
-    assert job.last_error == "OSError: [Errno 28] No space left on device"
+    assert job.last_error == "OSError: [Errno 5] Input/output error"
     assert job.next_attempt_at is not None
     assert (
         before + timedelta(seconds=0.2)
@@ -175,3 +178,78 @@ def test_an_attempt_a_stop_gives_up_is_not_counted(repo: JobRepository) -> None:
     assert run_job(repo, handler, job_id, FAST)
     job = _job(repo, job_id)
     assert (job.state, job.attempts, job.last_error) == ("queued", 0, None)
+
+
+def _make_due(repo: JobRepository, job_id: int) -> None:
+    with repo.sessions.begin() as session:
+        session.execute(update(Job).where(Job.id == job_id).values(next_attempt_at=None))
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        OSError(errno.ENOSPC, "No space left on device"),
+        OSError(errno.EDQUOT, "Disk quota exceeded"),
+        StorageFull("storage full: 0.0 MiB free, the results need 5.0 MiB"),
+    ],
+    ids=["enospc", "edquot", "storage-full"],
+)
+def test_a_full_storage_makes_the_job_wait_without_using_its_attempts(
+    repo: JobRepository, exc: Exception
+) -> None:
+    """Before, a full disk was one more failed attempt: after ``job_max_attempts`` of
+    them the job was ``failed``, and the series stayed unanalysed once space returned."""
+    job_id = _queue_job(repo)
+    policy = JobRetryPolicy(max_attempts=2, base_seconds=60, cap_seconds=60, storage_wait_seconds=5)
+    handler, calls = _failing(5, exc)
+    for _ in range(5):  # more than max_attempts
+        before = datetime.now(UTC)
+        assert run_job(repo, handler, job_id, policy)
+        job = _job(repo, job_id)
+        assert (job.state, job.attempts, job.reason) == ("queued", 0, None)
+        assert job.last_error is not None and job.last_error.startswith("storage full: ")
+        assert str(exc) in job.last_error
+        # Due after storage_wait_seconds, not after the back-off (60 s).
+        assert job.next_attempt_at is not None
+        wait = job.next_attempt_at - before
+        assert timedelta(seconds=5) <= wait <= timedelta(seconds=6), wait
+        assert repo.due_job_ids() == []
+        _make_due(repo, job_id)
+    assert run_job(repo, handler, job_id, policy)
+    job = _job(repo, job_id)
+    assert (job.state, job.attempts, len(calls)) == ("done", 1, 6)
+
+
+def test_a_storage_wait_does_not_hide_a_real_failure(repo: JobRepository) -> None:
+    """Waits do not count, failures still do: two failures of max_attempts=2 fail it."""
+    job_id = _queue_job(repo)
+    policy = JobRetryPolicy(max_attempts=2, base_seconds=0.01, storage_wait_seconds=0.01)
+    faults = [OSError(errno.ENOSPC, "full"), RuntimeError("bug"), OSError(errno.ENOSPC, "full")]
+    faults.append(RuntimeError("bug"))
+
+    def handler(job_id: int) -> dict[str, Any]:
+        raise faults.pop(0)
+
+    for _ in range(4):
+        _make_due(repo, job_id)
+        assert run_job(repo, handler, job_id, policy)
+    job = _job(repo, job_id)
+    assert (job.state, job.attempts) == ("failed", 2)
+    assert job.reason == "gave up after 2 attempt(s); last error: RuntimeError: bug"
+
+
+def test_the_local_pool_runs_a_waiting_job_again_by_itself(repo: JobRepository) -> None:
+    job_id = _queue_job(repo)
+    handler, calls = _failing(4, OSError(errno.ENOSPC, "No space left on device"))
+    policy = JobRetryPolicy(max_attempts=1, base_seconds=60, storage_wait_seconds=0.1)
+    pool = LocalJobQueue(repo, handler, workers=1, policy=policy, interval=0.05)
+    pool.start()
+    try:
+        pool.submit(job_id)
+        assert wait_until(lambda: _job(repo, job_id).state == "done", timeout=10)
+    finally:
+        pool.stop()
+    job = _job(repo, job_id)
+    assert (job.attempts, len(calls)) == (1, 5)
+    gaps = [later - earlier for earlier, later in zip(calls, calls[1:], strict=False)]
+    assert min(gaps) >= 0.1, gaps
