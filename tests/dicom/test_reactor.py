@@ -300,3 +300,23 @@ def test_a_wake_up_the_reactor_takes_is_passed_on_to_a_waiting_send() -> None:
         stop.set()
         association.join(timeout=5)
     assert max(latencies) < 1.0, latencies
+
+
+def test_pynetdicom_logging_handlers_are_unbound_only_when_their_output_is_dropped() -> None:
+    import logging
+
+    from pynetdicom import _config as pynetdicom_config
+
+    pynetdicom_logger = logging.getLogger("pynetdicom")
+    level, setting = pynetdicom_logger.level, pynetdicom_config.LOG_HANDLER_LEVEL
+    try:
+        pynetdicom_config.LOG_HANDLER_LEVEL = "standard"
+        pynetdicom_logger.setLevel(logging.DEBUG)  # someone debugging the DICOM traffic
+        reactor._quiet_logging_handlers()
+        assert pynetdicom_config.LOG_HANDLER_LEVEL == "standard"
+        pynetdicom_logger.setLevel(logging.WARNING)  # as the node runs
+        reactor._quiet_logging_handlers()
+        assert pynetdicom_config.LOG_HANDLER_LEVEL == "none"
+    finally:
+        pynetdicom_logger.setLevel(level)
+        pynetdicom_config.LOG_HANDLER_LEVEL = setting
