@@ -29,7 +29,7 @@ arrives on the socket). A requestor's association thread keeps the 1 ms
 bound: the caller's ``send_*`` pauses it at a checkpoint that nothing here
 can wake.
 
-Besides the waits, three fixes:
+Besides the waits, four fixes:
 
 - When a DUL thread ends, whoever waits for a primitive
   from it is told at once (an empty primitive, as when the wait times out). An
@@ -48,6 +48,10 @@ Besides the waits, three fixes:
   raised AttributeError while decoding) aborts the association, as pynetdicom's
   own guard does for the errors it catches, instead of ending the thread.
 
+- A requestor's socket whose connection failed (the peer is down) was left
+  open until garbage-collected: pynetdicom's shutdown of the unconnected
+  socket raised, and skipped its close. It is closed now.
+
 - An association request that pynetdicom itself fails on (a presentation
   context without an abstract syntax raised TypeError in the negotiation) ended
   the association's thread with the DUL thread and the connection left open; it
@@ -63,6 +67,7 @@ from __future__ import annotations
 import logging
 import os
 import select
+import socket
 import threading
 import time
 import types
@@ -76,6 +81,7 @@ from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.fsm import InvalidEventError
 from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.transport import AssociationSocket
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +115,7 @@ def install() -> bool:
             and callable(getattr(DULServiceProvider, "send_pdu", None))
             and callable(getattr(DULServiceProvider, "stop_dul", None))
             and callable(getattr(Association, "run_reactor", None))
+            and callable(getattr(AssociationSocket, "_shutdown_socket", None))
         )
         if not expected:
             logger.warning("reactor waits not installed: unexpected pynetdicom internals")
@@ -118,6 +125,7 @@ def install() -> bool:
             (Association, "run_reactor"): _aborting_on_error(Association.run_reactor),
             (DULServiceProvider, "send_pdu"): _waking(DULServiceProvider.send_pdu),
             (DULServiceProvider, "stop_dul"): _waking_first(DULServiceProvider.stop_dul),
+            (AssociationSocket, "_shutdown_socket"): _shutdown_and_close,
             (dul_module, "time"): _time_with_sleep(_dul_sleep),
             (association_module, "time"): _time_with_sleep(_association_sleep),
         }
@@ -253,6 +261,22 @@ def _aborting_on_error(run_reactor: Callable[[Any], None]) -> Callable[[Any], No
                     server.shutdown_request(sock)
 
     return run_reactor_aborting_on_error
+
+
+def _shutdown_and_close(transport: Any) -> None:
+    """pynetdicom's ``_shutdown_socket``, closing the socket even when the shutdown fails.
+
+    A connection that was never made (the peer is down) cannot be shut down: the
+    OSError skipped the close, and every failed attempt left a socket open until
+    the garbage collector found it (module doc).
+    """
+    sock = transport.socket
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # not connected
+    finally:
+        sock.close()
 
 
 def _waking(send_pdu: Callable[[Any, Any], None]) -> Callable[[Any, Any], None]:

@@ -320,3 +320,25 @@ def test_pynetdicom_logging_handlers_are_unbound_only_when_their_output_is_dropp
     finally:
         pynetdicom_logger.setLevel(level)
         pynetdicom_config.LOG_HANDLER_LEVEL = setting
+
+
+def test_a_connection_that_fails_leaves_no_socket_open() -> None:
+    import gc
+    import warnings
+
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    from tests.dicom.helpers import free_port
+
+    assert reactor.install()
+    ae = AE(ae_title="PROBE")
+    ae.add_requested_context(Verification)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        for _ in range(3):
+            assoc = ae.associate("127.0.0.1", free_port(), ae_title="NOBODY")  # nobody listens
+            assert not assoc.is_established
+        del assoc
+        gc.collect()
+    assert [w for w in caught if issubclass(w.category, ResourceWarning)] == []
