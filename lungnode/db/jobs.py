@@ -134,33 +134,30 @@ class JobRepository:
 
     def retry_job_later(self, job_id: int, error: str, delay_seconds: float) -> None:
         """running -> queued after a failed attempt, due once the back-off is over."""
-        with write_transaction(self.sessions) as session:
-            session.execute(
-                update(Job)
-                .where(Job.id == job_id, Job.state == JobState.RUNNING.value)
-                .values(
-                    state=JobState.QUEUED.value,
-                    last_error=error,
-                    next_attempt_at=_now() + timedelta(seconds=delay_seconds),
-                    lease_until=None,
-                )
-            )
+        self._requeue(job_id, error, delay_seconds, count_attempt=True)
 
     def wait_for_storage(self, job_id: int, error: str, delay_seconds: float) -> None:
         """running -> queued after an attempt that found the storage full, due again in
         ``delay_seconds``. The attempt is not counted: a full disk is no fault of the
         series nor of the job, and must never use up its attempts."""
+        self._requeue(job_id, error, delay_seconds, count_attempt=False)
+
+    def _requeue(
+        self, job_id: int, error: str, delay_seconds: float, *, count_attempt: bool
+    ) -> None:
+        values: dict[str, Any] = {
+            "state": JobState.QUEUED.value,
+            "last_error": error,
+            "next_attempt_at": _now() + timedelta(seconds=delay_seconds),
+            "lease_until": None,
+        }
+        if not count_attempt:
+            values["attempts"] = Job.attempts - 1
         with write_transaction(self.sessions) as session:
             session.execute(
                 update(Job)
                 .where(Job.id == job_id, Job.state == JobState.RUNNING.value)
-                .values(
-                    state=JobState.QUEUED.value,
-                    attempts=Job.attempts - 1,
-                    last_error=error,
-                    next_attempt_at=_now() + timedelta(seconds=delay_seconds),
-                    lease_until=None,
-                )
+                .values(**values)
             )
 
     def retry_failed_jobs(self, job_ids: list[int] | None = None) -> list[int]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,19 +31,12 @@ import pytest
 from tests.conftest import SENDER_AE, Databases, require_tool
 from tests.conftest import query as database_query
 from tests.dicom.helpers import free_port, wait_until
+from tests.serve import port_open
 
 ROOT = Path(__file__).resolve().parents[2]
 LUNGNODE = Path(sys.executable).with_name("lungnode")
 #: The first admin of the roles' database (``ensure_first_admin``).
 ADMIN_PASSWORD = "scaled-admin-password"
-
-
-def port_open(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
 
 
 class Redis:
