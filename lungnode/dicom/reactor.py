@@ -25,9 +25,16 @@ process (``scripts/measure_association_memory.py``). What an idle thread
 must still see at once wakes it: a DUL thread its socket, a queued primitive
 and a stop (``stop_dul``); an acceptor's association thread a DIMSE message,
 and anything its DUL thread was woken for (a release or abort request
-arrives on the socket). A requestor's association thread keeps the 1 ms
-bound: the caller's ``send_*`` pauses it at a checkpoint that nothing here
-can wake.
+arrives on the socket).
+
+A requestor's association thread (the node's SCU, sending results) keeps
+pynetdicom's plain 1 ms sleep. Its caller's ``send_*`` pauses it through a
+checkpoint and a flag that are not one atomic step: a reactor loop that passed
+the checkpoint just before the pause can still take the response off the
+queue ("unexpected C-STORE service message"), and the send then waits out its
+DIMSE timeout. Woken by the arrival of each response, the loop ran in step
+with the sends and met that window every few hundred stores under load;
+sleeping on its own clock it meets it as rarely as pynetdicom does.
 
 Besides the waits, four fixes:
 
@@ -347,10 +354,14 @@ def _wake_association(assoc: Any) -> None:
 def _association_sleep(seconds: float) -> None:
     """In an association thread's reactor: wait for a DIMSE message (module docstring)."""
     assoc = threading.current_thread()
-    if seconds != _ASSOCIATION_SLEEP_S or not isinstance(assoc, Association):
+    if (
+        seconds != _ASSOCIATION_SLEEP_S
+        or not isinstance(assoc, Association)
+        or not assoc.is_acceptor  # a requestor sleeps on its own clock (module doc)
+    ):
         time.sleep(seconds)
         return
-    bound = _bound(assoc, seconds) if assoc.is_acceptor else seconds
+    bound = _bound(assoc, seconds)
     messages = assoc.dimse.msg_queue
     # not_empty shares the queue's mutex, so look at the deque itself
     # (qsize() would take that mutex a second time).

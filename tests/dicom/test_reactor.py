@@ -267,7 +267,8 @@ def test_a_wake_up_the_reactor_takes_is_passed_on_to_a_waiting_send() -> None:
     from pynetdicom import AE
 
     reactor.install()
-    association = pynetdicom.association.Association(AE(), "requestor")
+    # An acceptor: a requestor's reactor sleeps on its own clock (next test).
+    association = pynetdicom.association.Association(AE(), "acceptor")
     messages = association.dimse.msg_queue
     stop = threading.Event()
 
@@ -342,3 +343,31 @@ def test_a_connection_that_fails_leaves_no_socket_open() -> None:
         del assoc
         gc.collect()
     assert [w for w in caught if issubclass(w.category, ResourceWarning)] == []
+
+
+def test_a_requestors_reactor_does_not_wait_on_its_message_queue() -> None:
+    """A requestor's reactor must not wake with each response (reactor module doc): in
+    step with its ``send_*()`` it met pynetdicom's pause race every few hundred stores."""
+    from pynetdicom import AE
+
+    reactor.install()
+    association = pynetdicom.association.Association(AE(), "requestor")
+    waiters = association.dimse.msg_queue.not_empty._waiters  # type: ignore[attr-defined]
+    stop = threading.Event()
+    seen: list[int] = []
+
+    def reactor_loop() -> None:
+        while not stop.is_set():
+            pynetdicom.association.time.sleep(0.001)  # type: ignore[attr-defined]
+
+    association.run = reactor_loop  # type: ignore[method-assign]
+    association.daemon = True
+    association.start()
+    try:
+        for _ in range(200):
+            seen.append(len(waiters))
+            time.sleep(0.001)
+    finally:
+        stop.set()
+        association.join(5)
+    assert max(seen) == 0
