@@ -152,3 +152,15 @@ def finished_job(node: Node, timeout: float = 120) -> Job:
             return job
         assert time.monotonic() < deadline, f"job did not finish: {job and job.state}"
         time.sleep(0.05)
+
+
+def store_or_none(assoc: Association, dataset: Dataset | Path) -> Dataset | None:
+    """The C-STORE response, or None when the association died first: the SCU may
+    notice before the send (pynetdicom raises) or during it (no Status)."""
+    if not assoc.is_established:
+        return None
+    try:
+        response = assoc.send_c_store(dataset)
+    except RuntimeError:  # noticed between the check and the send
+        return None
+    return response if "Status" in response else None

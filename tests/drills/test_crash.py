@@ -44,7 +44,14 @@ import pytest
 from pydicom import Dataset
 
 from tests.conftest import Databases, require_tool
-from tests.dicom.helpers import associate, close_dropped, free_port, store_all, wait_until
+from tests.dicom.helpers import (
+    associate,
+    close_dropped,
+    free_port,
+    store_all,
+    store_or_none,
+    wait_until,
+)
 from tests.drills.conftest import LONG, Drill
 from tests.drills.results_node import SeriesFacts, kinds_text, results_node, series_facts
 from tests.pacs import Orthanc
@@ -230,8 +237,8 @@ class CrashDrill:
         acked: list[str] = []
         cut = armed = False
         for ds in datasets:
-            response = assoc.send_c_store(ds)
-            if "Status" not in response:
+            response = store_or_none(assoc, ds)
+            if response is None:
                 cut = True  # the node died (or the answer was lost): no answer
                 break
             if int(response.Status) == 0x0000:
