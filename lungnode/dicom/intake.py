@@ -261,7 +261,10 @@ _directory_syncs = DirectorySyncs()
 
 #: Directories this process made or found (a stat per instance saved); an entry is
 #: dropped again when a write finds its directory gone (removed by housekeeping).
+#: One per series folder: forgotten all at once past the bound, so that a node
+#: running for years does not keep every series it ever received.
 _known_directories: set[Path] = set()
+_KNOWN_DIRECTORIES_MAX = 10_000
 
 
 def _make_directories(directory: Path) -> None:
@@ -279,6 +282,8 @@ def _make_directories(directory: Path) -> None:
         except FileExistsError:
             continue
         _directory_syncs.sync(path.parent)
+    if len(_known_directories) >= _KNOWN_DIRECTORIES_MAX:
+        _known_directories.clear()
     _known_directories.add(directory)
 
 

@@ -107,3 +107,14 @@ def test_write_atomically_recreates_a_directory_removed_after_a_first_write(
     write_atomically(target, b"two")
     assert target.read_bytes() == b"two"
     assert not list(target.parent.glob(".*.part"))
+
+
+def test_the_folders_known_to_exist_stay_bounded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(intake, "_KNOWN_DIRECTORIES_MAX", 5)
+    monkeypatch.setattr(intake, "_known_directories", set())
+    for series in range(12):
+        write_atomically(tmp_path / f"series-{series}" / "a.dcm", b"x")
+    assert 0 < len(intake._known_directories) <= 5
+    assert (tmp_path / "series-11" / "a.dcm").read_bytes() == b"x"
