@@ -168,6 +168,9 @@ class Settings(BaseSettings):
     model: str = "lung-ct-demo"
     models_dir: Path = Path("models")
     trust_pickle: bool = False
+    #: The SR's storage class: Comprehensive 3D SR (IHE AIR), or Comprehensive SR
+    #: for viewers that read only that.
+    sr_storage: Literal["comprehensive-3d", "comprehensive"] = "comprehensive-3d"
     #: A series with fewer slices is answered "not analysed" instead of classified.
     min_series_slices: int = Field(default=5, ge=1)
     #: Attempts of a job that fails on a fault of the node (not of the series), then ``failed``.

@@ -180,6 +180,41 @@ class AnalysisResult:
 
 
 @dataclass(frozen=True)
+class ObjectRef:
+    """One DICOM object lungnode wrote: enough to reference it from another."""
+
+    kind: str
+    sop_class_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+
+
+@dataclass(frozen=True)
+class PreviousVersion:
+    """The analysis of a series that a new analysis of the same series supersedes.
+
+    A late instance reopens a completed series; its next analysis is version
+    ``version + 1``, and its report and SR say which version they replace.
+    ``objects`` are what the previous version wrote (empty when unrecorded).
+    """
+
+    version: int
+    finished_at: str | None
+    objects: tuple[ObjectRef, ...] = ()
+
+    def object_of(self, kind: str) -> ObjectRef | None:
+        """The previous version's object of ``kind`` ("sr", "pdf"...), if recorded."""
+        return next((o for o in self.objects if o.kind == kind), None)
+
+    def replaces_text(self) -> str:
+        """What the SR and the PDF report say of the version they replace."""
+        when = f" of {self.finished_at}" if self.finished_at else ""
+        sr = self.object_of("sr")
+        named = f" (SR {sr.sop_instance_uid})" if sr else ""
+        return f"Replaces analysis version {self.version}{when}{named}."
+
+
+@dataclass(frozen=True)
 class InstanceFacts:
     """What the database and the series assembler need to know about one received instance."""
 

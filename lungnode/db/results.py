@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from lungnode.config import resolve_stored, stored_path
 from lungnode.db.models import Delivery, Instance, Job, JobState, Prediction, Series
 from lungnode.db.session import read_sessions, write_transaction
+from lungnode.domain import ObjectRef, PreviousVersion
 from lungnode.errors import JobNotRunning
 
 
@@ -35,6 +36,8 @@ class JobInputs:
     calling_ae: str | None
     #: Absolute, in instance order.
     instance_paths: list[Path]
+    #: The latest finished analysis of the same series, which this one supersedes.
+    previous: PreviousVersion | None = None
 
 
 @dataclass(frozen=True)
@@ -88,7 +91,41 @@ def job_inputs(sessions: sessionmaker[Session], job_id: int, storage_dir: Path) 
             series_instance_uid=series.series_instance_uid,
             calling_ae=series.calling_ae,
             instance_paths=paths,
+            previous=_previous_version(session, job),
         )
+
+
+def _previous_version(session: Session, job: Job) -> PreviousVersion | None:
+    """The latest ``done`` job of the same series with a lower version, as what it wrote.
+
+    Its objects come from the job's details (``outputs``, recorded since results
+    carry their predecessor); a job from before records none.
+    """
+    previous = session.scalars(
+        select(Job)
+        .where(
+            Job.series_id == job.series_id,
+            Job.version < job.version,
+            Job.state == JobState.DONE.value,
+        )
+        .order_by(Job.version.desc())
+        .limit(1)
+    ).first()
+    if previous is None:
+        return None
+    outputs = (previous.details or {}).get("outputs") or []
+    objects = tuple(
+        ObjectRef(
+            kind=str(o["kind"]),
+            sop_class_uid=str(o["sop_class_uid"]),
+            series_instance_uid=str(o["series_instance_uid"]),
+            sop_instance_uid=str(o["sop_instance_uid"]),
+        )
+        for o in outputs
+        if isinstance(o, dict)
+    )
+    finished = previous.finished_at.isoformat(timespec="seconds") if previous.finished_at else None
+    return PreviousVersion(version=previous.version, finished_at=finished, objects=objects)
 
 
 def record_job_results(

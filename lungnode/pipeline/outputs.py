@@ -10,11 +10,30 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from io import BytesIO
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from pydicom import Dataset
 
-from lungnode.domain import AnalysisResult, HUVolume
+from lungnode.domain import AnalysisResult, HUVolume, PreviousVersion
+
+if TYPE_CHECKING:
+    from lungnode.config import Settings
+
+SRStorage = Literal["comprehensive-3d", "comprehensive"]
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    """What the settings choose about the objects written."""
+
+    #: The SR's storage class: Comprehensive 3D SR, as IHE AIR asks, or
+    #: Comprehensive SR for viewers that read only that (``sr_storage``).
+    sr_storage: SRStorage = "comprehensive-3d"
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> OutputOptions:
+        return cls(sr_storage=settings.sr_storage)
 
 
 @dataclass
@@ -28,13 +47,22 @@ class RenderedResults:
 
 
 def render_results(
-    source: Dataset, volume: HUVolume | None, result: AnalysisResult, version: int
+    source: Dataset,
+    volume: HUVolume | None,
+    result: AnalysisResult,
+    version: int,
+    *,
+    previous: PreviousVersion | None = None,
+    options: OutputOptions | None = None,
 ) -> RenderedResults:
     """The Secondary Captures (when analysed), the PDF report as Encapsulated PDF, and the SR.
 
     ``source`` is a slice of the series (patient and study are copied from it);
-    ``version`` is the analysis version, which the output UIDs derive from.
+    ``version`` is the analysis version, which the output UIDs derive from;
+    ``previous`` is the analysis this one supersedes, which the report and the
+    SR name.
     """
+    options = options or OutputOptions()
     from lungnode.dicom.writers.pdf import write_pdf_document
     from lungnode.dicom.writers.sc import render_key_image, write_sc_images
     from lungnode.dicom.writers.sr import write_sr
@@ -57,12 +85,29 @@ def render_results(
             rendered.key_pictures.append(picture)
             key_images.append(KeyImage(picture, f"slice {index + 1}"))
     rendered.pdf = build_report(
-        ReportInput(result=result, facts=StudyFacts.from_dataset(source), key_images=key_images)
+        ReportInput(
+            result=result,
+            facts=StudyFacts.from_dataset(source),
+            key_images=key_images,
+            version=version,
+            replaces=previous,
+        )
     )
     rendered.datasets.append(
         ("pdf", write_pdf_document(source, result, rendered.pdf, analysis_version=version))
     )
-    rendered.datasets.append(("sr", write_sr(source, result, analysis_version=version)))
+    rendered.datasets.append(
+        (
+            "sr",
+            write_sr(
+                source,
+                result,
+                analysis_version=version,
+                predecessor=previous,
+                comprehensive_3d=options.sr_storage == "comprehensive-3d",
+            ),
+        )
+    )
     return rendered
 
 

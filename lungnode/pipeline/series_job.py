@@ -35,7 +35,7 @@ from lungnode.domain import AnalysisResult, HUVolume
 from lungnode.errors import DecodeError, LungnodeError, StorageFull, storage_full
 from lungnode.ml.bundle import ModelBundle, load_bundle
 from lungnode.pipeline.jobs import JobHandler
-from lungnode.pipeline.outputs import dataset_bytes, render_results
+from lungnode.pipeline.outputs import OutputOptions, dataset_bytes, render_results
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +88,7 @@ class SeriesJob:
         self._bundle: ModelBundle | None = None
         self._bundle_lock = threading.Lock()
         self._provided_bundle = bundle
+        self.output_options = OutputOptions.from_settings(settings)
         #: Bytes the outputs of a job waiting for space took: its next attempt runs
         #: only when that much is free (an optimisation: a restart forgets it).
         self._room_needed: dict[int, int] = {}
@@ -199,7 +200,14 @@ class SeriesJob:
 
         version = inputs.version
         storage = self.settings.storage_dir
-        rendered = render_results(source, volume, result, version)
+        rendered = render_results(
+            source,
+            volume,
+            result,
+            version,
+            previous=inputs.previous,
+            options=self.output_options,
+        )
         files: list[tuple[Path, bytes]] = []
         heatmap_dir: Path | None = None
         if rendered.key_pictures:
@@ -216,6 +224,7 @@ class SeriesJob:
         )
         files.append((report_path, rendered.pdf))
         objects = []
+        outputs: list[dict[str, str]] = []
         for kind, dataset in rendered.datasets:
             path = (
                 storage
@@ -228,6 +237,14 @@ class SeriesJob:
             objects.append(
                 ResultObject(kind, str(dataset.SOPClassUID), str(dataset.SOPInstanceUID), str(path))
             )
+            outputs.append(
+                {
+                    "kind": kind,
+                    "sop_class_uid": str(dataset.SOPClassUID),
+                    "series_instance_uid": str(dataset.SeriesInstanceUID),
+                    "sop_instance_uid": str(dataset.SOPInstanceUID),
+                }
+            )
         _write_files(files)
         model = result.model
         return JobResults(
@@ -238,6 +255,9 @@ class SeriesJob:
                 "model": {"name": model.name, "version": model.version, "sha256": model.sha256},
                 "key_slices": list(result.key_slices),
                 "objects": len(objects),
+                # What a later version of this series names as its predecessor.
+                "outputs": outputs,
+                "supersedes_version": inputs.previous.version if inputs.previous else None,
             },
             objects=objects,
             prediction_class=result.verdict or None,

@@ -48,7 +48,7 @@ from reportlab.platypus import (
 )
 
 from lungnode import __version__
-from lungnode.domain import AnalysisResult
+from lungnode.domain import AnalysisResult, PreviousVersion
 
 # Binary (Flate) streams, not ASCII85 text: reportlab encodes ASCII85 in pure Python
 # unless an optional accelerator is installed, which took about a third of a second
@@ -130,6 +130,10 @@ class ReportInput:
     key_images: Sequence[KeyImage] = ()
     #: When the report is written; now if None.
     created: _dt.datetime | None = None
+    #: The analysis version of a series' report (None for an uploaded image).
+    version: int | None = None
+    #: The analysis this report supersedes (a late instance reopened the series).
+    replaces: PreviousVersion | None = None
 
 
 def build_report(report: ReportInput) -> bytes:
@@ -146,8 +150,13 @@ def build_report(report: ReportInput) -> bytes:
             f"Written {escape(created.isoformat(sep=' '))} by lungnode {__version__}",
             styles["centred"],
         ),
-        Spacer(1, 4 * mm),
     ]
+    if report.version is not None:
+        said = f"Analysis version {report.version}."
+        if report.replaces is not None:
+            said += f" {report.replaces.replaces_text()}"
+        story.append(Paragraph(escape(said), styles["centred"]))
+    story.append(Spacer(1, 4 * mm))
     facts = _facts_table(report.facts, styles)
     if facts is not None:
         story += [Paragraph("Patient and study", styles["h2"]), facts, Spacer(1, 4 * mm)]

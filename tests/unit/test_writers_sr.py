@@ -10,10 +10,10 @@ import highdicom as hd
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
-from pydicom.uid import ComprehensiveSRStorage
+from pydicom.uid import Comprehensive3DSRStorage, ComprehensiveSRStorage
 
 from lungnode.dicom.writers.sr import PRIVATE_SCHEME, class_code, write_sr
-from lungnode.domain import INDETERMINATE, AnalysisResult
+from lungnode.domain import INDETERMINATE, AnalysisResult, ObjectRef, PreviousVersion
 from tests.support.synthetic import make_ct_series
 from tests.unit.dicom_checks import (
     DEMO_MODEL,
@@ -75,8 +75,98 @@ def test_round_trips_with_strict_validation(series: list[Dataset]) -> None:
     result, _ = make_result(series)
     sr = write_sr(series[0], result, analysis_version=1)
     back = round_trip(sr)
+    assert back.SOPClassUID == Comprehensive3DSRStorage  # IHE AIR's storage class
+    assert hd.sr.Comprehensive3DSR.from_dataset(back).SOPInstanceUID == sr.SOPInstanceUID
+
+
+@pytest.mark.usefixtures("strict_reading")
+def test_comprehensive_sr_on_request_is_valid(series: list[Dataset], tmp_path: Path) -> None:
+    result, _ = make_result(series)
+    sr = write_sr(series[0], result, analysis_version=1, comprehensive_3d=False)
+    back = round_trip(sr)
     assert back.SOPClassUID == ComprehensiveSRStorage
     assert hd.sr.ComprehensiveSR.from_dataset(back).SOPInstanceUID == sr.SOPInstanceUID
+    errors, _ = dciodvfy(sr, tmp_path)
+    assert errors == []
+
+
+def test_procedure_reported_is_ct_chest(series: list[Dataset]) -> None:
+    result, _ = make_result(series)
+    sr = write_sr(series[0], result, analysis_version=1)
+    procedure = next(
+        item
+        for item in sr.ContentSequence
+        if item.ConceptNameCodeSequence[0].CodeValue == "121058"  # Procedure reported
+    ).ConceptCodeSequence[0]
+    assert (procedure.CodeValue, procedure.CodingSchemeDesignator) == ("24627-2", "LN")
+    assert procedure.CodeMeaning == "CT Chest"
+
+
+def test_contributing_equipment_identifies_the_model_as_a_device(series: list[Dataset]) -> None:
+    result, _ = make_result(series, model=REAL_MODEL)
+    sr = write_sr(series[0], result, analysis_version=1)
+    # highdicom adds an item of its own; the model's is the one with the Device UID.
+    (equipment,) = [e for e in sr.ContributingEquipmentSequence if "DeviceUID" in e]
+    purpose = equipment.PurposeOfReferenceCodeSequence[0]
+    assert (purpose.CodeValue, purpose.CodingSchemeDesignator) == ("109102", "DCM")
+    assert equipment.Manufacturer == "lungnode"
+    assert equipment.ManufacturerModelName == REAL_MODEL.name
+    assert REAL_MODEL.version in list(equipment.SoftwareVersions)
+    device = str(equipment.DeviceUID)
+    assert device.startswith("2.25.")
+
+    def device_of(sr: Dataset) -> str:
+        return next(str(e.DeviceUID) for e in sr.ContributingEquipmentSequence if "DeviceUID" in e)
+
+    assert device_of(write_sr(series[0], result, analysis_version=2)) == device  # same model
+    for changed in (
+        replace(REAL_MODEL, version="9.9"),
+        replace(REAL_MODEL, sha256="0" * 64),
+    ):
+        other = write_sr(series[0], replace(result, model=changed), analysis_version=1)
+        assert device_of(other) != device
+
+
+def test_every_class_group_references_the_key_slices(series: list[Dataset]) -> None:
+    result, _ = make_result(series, key_slices=(3, 1))
+    expected = [series[3].SOPInstanceUID, series[1].SOPInstanceUID]
+    for group in _groups(write_sr(series[0], result, analysis_version=1)):
+        images = _items(group, "121112")  # Source of Measurement, IMAGE items
+        assert [i.ValueType for i in images] == ["IMAGE", "IMAGE"]
+        assert [i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for i in images] == expected
+
+
+def test_a_new_version_lists_its_predecessor(series: list[Dataset], tmp_path: Path) -> None:
+    result, _ = make_result(series)
+    first = write_sr(series[0], result, analysis_version=1)
+    assert "PredecessorDocumentsSequence" not in first
+    previous = PreviousVersion(
+        version=1,
+        finished_at="2025-03-04T05:06:07+00:00",
+        objects=(
+            ObjectRef(
+                "sr",
+                str(first.SOPClassUID),
+                str(first.SeriesInstanceUID),
+                str(first.SOPInstanceUID),
+            ),
+        ),
+    )
+    second = write_sr(series[0], result, analysis_version=2, predecessor=previous)
+    (study,) = second.PredecessorDocumentsSequence
+    assert study.StudyInstanceUID == series[0].StudyInstanceUID
+    (referenced_series,) = study.ReferencedSeriesSequence
+    assert referenced_series.SeriesInstanceUID == first.SeriesInstanceUID
+    (item,) = referenced_series.ReferencedSOPSequence
+    assert item.ReferencedSOPInstanceUID == first.SOPInstanceUID
+    assert item.ReferencedSOPClassUID == first.SOPClassUID
+    comments = [c.TextValue for c in _items(_groups(second)[0], "121106")]
+    assert (
+        f"Replaces analysis version 1 of 2025-03-04T05:06:07+00:00 (SR {first.SOPInstanceUID})."
+        in comments
+    )
+    errors, _ = dciodvfy(second, tmp_path)
+    assert errors == []
 
 
 def test_states_verdict_and_every_class_probability(series: list[Dataset]) -> None:

@@ -4,8 +4,9 @@ All outputs go into the source study (DESIGN "Outputs"), so each one copies
 the Patient and General Study modules (PS3.3 C.7.1.1, C.7.2.1) from an
 instance of the analysed series, and records the algorithm that made it in
 the Contributing Equipment Sequence (PS3.3 C.12.1, Table C.12-1), as the IHE
-AI Results (AIR) profile asks of AI results: manufacturer, model name and
-version, with the weights' hash in the description.
+AI Results (AIR) profile asks of AI results: purpose (109102, DCM, "Processing
+Equipment"), manufacturer, model name and version, a Device UID per model
+identity, with the weights' hash in the description.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from lungnode import __version__
+from lungnode.dicom.uids import uuid_derived_uid
 from lungnode.domain import INDETERMINATE, AnalysisResult, ModelIdentity, SliceRef
 
 #: Manufacturer (0008,0070) of every object lungnode writes.
@@ -125,7 +127,7 @@ def algorithm_equipment(
     hash_note = f"; model SHA-256 {model.sha256}" if model.sha256 else ""
     synthetic_note = f"; {SYNTHETIC_NOTICE}" if model.synthetic else ""
     text = f"{description}{hash_note}{synthetic_note}"
-    return hd.ContributingEquipment(
+    equipment = hd.ContributingEquipment(
         manufacturer=MANUFACTURER,
         purpose_of_reference=codes.DCM.ProcessingEquipment,
         manufacturer_model_name=_lo(model.name),
@@ -133,6 +135,17 @@ def algorithm_equipment(
         contribution_datetime=created,
         contribution_description=text[:1024],
     )
+    equipment.DeviceUID = model_device_uid(model)
+    return equipment
+
+
+def model_device_uid(model: ModelIdentity) -> str:
+    """The Device UID (0018,1002) of the model as equipment: one per name, version and hash.
+
+    IHE AIR identifies the algorithm that made a result by it, so a retrained
+    model (a new SHA-256) is a new device even under an unchanged version.
+    """
+    return uuid_derived_uid("lungnode-model-device", model.name, model.version, model.sha256 or "")
 
 
 def resolve_created(created: _dt.datetime | None) -> _dt.datetime:

@@ -1,12 +1,14 @@
 """The classification as a Structured Report: TID 1500 Measurement Report.
 
-Built with highdicom's TID 1500 (PS3.16 A.35.1) in a Comprehensive SR
-(PS3.3 A.35.3), so that a machine can read what the PDF tells a person. The
-content tree is::
+Built with highdicom's TID 1500 (PS3.16 A.35.1) in a Comprehensive 3D SR
+(PS3.3 A.35.13), the storage class the IHE AI Results profile (AIR) asks of an
+Evidence Creator, or in a Comprehensive SR (PS3.3 A.35.3) where the settings
+say so (``sr_storage``) for viewers that read only that; so that a machine can
+read what the PDF tells a person. The content tree is::
 
     Imaging Measurement Report (126000, DCM)                       TID 1500
     +- Language, Device Observer "lungnode" (model name)         TID 1204, 1004
-    +- Procedure Reported: CT unspecified body region (25045-6, LN)  CID 100
+    +- Procedure Reported: CT Chest (24627-2, LN)                   CID 100
     +- Imaging Measurements
        +- Measurement Group "Series classification"              TID 1501
        |  +- Finding: the verdict's class code, Finding Site: Lung
@@ -18,7 +20,16 @@ content tree is::
        |     "All algorithms succeeded; with[out] findings" (CID 6047)
        +- Measurement Group "Class score: <label>", one per class
           +- Finding: the class code, Finding Site: Lung, Algorithm
+          +- Source: the CT instances of the key slices
           +- Certainty of Finding = that class's probability, in %
+
+The Contributing Equipment Sequence names the model as processing equipment
+(109102, DCM), with a Device UID that changes with the model's name, version
+and SHA-256 (``writers.common.algorithm_equipment``).
+
+A later version of the analysis of the same series (a late instance reopened
+it) lists the previous version's SR in the Predecessor Documents Sequence
+(PS3.3 C.17.2.1) and says in a Comment which version it replaces.
 
 An Indeterminate verdict (no class cleared the series rule's bar, see
 ``ml.inference``) is coded (82334004, SCT, "Indeterminate") as Finding and
@@ -74,7 +85,13 @@ from lungnode.dicom.writers.common import (
     key_slice_refs,
     resolve_created,
 )
-from lungnode.domain import INDETERMINATE, AnalysisResult, ModelIdentity, SliceRef
+from lungnode.domain import (
+    INDETERMINATE,
+    AnalysisResult,
+    ModelIdentity,
+    PreviousVersion,
+    SliceRef,
+)
 
 SERIES_DESCRIPTION = "LUNGNODE Classification SR"
 PRIVATE_SCHEME = "99LUNGNODE"
@@ -89,6 +106,9 @@ CLASS_CODES: dict[str, Code] = {
 _NORMAL_LABELS = frozenset({"Normal"})
 #: The code of the Indeterminate verdict (see the module docstring).
 INDETERMINATE_CODE: Code = codes.SCT.Indeterminate
+
+#: Procedure Reported (CID 100, extensible): the CT of the chest the model reads.
+CT_CHEST = Code("24627-2", "LN", "CT Chest")
 
 _CERTAINTY = codes.DCM.CertaintyOfFinding
 _PERCENT = codes.UCUM.Percent
@@ -111,11 +131,16 @@ def write_sr(
     *,
     analysis_version: int,
     created: _dt.datetime | None = None,
+    predecessor: PreviousVersion | None = None,
+    comprehensive_3d: bool = True,
 ) -> Dataset:
-    """A Comprehensive SR holding the TID 1500 report of ``result``; valid or raise.
+    """A Comprehensive 3D (or Comprehensive) SR holding the TID 1500 report of ``result``.
 
     ``source`` is any instance of the analysed series (its header is enough);
     its Patient and Study are copied, and its SOP Class names the key slices'.
+    ``predecessor`` is the analysis this one supersedes: its SR, when recorded,
+    goes into the Predecessor Documents Sequence. The result is valid or this
+    raises.
 
     Raises:
         ValueError: an input is inconsistent, or highdicom rejects the content.
@@ -129,13 +154,16 @@ def write_sr(
     refs = key_slice_refs(result)
     try:
         groups = _groups(source, result, refs, output)
+        if predecessor is not None:
+            groups[0][0].ContentSequence.append(_comment(predecessor.replaces_text()))
         report = hd.sr.MeasurementReport(
             observation_context=_observation_context(result.model),
-            procedure_reported=codes.cid100.CTUnspecifiedBodyRegion,
+            procedure_reported=CT_CHEST,
             imaging_measurements=groups,
         )
         private = [class_code(label) for label in result.labels if label not in CLASS_CODES]
-        sr = hd.sr.ComprehensiveSR(
+        storage = hd.sr.Comprehensive3DSR if comprehensive_3d else hd.sr.ComprehensiveSR
+        sr = storage(
             evidence=_evidence(source, refs),
             content=report,
             series_instance_uid=output.series_instance_uid,
@@ -156,6 +184,7 @@ def write_sr(
             contributing_equipment=[
                 algorithm_equipment(result.model, when, "Classification of the series")
             ],
+            previous_versions=_predecessors(source, predecessor),
         )
     except TypeError as exc:  # highdicom's way to reject an input
         raise ValueError(f"cannot build the Structured Report: {exc}") from exc
@@ -238,9 +267,23 @@ def _groups(
                 algorithm_id=algorithm,
                 finding_sites=lung,
                 measurements=[_certainty(result.class_scores[label])],
+                source_images=[_source_image(source, ref) for ref in refs] or None,
             )
         )
     return groups
+
+
+def _predecessors(source: Dataset, previous: PreviousVersion | None) -> list[Dataset] | None:
+    """The previous version's SR, as the Predecessor Documents Sequence needs it."""
+    sr = previous.object_of("sr") if previous is not None else None
+    if sr is None:
+        return None
+    item = Dataset()
+    item.StudyInstanceUID = source.StudyInstanceUID
+    item.SeriesInstanceUID = sr.series_instance_uid
+    item.SOPClassUID = sr.sop_class_uid
+    item.SOPInstanceUID = sr.sop_instance_uid
+    return [item]
 
 
 def _comment(text: str) -> hd.sr.TextContentItem:
@@ -273,7 +316,9 @@ def _source_image(source: Dataset, ref: SliceRef | None) -> hd.sr.SourceImageFor
 def _observation_context(model: ModelIdentity) -> hd.sr.ObservationContext:
     """The device observer (TID 1004): lungnode running the model."""
     device = hd.sr.DeviceObserverIdentifyingAttributes(
-        uid=uuid_derived_uid("lungnode-device-observer", model.name, model.version),
+        uid=uuid_derived_uid(
+            "lungnode-device-observer", model.name, model.version, model.sha256 or ""
+        ),
         name="lungnode",
         manufacturer_name=MANUFACTURER,
         model_name=f"{model.name} {model.version}"[:64],
