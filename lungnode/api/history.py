@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,7 @@ from lungnode.api.errors import APIError
 from lungnode.api.predict import model_fields
 from lungnode.api.schemas import HistoryDetail, HistoryPage, HistoryQuery
 from lungnode.api.uploads import remove_tree
-from lungnode.db.models import AuditEvent, Prediction, Role
+from lungnode.db.models import AuditEvent, Job, Prediction, Role
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +93,46 @@ def heatmap_files(prediction: Prediction) -> list[Path]:
     return sorted(files, key=lambda p: int(p.stem))
 
 
-def history_item(prediction: Prediction, heatmaps: int | None = None) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Version:
+    """Which analysis of its series a DICOM prediction is, and whether a later one exists."""
+
+    number: int | None
+    current: bool
+
+
+def versions_of(session: Session, predictions: Sequence[Prediction]) -> dict[int, Version]:
+    """Each prediction's analysis version; only the latest of a series is current.
+
+    A late instance reopens a completed series and its next analysis supersedes
+    the previous one: both stay in the history, the newer one marked current.
+    Uploads have no version and are always current.
+    """
+    job_ids = [p.job_id for p in predictions if p.job_id is not None]
+    if not job_ids:
+        return {p.id: Version(None, True) for p in predictions}
+    numbers = dict(session.execute(select(Job.id, Job.version).where(Job.id.in_(job_ids))).all())
+    series = {p.series_instance_uid for p in predictions if p.job_id is not None}
+    latest = dict(
+        session.execute(
+            select(Prediction.series_instance_uid, func.max(Job.version))
+            .join(Job, Job.id == Prediction.job_id)
+            .where(Prediction.series_instance_uid.in_(series))
+            .group_by(Prediction.series_instance_uid)
+        ).all()
+    )
+    versions: dict[int, Version] = {}
+    for p in predictions:
+        number = numbers.get(p.job_id) if p.job_id is not None else None
+        current = number is None or number >= latest.get(p.series_instance_uid, number)
+        versions[p.id] = Version(number, current)
+    return versions
+
+
+def history_item(
+    prediction: Prediction, heatmaps: int | None = None, version: Version | None = None
+) -> dict[str, Any]:
+    version = version or Version(None, True)
     first = f"/api/v1/heatmaps/{prediction.id}/0.png" if prediction.heatmap_path else None
     item: dict[str, Any] = {
         "id": prediction.id,
@@ -109,6 +150,8 @@ def history_item(prediction: Prediction, heatmaps: int | None = None) -> dict[st
         "processing_time": prediction.processing_time,
         "heatmap_url": first,
         "report_url": f"/api/v1/download/{prediction.id}",
+        "analysis_version": version.number,
+        "current": version.current,
     }
     if heatmaps is not None:
         urls = [f"/api/v1/heatmaps/{prediction.id}/{n}.png" for n in range(heatmaps)]
@@ -146,7 +189,8 @@ def history(query_data: dict[str, Any]) -> dict[str, Any]:
             .limit(per_page)
             .offset((page - 1) * per_page)
         ).all()
-        items = [history_item(row) for row in rows]
+        versions = versions_of(session, rows)
+        items = [history_item(row, version=versions[row.id]) for row in rows]
     total = int(total or 0)
     return {
         "items": items,
@@ -165,7 +209,8 @@ def history_detail(prediction_id: int) -> dict[str, Any]:
     """One prediction, with the URLs of all its heatmaps."""
     with context.reading() as session:
         prediction = get_visible(session, prediction_id, the_user())
-        return history_item(prediction, len(heatmap_files(prediction)))
+        version = versions_of(session, [prediction])[prediction.id]
+        return history_item(prediction, len(heatmap_files(prediction)), version)
 
 
 def _inside(path: Path, root: Path) -> bool:

@@ -229,6 +229,17 @@ class HistoryItem(Schema):
     processing_time = Float(allow_none=True)
     heatmap_url = String(allow_none=True)
     report_url = String(required=True)
+    analysis_version = Integer(
+        allow_none=True,
+        metadata={
+            "description": "the analysis of its series (a late instance makes a new one); "
+            "null for an upload"
+        },
+    )
+    current = Boolean(
+        required=True,
+        metadata={"description": "false when a later analysis of the same series supersedes it"},
+    )
 
 
 class HistoryDetail(HistoryItem):

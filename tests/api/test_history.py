@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from lungnode.db.models import AuditEvent, Prediction
+from lungnode.db.models import AuditEvent, Job, Prediction, Series
 from tests.api.conftest import API
 
 
@@ -181,3 +181,33 @@ def test_an_id_beyond_the_id_columns_is_not_found(api: API, method: str, path: s
         )
         assert response.status_code == 404, (number, response.json)
         assert response.json["error"]["code"] == "not_found"
+
+
+def test_versions_of_a_series_both_listed_the_newer_current(api: API) -> None:
+    """A late instance reopens a series; its second analysis supersedes the first."""
+    with api.app.extensions["lungnode"]["sessions"].begin() as session:
+        series = Series(study_instance_uid="1.2.3", series_instance_uid="1.2.3.4", state="done")
+        session.add(series)
+        session.flush()
+        jobs = [Job(series_id=series.id, version=v, state="done") for v in (1, 2)]
+        session.add_all(jobs)
+        session.flush()
+        job_ids = [job.id for job in jobs]
+    first, second = (
+        api.add_predictions(
+            1,
+            source="dicom",
+            job_id=job_id,
+            study_instance_uid="1.2.3",
+            series_instance_uid="1.2.3.4",
+            start=datetime(2026, 1, 1, minute, tzinfo=UTC),
+        )[0]
+        for minute, job_id in zip((1, 2), job_ids, strict=True)
+    )
+    (upload,) = api.add_predictions(1)
+    items = {item["id"]: item for item in _history(api, "admin")["items"]}
+    assert (items[first]["analysis_version"], items[first]["current"]) == (1, False)
+    assert (items[second]["analysis_version"], items[second]["current"]) == (2, True)
+    assert (items[upload]["analysis_version"], items[upload]["current"]) == (None, True)
+    detail = api.client.get(f"/api/v1/history/{first}", headers=api.headers("admin")).json
+    assert (detail["analysis_version"], detail["current"]) == (1, False)

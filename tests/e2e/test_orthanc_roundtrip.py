@@ -23,7 +23,7 @@ from tests.support.synthetic import make_ct_series, write_series
 
 SC = "1.2.840.10008.5.1.4.1.1.7"
 PDF = "1.2.840.10008.5.1.4.1.1.104.1"
-COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
+COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 
 
 @pytest.fixture
@@ -98,7 +98,7 @@ def test_results_come_back_into_the_same_study(
             if str(dataset.SOPClassUID) != "1.2.840.10008.5.1.4.1.1.2":
                 files.append(target)
     assert classes["1.2.840.10008.5.1.4.1.1.2"] == 16
-    assert classes[PDF] == 1 and classes[COMPREHENSIVE_SR] == 1
+    assert classes[PDF] == 1 and classes[COMPREHENSIVE_3D_SR] == 1
     assert 1 <= classes[SC] <= 4
     dciodvfy = require_tool("dciodvfy")
     for path in files:
