@@ -30,7 +30,10 @@ coordinates. It is built by :class:`highdicom.pm.ParametricMap`.
   synthetic notice is in Image Comments and in the Content Description.
 
 A multi-frame (Enhanced CT) source works too: its key frames are found by
-their per-frame plane positions, all in that one instance. A result that
+their per-frame plane positions, all in that one instance. highdicom reads
+the orientation and pixel measures of such a source from its Shared
+Functional Groups only (as Enhanced CT of one stack writes them); one that
+has them per frame raises ``ValueError``. A result that
 was not analysed, has no key slices or heatmaps, or whose slices lack
 geometry raises ``ValueError``: a map that cannot be placed on the CT is no
 map, and the caller then writes none.
