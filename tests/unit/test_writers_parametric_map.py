@@ -354,3 +354,16 @@ def test_map_peak_is_the_grad_cam_peak_and_on_the_lesion(tmp_path: Path) -> None
             f"(tolerance {extent_px * one_pixel:.1f} mm)"
         )
         assert distance <= extent_px * one_pixel
+
+
+def test_enhanced_ct_without_shared_pixel_measures_raises() -> None:
+    """highdicom places a multi-frame source by its shared groups only (see the writer)."""
+    enhanced = header(make_ct_series(4, rows=16, columns=16, enhanced=True)[0])
+    shared = enhanced.SharedFunctionalGroupsSequence[0]
+    measures = shared.PixelMeasuresSequence
+    del shared.PixelMeasuresSequence
+    for group in enhanced.PerFrameFunctionalGroupsSequence:
+        group.PixelMeasuresSequence = measures
+    result, _ = make_result([enhanced], key_slices=(2, 1), enhanced=True)
+    with pytest.raises(ValueError, match="cannot build the Parametric Map"):
+        write_parametric_map([enhanced], result, analysis_version=1)
