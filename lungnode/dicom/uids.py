@@ -25,10 +25,10 @@ Series Numbers (IS, PS3.3 C.7.3.1) are deterministic too, never random::
 
     series number = 9000 + 10 * analysis_version + kind offset
 
-with kind offsets 1 (Secondary Capture), 2 (Encapsulated PDF) and
-3 (Structured Report). Analysis version 1 thus gives 9011, 9012 and 9013, which
-sort after every series a scanner writes and group the outputs of one
-analysis together.
+with kind offsets 1 (Secondary Capture), 2 (Encapsulated PDF),
+3 (Structured Report), 4 (Parametric Map) and 5 (Key Object Selection).
+Analysis version 1 thus gives 9011 to 9015, which sort after every series a
+scanner writes and group the outputs of one analysis together.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from typing import Literal
 
 from lungnode.domain import ModelIdentity
 
-OutputKind = Literal["sc", "pdf", "sr"]
+OutputKind = Literal["sc", "pdf", "sr", "pm", "kos"]
 
 #: The namespace of every lungnode name-based UUID: itself the version 5 UUID
 #: of the name "lungnode" in the RFC 9562 OID namespace, written out so that
@@ -49,7 +49,7 @@ LUNGNODE_NAMESPACE = uuid.UUID("3fe9dd9f-adc5-532d-82ef-5406f881ecb2")
 #: First Series Number of lungnode outputs (see the module docstring).
 SERIES_NUMBER_BASE = 9000
 
-_KIND_OFFSETS: dict[str, int] = {"sc": 1, "pdf": 2, "sr": 3}
+_KIND_OFFSETS: dict[str, int] = {"sc": 1, "pdf": 2, "sr": 3, "pm": 4, "kos": 5}
 #: IS values are signed 32-bit (PS3.5 6.2).
 _MAX_IS = 2**31 - 1
 

@@ -49,6 +49,8 @@ def test_uids_are_pinned() -> None:
         {"model_version": "1.0.1"},
         {"model_name": "other"},
         {"kind": "pdf"},
+        {"kind": "pm"},
+        {"kind": "kos"},
         {"source_series_uid": SOURCE + ".2"},
     ],
 )
@@ -78,7 +80,8 @@ def test_parts_cannot_run_into_each_other() -> None:
 
 
 def test_series_numbers_are_fixed() -> None:
-    assert [series_number(kind, 1) for kind in ("sc", "pdf", "sr")] == [9011, 9012, 9013]
+    kinds = ("sc", "pdf", "sr", "pm", "kos")
+    assert [series_number(kind, 1) for kind in kinds] == [9011, 9012, 9013, 9014, 9015]
     assert series_number("sr", 2) == 9023
     assert OutputSeries.for_model(SOURCE, MODEL, 0, "sc").series_number == 9001
 
