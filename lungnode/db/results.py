@@ -44,7 +44,7 @@ class JobInputs:
 class ResultObject:
     """One written DICOM object waiting to be delivered."""
 
-    kind: str  # "sc", "pdf" or "sr"
+    kind: str  # "sc", "pm", "pdf", "sr" or "kos"
     sop_class_uid: str
     sop_instance_uid: str
     path: str  # absolute

@@ -8,6 +8,8 @@ both, so that the warm-up warms exactly what a job runs.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from io import BytesIO
 from typing import TYPE_CHECKING, Literal
@@ -19,6 +21,8 @@ from lungnode.domain import AnalysisResult, HUVolume, PreviousVersion
 
 if TYPE_CHECKING:
     from lungnode.config import Settings
+
+logger = logging.getLogger(__name__)
 
 SRStorage = Literal["comprehensive-3d", "comprehensive"]
 
@@ -38,7 +42,7 @@ class OutputOptions:
 
 @dataclass
 class RenderedResults:
-    #: (kind, dataset) in sending order: "sc" per key slice, then "pdf", then "sr".
+    #: (kind, dataset) in sending order: "sc" per key slice, "pm", "pdf", "sr", "kos".
     datasets: list[tuple[str, Dataset]] = field(default_factory=list)
     #: The RGB key-slice pictures (heatmap over the slice, with the banner), in order.
     key_pictures: list[np.ndarray] = field(default_factory=list)
@@ -54,14 +58,23 @@ def render_results(
     *,
     previous: PreviousVersion | None = None,
     options: OutputOptions | None = None,
+    key_headers: Sequence[Dataset] = (),
 ) -> RenderedResults:
-    """The Secondary Captures (when analysed), the PDF report as Encapsulated PDF, and the SR.
+    """Every object of an analysis, as IHE AI Results has an Evidence Creator send them.
+
+    When analysed: the Secondary Captures and the Grad-CAM Parametric Map;
+    always the PDF report as Encapsulated PDF and the SR; when analysed, last,
+    the Key Object Selection of the key slices, the SR and the map.
 
     ``source`` is a slice of the series (patient and study are copied from it);
     ``version`` is the analysis version, which the output UIDs derive from;
     ``previous`` is the analysis this one supersedes, which the report and the
-    SR name.
+    SR name; ``key_headers`` are the headers of the key slices' instances,
+    whose geometry the map takes (without them, or without geometry, no map).
     """
+    from lungnode.dicom.writers.key_objects import write_key_object_selection
+    from lungnode.dicom.writers.parametric_map import write_parametric_map
+
     options = options or OutputOptions()
     from lungnode.dicom.writers.pdf import write_pdf_document
     from lungnode.dicom.writers.sc import render_key_image, write_sc_images
@@ -84,6 +97,14 @@ def render_results(
             )
             rendered.key_pictures.append(picture)
             key_images.append(KeyImage(picture, f"slice {index + 1}"))
+    parametric_map = None
+    if result.analysed and result.key_slices:
+        try:
+            parametric_map = write_parametric_map(key_headers, result, analysis_version=version)
+        except ValueError as exc:
+            logger.warning("no Grad-CAM parametric map: %s", exc)
+    if parametric_map is not None:
+        rendered.datasets.append(("pm", parametric_map))
     rendered.pdf = build_report(
         ReportInput(
             result=result,
@@ -108,6 +129,17 @@ def render_results(
             ),
         )
     )
+    if result.analysed and result.key_slices:
+        sr = rendered.datasets[-1][1]
+        references = [sr] if parametric_map is None else [sr, parametric_map]
+        rendered.datasets.append(
+            (
+                "kos",
+                write_key_object_selection(
+                    source, result, analysis_version=version, references=references
+                ),
+            )
+        )
     return rendered
 
 

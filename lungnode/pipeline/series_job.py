@@ -207,6 +207,7 @@ class SeriesJob:
             version,
             previous=inputs.previous,
             options=self.output_options,
+            key_headers=_key_headers(inputs.instance_paths, result),
         )
         files: list[tuple[Path, bytes]] = []
         heatmap_dir: Path | None = None
@@ -272,6 +273,16 @@ class SeriesJob:
             model_intended_use=model.intended_use,
             model_trained_on=model.trained_on,
         )
+
+
+def _key_headers(paths: Sequence[Path], result: AnalysisResult) -> list[Dataset]:
+    """The headers of the key slices' instances, whose geometry the Parametric Map takes.
+
+    A stored instance is named after its SOP Instance UID (``dicom.intake``).
+    """
+    by_uid = {path.stem: path for path in paths}
+    wanted = dict.fromkeys(ref.sop_instance_uid for ref in result.key_slice_refs)
+    return [dcmread(by_uid[uid], stop_before_pixels=True) for uid in wanted if uid in by_uid]
 
 
 def _mib(size: int) -> str:

@@ -22,6 +22,7 @@ stores what it receives. A job that starts before warming ends waits for it
 
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import logging
 import threading
@@ -142,8 +143,21 @@ def warm_up(bundle: ModelBundle) -> None:
         hu=hu, slices=[SliceRef(sop_instance_uid=generate_uid()) for _ in range(count)]
     )
     result = analyze_volume(volume, bundle, with_heatmaps=True)
-    for _kind, dataset in render_results(source, volume, result, version=1).datasets:
+    key_headers = [
+        _slice_header(source, volume.slices[index], index) for index in result.key_slices
+    ]
+    rendered = render_results(source, volume, result, version=1, key_headers=key_headers)
+    for _kind, dataset in rendered.datasets:
         dataset_bytes(dataset)
+
+
+def _slice_header(source: Dataset, ref: SliceRef, index: int) -> Dataset:
+    """The header of slice ``index`` of the synthetic series: the source's, placed."""
+    header = copy.deepcopy(source)
+    header.SOPInstanceUID = ref.sop_instance_uid
+    header.InstanceNumber = index + 1
+    header.ImagePositionPatient = [0, 0, float(index)]
+    return header
 
 
 def _source_header(rows: int, columns: int) -> Dataset:
@@ -170,5 +184,6 @@ def _source_header(rows: int, columns: int) -> Dataset:
     ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
     ds.ImagePositionPatient = [0, 0, 0]
     ds.PixelSpacing = [0.7, 0.7]
+    ds.SliceThickness = 1.0
     ds.Rows, ds.Columns = rows, columns
     return ds

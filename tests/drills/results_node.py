@@ -20,6 +20,8 @@ KINDS = {
     "1.2.840.10008.5.1.4.1.1.104.1": "PDF",
     "1.2.840.10008.5.1.4.1.1.88.33": "SR",
     "1.2.840.10008.5.1.4.1.1.88.34": "SR",
+    "1.2.840.10008.5.1.4.1.1.30": "PM",
+    "1.2.840.10008.5.1.4.1.1.88.59": "KOS",
 }
 
 
@@ -28,8 +30,8 @@ def kind(sop_class_uid: str) -> str:
 
 
 def kinds_text(counts: Counter[str]) -> str:
-    """``SC 2 / PDF 1 / SR 1``."""
-    names = [*KINDS.values(), *sorted(set(counts) - set(KINDS.values()))]
+    """``SC 2 / PDF 1 / SR 1 / PM 1 / KOS 1``."""
+    names = [*dict.fromkeys(KINDS.values()), *sorted(set(counts) - set(KINDS.values()))]
     return " / ".join(f"{name} {counts[name]}" for name in names)
 
 

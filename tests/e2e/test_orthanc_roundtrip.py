@@ -24,6 +24,8 @@ from tests.support.synthetic import make_ct_series, write_series
 SC = "1.2.840.10008.5.1.4.1.1.7"
 PDF = "1.2.840.10008.5.1.4.1.1.104.1"
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
+PARAMETRIC_MAP = "1.2.840.10008.5.1.4.1.1.30"
+KEY_OBJECT_SELECTION = "1.2.840.10008.5.1.4.1.1.88.59"
 
 
 @pytest.fixture
@@ -78,7 +80,8 @@ def test_results_come_back_into_the_same_study(
         with node.sessions() as session:
             failed = session.scalars(select(Job).where(Job.state == "failed")).first()
             assert failed is None, f"job failed: {failed.reason if failed else ''}"
-        return len(orthanc.get(f"/studies/{study}/series")) >= 4  # CT + SC + PDF + SR
+        # CT + SC + PM + PDF + SR + KOS
+        return len(orthanc.get(f"/studies/{study}/series")) >= 6
 
     wait_until(results_arrived, timeout=240, what="results in Orthanc")
     time.sleep(2)  # let the outbox finish the last series
@@ -99,6 +102,7 @@ def test_results_come_back_into_the_same_study(
                 files.append(target)
     assert classes["1.2.840.10008.5.1.4.1.1.2"] == 16
     assert classes[PDF] == 1 and classes[COMPREHENSIVE_3D_SR] == 1
+    assert classes[PARAMETRIC_MAP] == 1 and classes[KEY_OBJECT_SELECTION] == 1
     assert 1 <= classes[SC] <= 4
     dciodvfy = require_tool("dciodvfy")
     for path in files:

@@ -280,7 +280,12 @@ def test_bad_input_raises(series: list[Dataset]) -> None:
     not_finite = [np.full((24, 32), np.nan, np.float32), result.heatmaps[1]]
     with pytest.raises(ValueError, match="not finite"):
         write_parametric_map(headers, replace(result, heatmaps=not_finite), analysis_version=1)
-    for keyword in ("ImagePositionPatient", "PixelSpacing", "FrameOfReferenceUID"):
+    for keyword in (
+        "ImagePositionPatient",
+        "PixelSpacing",
+        "SliceThickness",
+        "FrameOfReferenceUID",
+    ):
         flat = header(series[3])
         del flat[keyword]
         with pytest.raises(ValueError, match=f"no geometry: {keyword}"):

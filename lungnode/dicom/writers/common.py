@@ -148,6 +148,15 @@ def model_device_uid(model: ModelIdentity) -> str:
     return uuid_derived_uid("lungnode-model-device", model.name, model.version, model.sha256 or "")
 
 
+def explained_class(result: AnalysisResult) -> str:
+    """What the heatmaps explain (see ``pipeline.analyze``): the verdict's lesion class,
+    or for Normal and Indeterminate the most likely lesion class of each slice."""
+    normal = str(result.rule.get("normal_label", "Normal"))
+    if result.verdict in result.labels and result.verdict != normal:
+        return result.verdict
+    return "the most likely lesion class"
+
+
 def resolve_created(created: _dt.datetime | None) -> _dt.datetime:
     """``created`` or now, without microseconds (DA/TM of PS3.5 6.2)."""
     return (created or _dt.datetime.now()).replace(microsecond=0)

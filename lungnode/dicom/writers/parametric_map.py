@@ -62,10 +62,10 @@ from lungnode.dicom.writers.common import (
     algorithm_equipment,
     check_result,
     check_source,
+    explained_class,
     model_text,
     resolve_created,
 )
-from lungnode.dicom.writers.sc import _explained
 from lungnode.domain import AnalysisResult, SliceRef
 
 logger = logging.getLogger(__name__)
@@ -125,7 +125,7 @@ def write_parametric_map(
     output = OutputSeries.for_model(
         str(first.SeriesInstanceUID), result.model, analysis_version, "pm"
     )
-    explained = _explained(result)
+    explained = explained_class(result)
     derivation = f"Grad-CAM of {explained} by {model_text(result.model)}"[:1024]
     description = "Grad-CAM attention" + (
         ", synthetic phantom model" if result.model.synthetic else ""
@@ -224,7 +224,14 @@ def _check_geometry(instances: list[Dataset], frames: list[tuple[SliceRef, np.nd
         else:
             missing += [
                 kw
-                for kw in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing")
+                # Slice Thickness is type 2 in a CT image, but the map's Pixel Measures
+                # need a value (highdicom copies it from the source).
+                for kw in (
+                    "ImagePositionPatient",
+                    "ImageOrientationPatient",
+                    "PixelSpacing",
+                    "SliceThickness",
+                )
                 if not header.get(kw)
             ]
         if missing:

@@ -41,6 +41,7 @@ from lungnode.dicom.writers.common import (
     algorithm_equipment,
     check_result,
     check_source,
+    explained_class,
     model_text,
     resolve_created,
     sop_instance_reference,
@@ -185,7 +186,7 @@ def write_sc_image(
         slice_score=slice_score,
         model=result.model,
     )
-    explained = _explained(result)
+    explained = explained_class(result)
     equipment = algorithm_equipment(
         result.model, when, f"Grad-CAM heatmap of {explained} burned into the key slice"
     )
@@ -326,15 +327,6 @@ def _slice_score(result: AnalysisResult, slice_index: int, column: int | None) -
     if column is None:
         return float(scores[slice_index].max())
     return float(scores[slice_index, column]) if column < scores.shape[1] else None
-
-
-def _explained(result: AnalysisResult) -> str:
-    """What the heatmaps explain (see ``pipeline.analyze``): the verdict's lesion class,
-    or for Normal and Indeterminate the most likely lesion class of each slice."""
-    normal = str(result.rule.get("normal_label", "Normal"))
-    if result.verdict in result.labels and result.verdict != normal:
-        return result.verdict
-    return "the most likely lesion class"
 
 
 def _ascii(text: str) -> str:
