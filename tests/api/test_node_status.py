@@ -196,9 +196,7 @@ def test_deliveries_show_the_commitment_state(api: API) -> None:
     (sent,) = api.client.get("/api/v1/deliveries?state=sent", headers=admin).json["items"]
     assert sent["commit_transaction_uid"] == "2.25.1"
     assert sent["commit_due_at"].startswith("2026-01-01T12:00")
-    (committed,) = api.client.get("/api/v1/deliveries?state=committed", headers=admin).json[
-        "items"
-    ]
+    (committed,) = api.client.get("/api/v1/deliveries?state=committed", headers=admin).json["items"]
     assert (committed["commit_transaction_uid"], committed["commit_due_at"]) == ("2.25.2", None)
     stats = api.client.get("/api/v1/stats", headers=admin).json["queue"]["deliveries"]
     assert (stats["sent"], stats["committed"]) == (1, 1)
