@@ -92,16 +92,22 @@ def settled(node: Node, states: set[str]) -> Callable[[], bool]:
     return lambda: {r.state for r in rows(deliveries_of(node))} <= states
 
 
+@pytest.mark.parametrize("ingest_processes", [1, 2])
 def test_orthanc_commits_what_it_received(
     make_settings: Callable[..., Settings],
     start_node: Callable[..., Node],
     orthanc: Orthanc,
     lungnode_port: int,
     result_files: list[Path],
+    ingest_processes: int,
 ) -> None:
     """Sent, then committed by Orthanc's N-EVENT-REPORT (event type 1), which it sends
-    on a new association to the node's SCP, taking the SCP role."""
-    node = node_with_orthanc(make_settings, start_node, orthanc, lungnode_port)
+    on a new association to the node's SCP, taking the SCP role. With an ingest worker
+    process, the node hands that first association to the worker, which writes the
+    report to the database it shares."""
+    node = node_with_orthanc(
+        make_settings, start_node, orthanc, lungnode_port, ingest_processes=ingest_processes
+    )
     queue_files(deliveries_of(node), result_files, ["pacs"])
     node.outbox.wake()
     assert wait_until(settled(node, {"committed"}), timeout=30), [
