@@ -70,6 +70,8 @@ FAILURE_REASONS: Mapping[int, str] = {
     0x0131: "duplicate transaction UID",
 }
 
+_NOT_ACCEPTED = "the destination does not accept Storage Commitment Push Model"
+
 # PS3.7 Annex C: ErrorComment is LO, at most 64 characters.
 _ERROR_COMMENT_LENGTH = 64
 
@@ -275,6 +277,10 @@ def request_commitment(
         if assoc.is_rejected:
             reason, outcome = _rejection(assoc)
             return ActionResult(None, outcome, reason)
+        answer = assoc.acceptor.primitive
+        if answer is not None and answer.result == 0x00:
+            # Accepted, but not our one presentation context: pynetdicom aborts then.
+            return ActionResult(None, Outcome.FINAL, _NOT_ACCEPTED)
         return ActionResult(None, Outcome.RETRY, "no association")
     try:
         return _send_action(assoc, information, reported, wait_for_report)
@@ -292,7 +298,7 @@ def _send_action(
         cx for cx in assoc.accepted_contexts if cx.abstract_syntax == STORAGE_COMMITMENT_PUSH_MODEL
     ]
     if not accepted:
-        return ActionResult(None, Outcome.FINAL, "the peer does not accept Storage Commitment")
+        return ActionResult(None, Outcome.FINAL, _NOT_ACCEPTED)
     status_ds, _ = assoc.send_n_action(
         information,
         ACTION_REQUEST_COMMITMENT,

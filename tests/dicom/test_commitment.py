@@ -29,7 +29,7 @@ from lungnode.dicom.commitment import (
 from lungnode.dicom.scu import Destination, Outcome, SendResult, send_files
 from tests.conftest import SENDER_AE, require_tool
 from tests.dicom.helpers import wait_until
-from tests.dicom.test_outbox import queue_files, rows
+from tests.dicom.test_outbox import FakePACS, queue_files, rows
 from tests.pacs import ORTHANC_AE, Orthanc, free_port
 from tests.support.synthetic import make_ct_series, write_series
 
@@ -387,3 +387,31 @@ def test_a_report_on_the_requesting_association_commits(
         ]
     assert pacs.report_status == 0x0000
     assert pacs.stored == {p.stem for p in result_files}
+
+
+def test_a_destination_without_storage_commitment_is_dead_lettered_at_once(
+    make_settings: Callable[..., Settings],
+    start_node: Callable[..., Node],
+    result_files: list[Path],
+) -> None:
+    """A PACS that stores but does not accept the Storage Commitment context: asking
+    again would not help, so the deliveries are dead letters with the reason."""
+    with FakePACS(0x0000) as pacs:
+        node = start_node(
+            make_settings(
+                peers=f"scu={SENDER_AE}@127.0.0.1:11119,fake=FAKEPACS@127.0.0.1:{pacs.port}",
+                commit_peers="fake",
+                delivery_check_interval=0.1,
+            ),
+            serve_http=False,
+        )
+        queue_files(deliveries_of(node), result_files, ["fake"])
+        node.outbox.wake()
+        assert wait_until(settled(node, {"dead"}), timeout=20)
+    assert len(pacs.received) == len(result_files)
+    for row in rows(deliveries_of(node)):
+        assert row.attempts == 1
+        assert row.last_error == (
+            "storage commitment request: no status: "
+            "the destination does not accept Storage Commitment Push Model"
+        )
