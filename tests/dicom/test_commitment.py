@@ -153,7 +153,8 @@ def test_a_failed_commitment_is_sent_and_asked_again(
         (r.state, r.last_error) for r in rows(deliveries_of(node))
     ]
     found = rows(deliveries_of(node))
-    assert len(attempts) == 2
+    # Each object sent twice; the retries may go in more than one batch (jitter).
+    assert attempts[0] == len(result_files) and sum(attempts) == 2 * len(result_files)
     assert {r.attempts for r in found} == {2}
     assert orthanc.instance_uids() == {p.stem for p in result_files}
 
