@@ -206,6 +206,13 @@ class Settings(BaseSettings):
     delivery_max_attempts: int = Field(default=12, ge=1)
     delivery_timeout: float = Field(default=30.0, gt=0)
     delivery_check_interval: float = Field(default=1.0, gt=0)
+    #: Peer names asked for Storage Commitment (PS3.4 Annex J) after each delivery;
+    #: their deliveries end ``committed`` once the peer reports it. Empty: none.
+    commit_peers: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    #: Seconds after a commitment request without a report, after which it is retried.
+    commit_report_timeout: float = Field(default=600.0, gt=0)
+    #: Seconds the requesting association stays open for a report on it.
+    commit_report_wait: float = Field(default=1.0, ge=0)
 
     @field_validator("ae_title")
     @classmethod
@@ -249,7 +256,7 @@ class Settings(BaseSettings):
             return value
         return [Peer.parse(text) for text in _split_list(value)]
 
-    @field_validator("result_destinations", "cors_origins", mode="before")
+    @field_validator("result_destinations", "commit_peers", "cors_origins", mode="before")
     @classmethod
     def _parse_destinations(cls, value: Any) -> list[str]:
         return _split_list(value)
@@ -263,6 +270,9 @@ class Settings(BaseSettings):
         unknown = [d for d in self.result_destinations if d not in names]
         if unknown:
             raise ValueError(f"result destinations {unknown} are not among the peers {names}")
+        unknown = [d for d in self.commit_peers if d not in names]
+        if unknown:
+            raise ValueError(f"commit peers {unknown} are not among the peers {names}")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key must be set together")
         if (self.http_tls_cert is None) != (self.http_tls_key is None):

@@ -179,9 +179,11 @@ def retry_delivery(delivery_id: int) -> Delivery:
 @roles(Role.ADMIN)
 @node_blueprint.output(PeerList)
 def list_peers() -> dict[str, Any]:
-    """The configured DICOM peers, and which of them receive results."""
+    """The configured DICOM peers, which of them receive results, and which are
+    asked for Storage Commitment."""
     settings = context.settings()
     destinations = set(settings.result_destinations)
+    committing = set(settings.commit_peers)
     return {
         "items": [
             {
@@ -190,6 +192,7 @@ def list_peers() -> dict[str, Any]:
                 "host": p.host,
                 "port": p.port,
                 "result_destination": p.name in destinations,
+                "storage_commitment": p.name in committing,
             }
             for p in settings.peers
         ],

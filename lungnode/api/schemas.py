@@ -350,6 +350,10 @@ class DeliveryOut(Schema):
     next_attempt_at = DateTime(required=True)
     last_status = Integer(allow_none=True)
     last_error = String(allow_none=True)
+    #: Storage Commitment (PS3.4 Annex J): the transaction that last asked for the
+    #: object, and when a ``sent`` delivery's report is overdue.
+    commit_transaction_uid = String(allow_none=True)
+    commit_due_at = DateTime(allow_none=True)
     created_at = DateTime(required=True)
     updated_at = DateTime(required=True)
 
@@ -372,6 +376,7 @@ class PeerOut(Schema):
     host = String(required=True)
     port = Integer(required=True)
     result_destination = Boolean(required=True)
+    storage_commitment = Boolean(required=True)
 
 
 class PeerList(Schema):

@@ -5,7 +5,8 @@ Each tick it reads the rows and publishes messages (``pipeline.sweeper``):
 - every ``job_check_interval``: attempts of lost workers are given up, and due
   queued jobs that no message carries are sent (again);
 - every ``delivery_check_interval``: due deliveries are sent to the workers,
-  one message per destination;
+  one message per destination, and sent deliveries whose Storage Commitment
+  failed or is overdue go back to the retry policy (``pipeline.commitment``);
 - every ``job_check_interval``: attempts at ``/batch-predict`` items whose
   worker was lost are given up, and pending items no message carries are sent;
 - hourly: the housekeeping of ``serve`` (``lungnode cleanup``).
@@ -34,7 +35,9 @@ from lungnode.db.leases import JobLeases
 from lungnode.db.migrate import upgrade
 from lungnode.db.session import make_engine, make_session_factory
 from lungnode.pipeline.batches import ItemTerms
+from lungnode.pipeline.commitment import Commitments, CommitmentTerms
 from lungnode.pipeline.jobs import JobRetryPolicy
+from lungnode.pipeline.outbox import RetryPolicy
 from lungnode.pipeline.sweeper import BatchItemSweeper, DeliveryScheduler, JobSweeper
 
 logger = logging.getLogger(__name__)
@@ -59,6 +62,16 @@ class Beat:
             self.publisher.deliveries,
             resend_seconds=settings.queue_resend_seconds,
         )
+        self.commitments = Commitments(
+            DeliveryRepository(self.sessions, settings.storage_dir),
+            RetryPolicy(
+                base_seconds=settings.delivery_retry_base_seconds,
+                cap_seconds=settings.delivery_retry_cap_seconds,
+                max_attempts=settings.delivery_max_attempts,
+            ),
+            CommitmentTerms.from_settings(settings),
+            settings.ae_title,
+        )
         self.batch_items = BatchItemSweeper(
             BatchItems(self.sessions),
             self.publisher.batch_items,
@@ -78,6 +91,7 @@ class Beat:
         tasks: list[tuple[str, float, Callable[[], object]]] = [
             ("job sweep", settings.job_check_interval, self.jobs.sweep),
             ("delivery scheduling", settings.delivery_check_interval, self.deliveries.schedule),
+            ("commitment expiry", settings.delivery_check_interval, self.commitments.expire),
             ("batch item sweep", settings.job_check_interval, self.batch_items.sweep),
         ]
         next_run = [0.0] * len(tasks)

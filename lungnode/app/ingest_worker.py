@@ -14,6 +14,7 @@ import signal
 import socket
 from types import FrameType
 
+from lungnode.db.deliveries import DeliveryRepository
 from lungnode.db.repo import NodeRepository
 from lungnode.db.session import make_engine, make_session_factory
 from lungnode.dicom.ingest_workers import (
@@ -48,7 +49,8 @@ def run_worker(config: WorkerConfig, channel: socket.socket, name: str) -> None:
     engine = make_engine(
         config.database_url, pool_size=config.db_pool_size, max_overflow=config.db_max_overflow
     )
-    repo = NodeRepository(make_session_factory(engine), config.storage_dir)
+    sessions = make_session_factory(engine)
+    repo = NodeRepository(sessions, config.storage_dir)
     intake = Intake(config.incoming_dir, repo.register_instance, config.min_free_bytes)
     scp = StorageSCP(
         config.scp,
@@ -56,6 +58,11 @@ def run_worker(config: WorkerConfig, channel: socket.socket, name: str) -> None:
         repo,
         on_association_ended=lambda: node.tell(ASSOCIATION_ENDED),
         on_connection_closed=lambda: node.tell(CONNECTION_CLOSED),
+        commitment_reports=(
+            DeliveryRepository(sessions, config.storage_dir)
+            if config.scp.commitment_reports
+            else None
+        ),
     )
     scp.start_handed_over()
     logger.debug("%s ready", name)

@@ -31,6 +31,7 @@ from lungnode.db.migrate import upgrade
 from lungnode.db.repo import NodeRepository
 from lungnode.db.session import engine_for, make_session_factory
 from lungnode.errors import BundleError
+from lungnode.pipeline.commitment import CommitmentTerms
 from lungnode.pipeline.jobs import JobHandler, JobRetryPolicy, LocalJobQueue
 from lungnode.pipeline.outbox import Outbox, RetryPolicy
 from lungnode.pipeline.warmup import ModelState, WarmModel
@@ -76,6 +77,7 @@ class Node:
             ),
             interval=settings.delivery_check_interval,
             timeout=settings.delivery_timeout,
+            commitment=CommitmentTerms.from_settings(settings),
         )
         self.analyse = analyse
         #: The model bundle, loaded and warmed in the background from start():

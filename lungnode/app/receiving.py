@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from lungnode.app.ingest_worker import run_worker
 from lungnode.config import Settings
+from lungnode.db.deliveries import DeliveryRepository
 from lungnode.db.repo import NodeRepository
 from lungnode.dicom.ingest_workers import IngestWorkers, WorkerConfig
 from lungnode.dicom.intake import Intake, reconcile
@@ -59,6 +60,7 @@ class Receiver:
             tls_cert=settings.tls_cert,
             tls_key=settings.tls_key,
             tls_ca=settings.tls_ca,
+            commitment_reports=bool(settings.commit_peers),
         )
         self.ingest_workers: IngestWorkers | None = None
         if processes > 1:
@@ -83,6 +85,11 @@ class Receiver:
             repo,
             on_association_ended=self.watcher.wake,
             dispatcher=self.ingest_workers,
+            commitment_reports=(
+                DeliveryRepository(repo.sessions, settings.storage_dir)
+                if scp_config.commitment_reports
+                else None
+            ),
         )
 
     def start(self) -> None:

@@ -56,6 +56,7 @@ from lungnode.db.jobs import JobRepository
 from lungnode.db.leases import JobLeases
 from lungnode.db.session import make_engine, make_session_factory
 from lungnode.pipeline.batches import ItemTerms, give_up_lost_item, run_batch_item
+from lungnode.pipeline.commitment import CommitmentTerms
 from lungnode.pipeline.jobs import JobHandler, JobRetryPolicy, LeaseTerms, run_job
 from lungnode.pipeline.outbox import Outbox, RetryPolicy
 from lungnode.pipeline.series_job import make_series_job
@@ -117,6 +118,7 @@ class WorkerRole:
                 max_attempts=settings.delivery_max_attempts,
             ),
             timeout=settings.delivery_timeout,
+            commitment=CommitmentTerms.from_settings(settings),
         )
         model = WarmModel(self._load_bundle) if self.analyse else None
         handler = None

@@ -12,12 +12,20 @@ their next attempt is pushed to the end of a lease in the same transaction that
 picks them, so no other outbox finds them due while they are sent; the outcome
 then records the real next attempt. If the sender dies, the deliveries are due
 again when the lease runs out.
+
+With Storage Commitment (PS3.4 Annex J) a delivered object is ``sent``, not
+``done``: :meth:`DeliveryRepository.mark_sent` records the transaction that
+asks for it before the N-ACTION goes out, a report commits it or records why
+not (:meth:`DeliveryRepository.apply_commitment_report`, idempotent: only a
+``sent`` delivery of that transaction changes), and a failure or an overdue
+report puts it back to ``pending`` or ``dead``
+(:meth:`DeliveryRepository.commitment_failed`).
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Collection
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -43,9 +51,24 @@ class DueDelivery:
     #: Absolute: resolved against ``storage_dir``.
     path: str
     attempts: int
+    #: What a commitment request names (PS3.4 J.3.2, Referenced SOP Sequence).
+    sop_class_uid: str = ""
 
 
-def _due_rows(moment: datetime, limit: int) -> Any:  # a Select of the five columns
+@dataclass(frozen=True)
+class AwaitedCommitment:
+    """A ``sent`` delivery whose commitment report failed it or is overdue."""
+
+    id: int
+    destination: str
+    transaction_uid: str
+    attempts: int
+    #: The Failure Reason of a failed report, and what it meant; None: no report.
+    last_status: int | None
+    last_error: str | None
+
+
+def _due_rows(moment: datetime, limit: int) -> Any:  # a Select of the six columns
     """Pending deliveries whose next attempt is due at ``moment``, oldest first."""
     return (
         select(
@@ -54,6 +77,7 @@ def _due_rows(moment: datetime, limit: int) -> Any:  # a Select of the five colu
             Delivery.sop_instance_uid,
             Delivery.path,
             Delivery.attempts,
+            Delivery.sop_class_uid,
         )
         .where(
             Delivery.state == DeliveryState.PENDING.value,
@@ -77,6 +101,7 @@ class DeliveryRepository:
             row.sop_instance_uid,
             str(resolve_stored(row.path, self.storage_dir)),
             row.attempts,
+            row.sop_class_uid,
         )
 
     def due(self, now: datetime | None = None, limit: int = 500) -> list[DueDelivery]:
@@ -200,6 +225,150 @@ class DeliveryRepository:
                     updated_at=_now(),
                 )
             )
+
+    # -- Storage Commitment (PS3.4 Annex J) ------------------------------------------
+
+    def mark_sent(
+        self,
+        statuses: Mapping[int, int | None],
+        transaction_uid: str,
+        report_due_seconds: float,
+    ) -> None:
+        """Delivered (``statuses``: delivery id -> C-STORE status) and to be committed
+        by ``transaction_uid``, whose report is due within ``report_due_seconds``.
+        Written before the N-ACTION goes out: a crash after it loses nothing."""
+        moment = _now()
+        with write_transaction(self.sessions) as session:
+            for delivery_id, status in statuses.items():
+                session.execute(
+                    update(Delivery)
+                    .where(Delivery.id == delivery_id)
+                    .values(
+                        state=DeliveryState.SENT.value,
+                        attempts=Delivery.attempts + 1,
+                        last_status=status,
+                        last_error=None,
+                        commit_transaction_uid=transaction_uid,
+                        commit_due_at=moment + timedelta(seconds=report_due_seconds),
+                        updated_at=moment,
+                    )
+                )
+
+    def apply_commitment_report(
+        self,
+        transaction_uid: str,
+        committed: Sequence[str],
+        failed: Mapping[str, tuple[int | None, str]],
+    ) -> bool:
+        """Apply an N-EVENT-REPORT: committed SOP Instance UIDs become ``committed``;
+        failed ones (UID -> Failure Reason and its meaning) are due for the retry
+        policy at once. Only ``sent`` deliveries of this transaction change, so a
+        report applied twice changes nothing more. False: no delivery was ever
+        asked for by this transaction."""
+        moment = _now()
+        with write_transaction(self.sessions) as session:
+            known = session.scalar(
+                select(Delivery.id).where(Delivery.commit_transaction_uid == transaction_uid)
+            )
+            if known is None:
+                return False
+            awaiting = (
+                Delivery.commit_transaction_uid == transaction_uid,
+                Delivery.state == DeliveryState.SENT.value,
+            )
+            if committed:
+                session.execute(
+                    update(Delivery)
+                    .where(*awaiting, Delivery.sop_instance_uid.in_(list(committed)))
+                    .values(
+                        state=DeliveryState.COMMITTED.value,
+                        commit_due_at=None,
+                        last_error=None,
+                        updated_at=moment,
+                    )
+                )
+            for sop_instance_uid, (reason, meaning) in failed.items():
+                session.execute(
+                    update(Delivery)
+                    .where(*awaiting, Delivery.sop_instance_uid == sop_instance_uid)
+                    .values(
+                        last_status=reason,
+                        last_error=f"storage commitment failed: {meaning}",
+                        commit_due_at=moment,
+                        updated_at=moment,
+                    )
+                )
+            return True
+
+    def awaited_commitments(
+        self, now: datetime | None = None, limit: int = 500
+    ) -> list[AwaitedCommitment]:
+        """``sent`` deliveries whose report failed them or is overdue, oldest first."""
+        moment = now or _now()
+        with self._reads() as session:
+            rows = session.execute(
+                select(
+                    Delivery.id,
+                    Delivery.destination,
+                    Delivery.commit_transaction_uid,
+                    Delivery.attempts,
+                    Delivery.last_status,
+                    Delivery.last_error,
+                )
+                .where(
+                    Delivery.state == DeliveryState.SENT.value,
+                    Delivery.commit_due_at <= moment,
+                )
+                .order_by(Delivery.commit_due_at, Delivery.id)
+                .limit(limit)
+            ).all()
+        return [
+            AwaitedCommitment(
+                row.id,
+                row.destination,
+                str(row.commit_transaction_uid or ""),
+                row.attempts,
+                row.last_status,
+                row.last_error,
+            )
+            for row in rows
+        ]
+
+    def commitment_failed(
+        self,
+        delivery_id: int,
+        transaction_uid: str,
+        status: int | None,
+        error: str,
+        retry_in: float | None,
+    ) -> bool:
+        """A ``sent`` delivery of ``transaction_uid`` was not committed: ``pending``
+        again in ``retry_in`` seconds (it is sent and asked for again), or ``dead``
+        when None. The attempt was counted when it was sent. False when the delivery
+        had moved on (committed meanwhile, or another transaction)."""
+        moment = _now()
+        values: dict[str, Any] = {
+            "last_status": status,
+            "last_error": error,
+            "commit_due_at": None,
+            "updated_at": moment,
+        }
+        if retry_in is None:
+            values["state"] = DeliveryState.DEAD.value
+        else:
+            values["state"] = DeliveryState.PENDING.value
+            values["next_attempt_at"] = moment + timedelta(seconds=retry_in)
+        with write_transaction(self.sessions) as session:
+            result = session.execute(
+                update(Delivery)
+                .where(
+                    Delivery.id == delivery_id,
+                    Delivery.commit_transaction_uid == transaction_uid,
+                    Delivery.state == DeliveryState.SENT.value,
+                )
+                .values(**values)
+            )
+            return bool(result.rowcount)  # type: ignore[attr-defined]
 
     def dead_letters(self) -> list[Delivery]:
         with self._reads() as session:

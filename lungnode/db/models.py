@@ -96,9 +96,16 @@ class BatchItemState(enum.StrEnum):
 
 
 class DeliveryState(enum.StrEnum):
+    """``done``: delivered to a destination without Storage Commitment. With it
+    (PS3.4 Annex J), a delivered object is ``sent`` until the destination's report
+    commits it (``committed``); a failure or no report in time makes it ``pending``
+    again (or ``dead``)."""
+
     PENDING = "pending"
     DONE = "done"
     DEAD = "dead"
+    SENT = "sent"
+    COMMITTED = "committed"
 
 
 # -- the original plan's tables -------------------------------------------------
@@ -325,6 +332,10 @@ class Delivery(Base):
     next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     last_status: Mapped[int | None] = mapped_column(Integer)
     last_error: Mapped[str | None] = mapped_column(Text)
+    #: The Storage Commitment transaction that last asked for this object (recorded
+    #: before the N-ACTION goes out), and when a ``sent`` delivery's report is overdue.
+    commit_transaction_uid: Mapped[str | None] = mapped_column(UID, index=True)
+    commit_due_at: Mapped[datetime | None] = mapped_column(index=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 

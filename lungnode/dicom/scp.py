@@ -42,6 +42,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from lungnode.dicom import reactor
+from lungnode.dicom.commitment import CommitmentReports, add_report_context, handle_event_report
 from lungnode.dicom.intake import (
     ACCEPTED_SOP_CLASSES,
     STATUS_CANNOT_UNDERSTAND,
@@ -213,6 +214,8 @@ class SCPConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_ca: Path | None = None
+    #: Accept Storage Commitment reports (N-EVENT-REPORT, PS3.4 J.3.3) from peers.
+    commitment_reports: bool = False
 
 
 def make_tls_context(cert: Path, key: Path, ca: Path | None) -> ssl.SSLContext:
@@ -302,11 +305,14 @@ class StorageSCP:
         *,
         on_connection_closed: Callable[[], None] | None = None,
         dispatcher: IngestWorkers | None = None,
+        commitment_reports: CommitmentReports | None = None,
     ) -> None:
         """``dispatcher`` (optional) hands some connections to worker processes
         (``dicom.ingest_workers``); ``on_connection_closed`` is told about every
-        connection that closes, whether or not it became an association."""
+        connection that closes, whether or not it became an association;
+        ``commitment_reports`` (optional) takes Storage Commitment reports."""
         self.config = config
+        self.commitment_reports = commitment_reports
         self.tracker = _AssociationTracker(association_log, on_association_ended)
         self.intake = intake
         self.dispatcher = dispatcher
@@ -335,6 +341,8 @@ class StorageSCP:
         ae.add_supported_context(Verification)
         for sop_class in ACCEPTED_SOP_CLASSES:
             ae.add_supported_context(sop_class, ACCEPTED_TRANSFER_SYNTAXES)
+        if self.commitment_reports is not None:
+            add_report_context(ae)
         return ae
 
     def _handlers(self) -> list[Any]:
@@ -348,6 +356,9 @@ class StorageSCP:
         ]
         if self.on_connection_closed is not None:
             handlers.append((evt.EVT_CONN_CLOSE, _connection_closed, [self.on_connection_closed]))
+        if self.commitment_reports is not None:
+            reports = [self.commitment_reports]
+            handlers.append((evt.EVT_N_EVENT_REPORT, handle_event_report, reports))
         return handlers
 
     def _ssl_context(self) -> ssl.SSLContext | None:

@@ -11,6 +11,9 @@ classified in :func:`lungnode.dicom.scu.classify_status`):
 - final (0xA9xx, 0xCxxx, others, an association rejected-permanent): ``dead`` at
   once, with the reason.
 
+A destination that commits (``pipeline.commitment``, PS3.4 Annex J) is asked to
+commit what it received: a delivered object is ``sent`` until its report.
+
 Each destination is served by its own worker, so one unreachable PACS never
 delays the others. A crash between sending and recording only means the
 object is sent again: output UIDs are deterministic, so the PACS keeps one copy.
@@ -28,8 +31,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lungnode.db.deliveries import DeliveryRepository, DueDelivery
+from lungnode.dicom.commitment import request_commitment
 from lungnode.dicom.scu import Destination, Outcome, SendResult, send_files
 from lungnode.peers import Peer
+from lungnode.pipeline.commitment import Commitments, CommitmentTerms, Requester
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +69,8 @@ class Outbox:
         timeout: float = 30.0,
         sender: Sender = send_files,
         seed: int | None = None,
+        commitment: CommitmentTerms | None = None,
+        requester: Requester = request_commitment,
     ) -> None:
         self.deliveries = deliveries
         self.peers = dict(peers)
@@ -74,6 +81,15 @@ class Outbox:
         self.sender = sender
         self._rng = random.Random(seed)
         self._rng_lock = threading.Lock()
+        self.commitments = Commitments(
+            deliveries,
+            self.policy,
+            commitment or CommitmentTerms(),
+            calling_ae,
+            timeout=timeout,
+            requester=requester,
+            seed=seed,
+        )
         self._busy: set[str] = set()
         self._busy_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(
@@ -114,7 +130,10 @@ class Outbox:
         """Claim the due deliveries of the destinations not busy, and hand each
         destination's to its worker. Claimed deliveries are this outbox's alone
         until their lease (``timeout`` per object) runs out, so another outbox
-        process on the same database does not send them at the same time."""
+        process on the same database does not send them at the same time. Sent
+        deliveries whose commitment failed or is overdue go back to the retry policy
+        first."""
+        self.commitments.expire()
         with self._busy_lock:
             busy = set(self._busy)
         by_destination: dict[str, list[DueDelivery]] = defaultdict(list)
@@ -167,10 +186,15 @@ class Outbox:
             timeout=self.timeout,
         )
         delivered = 0
+        to_commit: dict[DueDelivery, int | None] = {}
         for result in results:
             due = by_path[result.path]
-            if self._record(due, result):
+            if result.outcome is Outcome.DELIVERED and self.commitments.wanted(destination):
+                to_commit[due] = result.status
                 delivered += 1
+            elif self._record(due, result):
+                delivered += 1
+        self.commitments.request(peer, to_commit)
         logger.info("delivered %d of %d object(s) to %s", delivered, len(sendable), destination)
 
     def _record(self, due: DueDelivery, result: SendResult) -> bool:

@@ -92,7 +92,7 @@ def test_stats(seeded: API) -> None:
     assert body["class_distribution"] == {"Normal": 28, "Adenocarcinoma": 5}
     assert body["mean_processing_time"] == pytest.approx(0.1)
     assert set(body["queue"]["jobs"]) == {"queued", "running", "done", "failed"}
-    assert set(body["queue"]["deliveries"]) == {"pending", "done", "dead"}
+    assert set(body["queue"]["deliveries"]) == {"pending", "done", "dead", "sent", "committed"}
     viewer = seeded.client.get("/api/v1/stats", headers=seeded.headers("viewer")).json
     assert viewer["total"] == 5
     assert (

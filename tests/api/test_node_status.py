@@ -156,14 +156,52 @@ def test_retry_a_failed_job(api: API, job_rows: dict[str, int]) -> None:
 
 def test_peers(make_api: object) -> None:
     api = make_api(  # type: ignore[operator]
-        peers="pacs=ORTHANC@10.0.0.5:4242,ws=WS@10.0.0.9:104", result_destinations="pacs"
+        peers="pacs=ORTHANC@10.0.0.5:4242,ws=WS@10.0.0.9:104",
+        result_destinations="pacs",
+        commit_peers="pacs",
     )
     body = api.client.get("/api/v1/peers", headers=api.headers("admin")).json
     assert body["result_destinations"] == ["pacs"]
-    assert [(p["name"], p["result_destination"]) for p in body["items"]] == [
-        ("pacs", True),
-        ("ws", False),
-    ]
+    assert [
+        (p["name"], p["result_destination"], p["storage_commitment"]) for p in body["items"]
+    ] == [("pacs", True, True), ("ws", False, False)]
+
+
+def test_deliveries_show_the_commitment_state(api: API) -> None:
+    """A delivery to a committing destination: ``sent`` with its transaction and the
+    time its report is due, then ``committed``; both states can be asked for."""
+    due = datetime(2026, 1, 1, 12, tzinfo=UTC)
+    with api.app.extensions["lungnode"]["sessions"].begin() as session:
+        series = Series(study_instance_uid="1.2", series_instance_uid="1.2.8", state="complete")
+        session.add(series)
+        session.flush()
+        job = Job(series_id=series.id, state="done")
+        session.add(job)
+        session.flush()
+        for i, state in enumerate(("sent", "committed")):
+            session.add(
+                Delivery(
+                    job_id=job.id,
+                    destination="pacs",
+                    sop_class_uid="1.2.840.10008.5.1.4.1.1.7",
+                    sop_instance_uid=f"9.8.{i}",
+                    path=f"/r/{i}.dcm",
+                    state=state,
+                    attempts=1,
+                    commit_transaction_uid=f"2.25.{i + 1}",
+                    commit_due_at=due if state == "sent" else None,
+                )
+            )
+    admin = api.headers("admin")
+    (sent,) = api.client.get("/api/v1/deliveries?state=sent", headers=admin).json["items"]
+    assert sent["commit_transaction_uid"] == "2.25.1"
+    assert sent["commit_due_at"].startswith("2026-01-01T12:00")
+    (committed,) = api.client.get("/api/v1/deliveries?state=committed", headers=admin).json["items"]
+    assert (committed["commit_transaction_uid"], committed["commit_due_at"]) == ("2.25.2", None)
+    stats = api.client.get("/api/v1/stats", headers=admin).json["queue"]["deliveries"]
+    assert (stats["sent"], stats["committed"]) == (1, 1)
+    metrics = api.client.get("/api/v1/metrics").get_data(as_text=True)
+    assert 'lungnode_deliveries{state="committed"} 1.0' in metrics
 
 
 EVERYONE = {"admin", "radiologist", "viewer"}
