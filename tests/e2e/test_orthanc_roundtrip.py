@@ -1,6 +1,8 @@
 """The loop a radiologist sees: Orthanc routes a study to lungnode, and the
-Secondary Capture heatmaps, the PDF report and the SR come back into the same
-study in Orthanc. Uses the bundled demo model."""
+Secondary Capture heatmaps, the Parametric Map, the PDF report, the SR
+(Comprehensive 3D) and the Key Object Selection come back into the same study
+in Orthanc, each valid, and Orthanc commits them (Storage Commitment). Uses the
+bundled demo model."""
 
 from __future__ import annotations
 
@@ -66,6 +68,7 @@ def test_results_come_back_into_the_same_study(
         peers=f"orthanc={ORTHANC_AE}@127.0.0.1:{orthanc.dicom_port}",
         model="lung-ct-demo",
         delivery_retry_base_seconds=0.5,
+        commit_peers="orthanc",
     )
     node = start_node(settings, analyse=True, serve_http=False)
     source = write_series(make_ct_series(16, rows=256, columns=256), tmp_path / "source")
@@ -84,7 +87,13 @@ def test_results_come_back_into_the_same_study(
         return len(orthanc.get(f"/studies/{study}/series")) >= 6
 
     wait_until(results_arrived, timeout=240, what="results in Orthanc")
-    time.sleep(2)  # let the outbox finish the last series
+
+    def all_committed() -> bool:
+        with node.sessions() as session:
+            states = {d.state for d in session.scalars(select(Delivery))}
+        return bool(states) and states <= {"committed", "dead"}
+
+    wait_until(all_committed, timeout=120, what="Orthanc's storage commitment reports")
     classes: dict[str, int] = {}
     files = []
     for series in orthanc.get(f"/studies/{study}/series"):
@@ -111,7 +120,10 @@ def test_results_come_back_into_the_same_study(
         assert not errors, f"{path.name}: {errors}"
     with node.sessions() as session:
         assert [j.state for j in session.scalars(select(Job))] == ["done"]
-        assert {d.state for d in session.scalars(select(Delivery))} == {"done"}
+        # Orthanc confirmed every object by Storage Commitment (N-EVENT-REPORT).
+        deliveries = list(session.scalars(select(Delivery)))
+        assert {d.state for d in deliveries} == {"committed"}, [d.last_error for d in deliveries]
+        assert all(d.commit_transaction_uid for d in deliveries)
         prediction = session.scalars(select(Prediction)).one()
         assert prediction.source == "dicom" and prediction.model_name == "lung-ct-demo"
         assert prediction.study_instance_uid == study_uid
