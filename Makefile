@@ -5,8 +5,10 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 # Debian packages the test suite uses as real peers and validators. The scaled tests
 # start Redis servers of their own; PostgreSQL and RabbitMQ are services the machine runs.
-SYSTEM_PACKAGES := dcmtk dicom3tools orthanc poppler-utils chromium redis-server openssl
+SYSTEM_PACKAGES := dcmtk dicom3tools orthanc orthanc-dicomweb poppler-utils chromium redis-server openssl
 SYSTEM_TOOLS    := storescu echoscu dcmcjpeg dciodvfy Orthanc pdftotext chromium redis-server openssl
+# Orthanc's DICOMweb plugin (a DICOMweb peer for the tests), where Debian puts it.
+ORTHANC_DICOMWEB := /usr/share/orthanc/plugins/libOrthancDicomWeb.so
 
 .PHONY: install run test lint drills system-deps clean
 
@@ -22,12 +24,13 @@ install: $(STAMP)
 run: install
 	$(BIN)/lungnode serve
 
-# Installs DCMTK, dicom3tools, Orthanc, poppler-utils, Chromium (headless, for
+# Installs DCMTK, dicom3tools, Orthanc and its DICOMweb plugin, poppler-utils, Chromium (headless, for
 # the docs page test), Redis and OpenSSL with apt-get when running as root and
 # one of their tools is missing; otherwise says what is missing and goes on
 # (under CI=true the tests that need a missing tool then fail).
 system-deps:
 	@missing=""; for tool in $(SYSTEM_TOOLS); do command -v $$tool >/dev/null 2>&1 || missing="$$missing $$tool"; done; \
+	test -e $(ORTHANC_DICOMWEB) || missing="$$missing orthanc-dicomweb"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then \
 	    echo "installing $(SYSTEM_PACKAGES) (missing:$$missing)"; \

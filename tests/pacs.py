@@ -12,6 +12,11 @@ from pathlib import Path
 from typing import Any
 
 ORTHANC_AE = "ORTHANC"
+#: Orthanc's DICOMweb plugin as Debian installs it (``orthanc-dicomweb``);
+#: LUNGNODE_TEST_ORTHANC_DICOMWEB names another.
+DICOMWEB_PLUGIN = os.environ.get(
+    "LUNGNODE_TEST_ORTHANC_DICOMWEB", "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+)
 
 
 def free_port() -> int:
@@ -30,7 +35,12 @@ class Orthanc:
         modalities: dict[str, list[Any]],
         *,
         dicom_port: int | None = None,
+        dicomweb_servers: dict[str, Any] | None = None,
     ) -> None:
+        """``dicomweb_servers``: with it (even empty), Orthanc loads its DICOMweb plugin,
+        serves DICOMweb at ``dicomweb_url`` and knows these servers by name
+        (``{"name": ["http://…/dicomweb/", "user", "password"]}`` or the plugin's
+        object form) for its ``/dicom-web/servers/<name>/stow``."""
         self.executable = executable
         self.work = work
         self.dicom_port = dicom_port or free_port()
@@ -52,12 +62,29 @@ class Orthanc:
             "StorageCommitmentReportsSize": 100,
             "Plugins": [],
         }
+        if dicomweb_servers is not None:
+            if not Path(DICOMWEB_PLUGIN).is_file():
+                from tests.conftest import unavailable
+
+                unavailable(f"Orthanc's DICOMweb plugin is missing ({DICOMWEB_PLUGIN})")
+            config["Plugins"] = [DICOMWEB_PLUGIN]
+            config["DicomWeb"] = {
+                "Enable": True,
+                "Root": "/dicom-web/",
+                "EnableWado": True,
+                "Servers": dicomweb_servers,
+            }
         self.config_path = work / "orthanc.json"
         self.config_path.write_text(json.dumps(config, indent=2))
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def dicomweb_url(self) -> str:
+        """The plugin's DICOMweb root (only with ``dicomweb_servers``)."""
+        return f"{self.url}/dicom-web"
 
     def start(self, timeout: float = 30.0) -> None:
         # DCMTK, inside Orthanc, leaves Nagle's algorithm on unless told otherwise;
