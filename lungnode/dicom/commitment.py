@@ -37,9 +37,9 @@ from lungnode.dicom import reactor
 from lungnode.dicom.scu import (
     Destination,
     Outcome,
-    _close_dropped,
-    _rejection,
-    _unreachable,
+    close_dropped,
+    rejection,
+    unreachable_reason,
 )
 
 logger = logging.getLogger(__name__)
@@ -257,7 +257,7 @@ def request_commitment(
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.requested_contexts = [build_context(STORAGE_COMMITMENT_PUSH_MODEL)]
-    unreachable = _unreachable(destination, timeout)
+    unreachable = unreachable_reason(destination, timeout)
     if unreachable is not None:
         return ActionResult(None, Outcome.RETRY, unreachable)
     reported = threading.Event()
@@ -273,9 +273,9 @@ def request_commitment(
         evt_handlers=[(evt.EVT_N_EVENT_REPORT, handle_event_report, [reports, on_report])],
     )
     if not assoc.is_established:
-        _close_dropped(assoc)
+        close_dropped(assoc)
         if assoc.is_rejected:
-            reason, outcome = _rejection(assoc)
+            reason, outcome = rejection(assoc)
             return ActionResult(None, outcome, reason)
         answer = assoc.acceptor.primitive
         if answer is not None and answer.result == 0x00:
@@ -288,7 +288,7 @@ def request_commitment(
         if assoc.is_established:
             assoc.release()
         else:
-            _close_dropped(assoc)
+            close_dropped(assoc)
 
 
 def _send_action(

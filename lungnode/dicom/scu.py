@@ -97,14 +97,14 @@ def send_files(
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.requested_contexts = _contexts_for(paths)
     results: list[SendResult] = []
-    unreachable = _unreachable(destination, timeout)
+    unreachable = unreachable_reason(destination, timeout)
     if unreachable is not None:
         return _all_failed(paths, unreachable, on_sent)
     assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
     if not assoc.is_established:
-        _close_dropped(assoc)
+        close_dropped(assoc)
         if assoc.is_rejected:
-            reason, outcome = _rejection(assoc)
+            reason, outcome = rejection(assoc)
             return _all_failed(paths, reason, on_sent, outcome)
         return _all_failed(paths, "no association", on_sent)
     try:
@@ -119,7 +119,7 @@ def send_files(
         if assoc.is_established:
             assoc.release()
         else:
-            _close_dropped(assoc)
+            close_dropped(assoc)
     for path in paths[len(results) :]:
         result = SendResult(path, None, Outcome.RETRY, "association lost")
         results.append(result)
@@ -128,7 +128,7 @@ def send_files(
     return results
 
 
-def _unreachable(destination: Destination, timeout: float) -> str | None:
+def unreachable_reason(destination: Destination, timeout: float) -> str | None:
     """Why nothing listens at the destination, or None if a TCP connection opens.
 
     Checked before pynetdicom tries: its transport does not close the socket of a
@@ -142,7 +142,7 @@ def _unreachable(destination: Destination, timeout: float) -> str | None:
         return f"no association: cannot connect to {destination.host}:{destination.port}: {exc}"
 
 
-def _rejection(assoc: Association) -> tuple[str, Outcome]:
+def rejection(assoc: Association) -> tuple[str, Outcome]:
     """Why the peer rejected the association, and what to do: a rejected-permanent
     (PS3.8 9.3.4: a called or calling AE title it does not know, say) is final, a
     rejected-transient (too many associations, say) is worth retrying."""
@@ -166,7 +166,7 @@ def _all_failed(
     return results
 
 
-def _close_dropped(assoc: Association) -> None:
+def close_dropped(assoc: Association) -> None:
     """Close our socket of an association the peer refused or dropped.
 
     pynetdicom closes its socket only after a release or an abort it sent itself;
