@@ -62,7 +62,9 @@ _warned_lock = threading.Lock()
 
 
 @dataclass(frozen=True)
-class _Instance:
+class Instance:
+    """One result object to store, with what batching needs to know of it."""
+
     path: Path
     sop_instance_uid: str
     study_instance_uid: str
@@ -99,15 +101,15 @@ def classify_http_status(status: int) -> Outcome:
 
 
 def batches(
-    instances: Sequence[_Instance], max_instances: int, max_bytes: int
-) -> Iterator[list[_Instance]]:
+    instances: Sequence[Instance], max_instances: int, max_bytes: int
+) -> Iterator[list[Instance]]:
     """The instances by study (in their order), each study cut into requests of at
     most ``max_instances`` instances and about ``max_bytes`` (a larger one goes alone)."""
-    by_study: dict[str, list[_Instance]] = {}
+    by_study: dict[str, list[Instance]] = {}
     for instance in instances:
         by_study.setdefault(instance.study_instance_uid, []).append(instance)
     for study in by_study.values():
-        batch: list[_Instance] = []
+        batch: list[Instance] = []
         size = 0
         for instance in study:
             if batch and (len(batch) >= max_instances or size + instance.size > max_bytes):
@@ -128,14 +130,14 @@ def send_instances(
 ) -> list[SendResult]:
     """Store the files at ``peer`` by STOW-RS, one request per batch; one result per file."""
     results: list[SendResult] = []
-    instances: list[_Instance] = []
+    instances: list[Instance] = []
     for path in paths:
         try:
             header = dcmread(
                 path, stop_before_pixels=True, specific_tags=["StudyInstanceUID", "SOPInstanceUID"]
             )
             instances.append(
-                _Instance(
+                Instance(
                     path,
                     str(header.SOPInstanceUID),
                     str(header.StudyInstanceUID),
@@ -173,10 +175,10 @@ def _session(peer: DicomwebPeer) -> requests.Session:
     return session
 
 
-def _send_batch(batch: Sequence[_Instance], peer: DicomwebPeer, timeout: float) -> list[SendResult]:
+def _send_batch(batch: Sequence[Instance], peer: DicomwebPeer, timeout: float) -> list[SendResult]:
     datasets: list[Dataset] = []
     unreadable: list[SendResult] = []
-    readable: list[_Instance] = []
+    readable: list[Instance] = []
     for instance in batch:
         try:
             datasets.append(dcmread(instance.path))
@@ -193,7 +195,7 @@ def _send_batch(batch: Sequence[_Instance], peer: DicomwebPeer, timeout: float) 
 
 
 def _post(
-    batch: Sequence[_Instance], datasets: Sequence[Dataset], peer: DicomwebPeer, timeout: float
+    batch: Sequence[Instance], datasets: Sequence[Dataset], peer: DicomwebPeer, timeout: float
 ) -> list[SendResult]:
     """One STOW-RS request for the batch, classified."""
     responses: list[requests.Response] = []
@@ -237,7 +239,7 @@ def _post(
     return _classify(batch, responses[-1])
 
 
-def _classify(batch: Sequence[_Instance], response: requests.Response) -> list[SendResult]:
+def _classify(batch: Sequence[Instance], response: requests.Response) -> list[SendResult]:
     status = response.status_code
     status_text = f"HTTP {status}"
     phrase = _phrase(response)
@@ -336,7 +338,7 @@ def _short(text: str, limit: int = 300) -> str:
 
 
 def _all(
-    batch: Sequence[_Instance],
+    batch: Sequence[Instance],
     status: int | None,
     outcome: Outcome,
     error: str,
