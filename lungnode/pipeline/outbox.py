@@ -46,7 +46,6 @@ from lungnode.pipeline.commitment import Commitments, CommitmentTerms, Requester
 logger = logging.getLogger(__name__)
 
 Sender = Callable[..., list[SendResult]]
-StowSender = Callable[..., list[SendResult]]
 
 
 @dataclass(frozen=True)
@@ -80,7 +79,7 @@ class Outbox:
         commitment: CommitmentTerms | None = None,
         requester: Requester = request_commitment,
         dicomweb_peers: Mapping[str, DicomwebPeer] | None = None,
-        stow_sender: StowSender = send_instances,
+        stow_sender: Sender = send_instances,
     ) -> None:
         self.deliveries = deliveries
         self.peers = dict(peers)
