@@ -34,7 +34,7 @@ from pydantic_settings import (
 )
 
 from lungnode.errors import ConfigError
-from lungnode.peers import Peer, validate_ae_title
+from lungnode.peers import DicomwebPeer, Peer, validate_ae_title
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +97,11 @@ class Settings(BaseSettings):
     dicom_host: str = "0.0.0.0"
     dicom_port: int = Field(default=11112, ge=0, lt=65536)
     peers: Annotated[list[Peer], NoDecode] = Field(default_factory=list)
-    #: Peer names that receive results; empty means the peer that sent the series.
+    #: DICOMweb origin servers that may receive results by STOW-RS (PS3.18 10.5),
+    #: ``NAME=BASE_URL[;option=value...]`` (``peers.DicomwebPeer``).
+    dicomweb_peers: Annotated[list[DicomwebPeer], NoDecode] = Field(default_factory=list)
+    #: Peer names (DIMSE or DICOMweb) that receive results; empty means the peer
+    #: that sent the series.
     result_destinations: Annotated[list[str], NoDecode] = Field(default_factory=list)
     allow_unknown_callers: bool = False
     #: Associations received at once (all receiving processes together); beyond it
@@ -256,6 +260,21 @@ class Settings(BaseSettings):
             return value
         return [Peer.parse(text) for text in _split_list(value)]
 
+    @field_validator("dicomweb_peers", mode="before")
+    @classmethod
+    def _parse_dicomweb_peers(cls, value: Any) -> list[DicomwebPeer]:
+        # A TOML array may hold tables ({name, url, options}) as well as strings.
+        items = value if isinstance(value, list | tuple) else _split_list(value)
+        return [
+            item
+            if isinstance(item, DicomwebPeer)
+            else DicomwebPeer.from_mapping(item)
+            if isinstance(item, dict)
+            else DicomwebPeer.parse(str(item))
+            for item in items
+            if not isinstance(item, str) or item.strip()
+        ]
+
     @field_validator("result_destinations", "commit_peers", "cors_origins", mode="before")
     @classmethod
     def _parse_destinations(cls, value: Any) -> list[str]:
@@ -264,12 +283,20 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _check_consistency(self) -> Settings:
         names = [p.name for p in self.peers]
-        duplicates = {n for n in names if names.count(n) > 1}
+        web_names = [p.name for p in self.dicomweb_peers]
+        everyone = names + web_names
+        duplicates = {n for n in everyone if everyone.count(n) > 1}
         if duplicates:
             raise ValueError(f"duplicate peer names: {sorted(duplicates)}")
-        unknown = [d for d in self.result_destinations if d not in names]
+        unknown = [d for d in self.result_destinations if d not in everyone]
         if unknown:
-            raise ValueError(f"result destinations {unknown} are not among the peers {names}")
+            raise ValueError(f"result destinations {unknown} are not among the peers {everyone}")
+        web = [d for d in self.commit_peers if d in web_names]
+        if web:
+            raise ValueError(
+                f"commit peers {web} are DICOMweb peers: Storage Commitment (PS3.4 Annex J) "
+                "is a DIMSE service; a STOW-RS response already reports what was stored"
+            )
         unknown = [d for d in self.commit_peers if d not in names]
         if unknown:
             raise ValueError(f"commit peers {unknown} are not among the peers {names}")
@@ -343,6 +370,12 @@ class Settings(BaseSettings):
                     "LUNGNODE_SECRET_KEY is missing, the default, or shorter than 16 "
                     "characters; refusing to start in production"
                 )
+            for peer in self.dicomweb_peers:
+                if peer.secret is not None and peer.plain_http and not is_loopback(peer.host):
+                    raise ConfigError(
+                        f"DICOMweb peer {peer.name} would send its credentials over plain "
+                        "HTTP; use an https:// base URL; refusing to start in production"
+                    )
 
     def check_safe_to_serve_http(self) -> None:
         """Refuse to serve the API unsafely: TLS files that cannot be read, and in

@@ -78,6 +78,7 @@ class Node:
             interval=settings.delivery_check_interval,
             timeout=settings.delivery_timeout,
             commitment=CommitmentTerms.from_settings(settings),
+            dicomweb_peers={peer.name: peer for peer in settings.dicomweb_peers},
         )
         self.analyse = analyse
         #: The model bundle, loaded and warmed in the background from start():

@@ -119,6 +119,7 @@ class WorkerRole:
             ),
             timeout=settings.delivery_timeout,
             commitment=CommitmentTerms.from_settings(settings),
+            dicomweb_peers={peer.name: peer for peer in settings.dicomweb_peers},
         )
         model = WarmModel(self._load_bundle) if self.analyse else None
         handler = None
@@ -292,7 +293,7 @@ class WorkerRole:
 def run(settings: Settings, queues: Sequence[str], concurrency: int) -> int:
     """Run a worker until it is stopped (SIGTERM: warm shutdown, running jobs finish)."""
     role = WorkerRole(settings, analyse=any(queue in MODEL_QUEUES for queue in queues))
-    if DELIVERIES_QUEUE in queues and not settings.peers:
+    if DELIVERIES_QUEUE in queues and not (settings.peers or settings.dicomweb_peers):
         logger.warning("no peers configured: deliveries can only be dead-lettered")
     role.app.worker_main(role.argv(queues, concurrency))
     return 0

@@ -66,6 +66,9 @@ class SendResult:
     status: int | None
     outcome: Outcome
     error: str | None = None
+    #: How ``status`` reads in a reason, where it is not a DIMSE status ("HTTP 503",
+    #: "FailureReason 0xA700" of a STOW-RS response); None: ``0xNNNN``.
+    status_text: str | None = None
 
 
 def _contexts_for(paths: Sequence[Path]) -> list[PresentationContext]:

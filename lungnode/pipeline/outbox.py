@@ -14,6 +14,12 @@ classified in :func:`lungnode.dicom.scu.classify_status`):
 A destination that commits (``pipeline.commitment``, PS3.4 Annex J) is asked to
 commit what it received: a delivered object is ``sent`` until its report.
 
+A DICOMweb destination (``peers.DicomwebPeer``) gets its objects by STOW-RS
+(``dicom.stow_client``), one request per batch of a study; each instance's
+outcome is classified into the same three (HTTP status and FailureReason) and
+recorded by the same rows, policy and dead letters. Storage Commitment is DIMSE
+only: a DICOMweb destination's deliveries end ``done``.
+
 Each destination is served by its own worker, so one unreachable PACS never
 delays the others. A crash between sending and recording only means the
 object is sent again: output UIDs are deterministic, so the PACS keeps one copy.
@@ -33,7 +39,8 @@ from pathlib import Path
 from lungnode.db.deliveries import DeliveryRepository, DueDelivery
 from lungnode.dicom.commitment import request_commitment
 from lungnode.dicom.scu import Destination, Outcome, SendResult, send_files
-from lungnode.peers import Peer
+from lungnode.dicom.stow_client import send_instances
+from lungnode.peers import DicomwebPeer, Peer
 from lungnode.pipeline.commitment import Commitments, CommitmentTerms, Requester
 
 logger = logging.getLogger(__name__)
@@ -71,9 +78,13 @@ class Outbox:
         seed: int | None = None,
         commitment: CommitmentTerms | None = None,
         requester: Requester = request_commitment,
+        dicomweb_peers: Mapping[str, DicomwebPeer] | None = None,
+        stow_sender: Sender = send_instances,
     ) -> None:
         self.deliveries = deliveries
         self.peers = dict(peers)
+        self.dicomweb_peers = dict(dicomweb_peers or {})
+        self.stow_sender = stow_sender
         self.calling_ae = calling_ae
         self.policy = policy or RetryPolicy()
         self.interval = interval
@@ -93,7 +104,8 @@ class Outbox:
         self._busy: set[str] = set()
         self._busy_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(
-            max_workers=max(2, len(self.peers)), thread_name_prefix="outbox"
+            max_workers=max(2, len(self.peers) + len(self.dicomweb_peers)),
+            thread_name_prefix="outbox",
         )
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -166,7 +178,8 @@ class Outbox:
 
     def deliver(self, destination: str, batch: Sequence[DueDelivery]) -> None:
         peer = self.peers.get(destination)
-        if peer is None:
+        web_peer = self.dicomweb_peers.get(destination)
+        if peer is None and web_peer is None:
             for due in batch:
                 self.deliveries.mark_dead(due.id, None, f"unknown destination {destination!r}")
             return
@@ -179,26 +192,37 @@ class Outbox:
         if not sendable:
             return
         by_path = {Path(due.path): due for due in sendable}
-        results = self.sender(
-            [Path(due.path) for due in sendable],
-            Destination(peer.ae_title, peer.host, peer.port),
-            calling_ae=self.calling_ae,
-            timeout=self.timeout,
-        )
+        if web_peer is not None:
+            results = self.stow_sender(list(by_path), web_peer, timeout=self.timeout)
+        else:
+            assert peer is not None
+            results = self.sender(
+                list(by_path),
+                Destination(peer.ae_title, peer.host, peer.port),
+                calling_ae=self.calling_ae,
+                timeout=self.timeout,
+            )
         delivered = 0
         to_commit: dict[DueDelivery, int | None] = {}
         for result in results:
             due = by_path[result.path]
-            if result.outcome is Outcome.DELIVERED and self.commitments.wanted(destination):
+            if (
+                result.outcome is Outcome.DELIVERED
+                and peer is not None
+                and self.commitments.wanted(destination)
+            ):
                 to_commit[due] = result.status
                 delivered += 1
             elif self._record(due, result):
                 delivered += 1
-        self.commitments.request(peer, to_commit)
+        if peer is not None:
+            self.commitments.request(peer, to_commit)
         logger.info("delivered %d of %d object(s) to %s", delivered, len(sendable), destination)
 
     def _record(self, due: DueDelivery, result: SendResult) -> bool:
-        status_text = f"0x{result.status:04X}" if result.status is not None else "no status"
+        status_text = result.status_text or (
+            f"0x{result.status:04X}" if result.status is not None else "no status"
+        )
         if result.outcome is Outcome.DELIVERED:
             self.deliveries.mark_done(due.id, result.status)
             return True
