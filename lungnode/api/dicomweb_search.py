@@ -130,10 +130,10 @@ class Matcher:
     def matches(self, dataset: Dataset) -> bool:
         if self.value == "":
             return True
-        element = dataset.get(self.keyword)
+        element = dataset.data_element(self.keyword)
         if element is None or element.is_empty:
             return False
-        values = element if element.VM > 1 else [element]
+        values = element.value if element.VM > 1 else [element.value]
         return any(self._matches_one(str(v)) for v in values)
 
     def _matches_one(self, candidate: str) -> bool:
