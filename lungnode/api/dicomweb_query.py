@@ -27,6 +27,7 @@ from lungnode.api import dicomweb_index as index
 from lungnode.api.dicom_json import DICOM_JSON, selected_json
 from lungnode.api.dicomweb_media import accepts_json
 from lungnode.api.dicomweb_search import (
+    MATCHING_KEYS,
     RETURN_KEYS,
     Level,
     Search,
@@ -77,10 +78,18 @@ def _search(levels: Sequence[Level]) -> Search:
 
 
 def _answer(
-    candidates: Iterable[_Candidate], search: Search, return_keys: Sequence[str]
+    candidates: Iterable[_Candidate],
+    search: Search,
+    return_keys: Sequence[str],
+    levels: Sequence[Level],
 ) -> Response:
     """Match, page and serialise. Keys the index knows are matched before any header
-    is read; when none other is asked, only the page's headers are read."""
+    is read; when none other is asked, only the page's headers are read.
+
+    ``includefield=all`` returns every attribute of an instance's header at the
+    instance level; above it, every attribute lungnode knows at the levels
+    searched (a study or series has no header of its own to give all of).
+    """
     by_index = [m for m in search.matchers if m.keyword in _INDEX_KEYS]
     by_header = [m for m in search.matchers if m.keyword not in _INDEX_KEYS]
     kept = (c for c in candidates if all(m.matches(c.light) for m in by_index))
@@ -93,8 +102,12 @@ def _answer(
         page = [c.full() for c in itertools.islice(kept, search.offset, end)]
     if not page:
         return Response(status=204)
-    keys = list(dict.fromkeys([*return_keys, *search.keys(), *search.include]))
-    body = [selected_json(record, keys, search.include_all) for record in page]
+    keys = [*return_keys, *search.keys(), *search.include]
+    every_attribute = search.include_all and Level.INSTANCE in levels
+    if search.include_all and not every_attribute:
+        keys += [key for level in levels for key in (*RETURN_KEYS[level], *MATCHING_KEYS[level])]
+    chosen = list(dict.fromkeys(keys))
+    body = [selected_json(record, chosen, every_attribute) for record in page]
     return Response(json.dumps(body), status=200, content_type=DICOM_JSON)
 
 
@@ -148,52 +161,59 @@ def _study_list(study_uid: str | None) -> list[index.StudyEntry]:
 @index.read_access
 def search_studies() -> Response:
     """Search for studies (PS3.18 10.6.1, Study level)."""
-    search = _search([Level.STUDY])
-    return _answer(_study_candidates(_study_list(None)), search, RETURN_KEYS[Level.STUDY])
+    levels = [Level.STUDY]
+    search = _search(levels)
+    return _answer(_study_candidates(_study_list(None)), search, RETURN_KEYS[Level.STUDY], levels)
 
 
 @dicomweb_query_blueprint.get("/series")
 @index.read_access
 def search_all_series() -> Response:
     """Search for series of every study; study attributes are returned too."""
-    search = _search([Level.STUDY, Level.SERIES])
+    levels = [Level.STUDY, Level.SERIES]
+    search = _search(levels)
     keys = [*RETURN_KEYS[Level.SERIES], *_STUDY_KEYS_BELOW]
-    return _answer(_series_candidates(_study_list(None)), search, keys)
+    return _answer(_series_candidates(_study_list(None)), search, keys, levels)
 
 
 @dicomweb_query_blueprint.get("/studies/<study>/series")
 @index.read_access
 def search_study_series(study: str) -> Response:
     """Search for the series of one study."""
-    search = _search([Level.SERIES])
-    return _answer(_series_candidates(_study_list(study)), search, RETURN_KEYS[Level.SERIES])
+    levels = [Level.SERIES]
+    search = _search(levels)
+    candidates = _series_candidates(_study_list(study))
+    return _answer(candidates, search, RETURN_KEYS[Level.SERIES], levels)
 
 
 @dicomweb_query_blueprint.get("/instances")
 @index.read_access
 def search_all_instances() -> Response:
     """Search for instances of every study; study and series attributes are returned too."""
-    search = _search([Level.STUDY, Level.SERIES, Level.INSTANCE])
+    levels = [Level.STUDY, Level.SERIES, Level.INSTANCE]
+    search = _search(levels)
     keys = [*RETURN_KEYS[Level.INSTANCE], *_STUDY_KEYS_BELOW, *_SERIES_KEYS_BELOW]
-    return _answer(_instance_candidates(_study_list(None)), search, keys)
+    return _answer(_instance_candidates(_study_list(None)), search, keys, levels)
 
 
 @dicomweb_query_blueprint.get("/studies/<study>/instances")
 @index.read_access
 def search_study_instances(study: str) -> Response:
     """Search for the instances of one study; series attributes are returned too."""
-    search = _search([Level.SERIES, Level.INSTANCE])
+    levels = [Level.SERIES, Level.INSTANCE]
+    search = _search(levels)
     keys = [*RETURN_KEYS[Level.INSTANCE], *_SERIES_KEYS_BELOW]
-    return _answer(_instance_candidates(_study_list(study)), search, keys)
+    return _answer(_instance_candidates(_study_list(study)), search, keys, levels)
 
 
 @dicomweb_query_blueprint.get("/studies/<study>/series/<series>/instances")
 @index.read_access
 def search_series_instances(study: str, series: str) -> Response:
     """Search for the instances of one series."""
-    search = _search([Level.INSTANCE])
+    levels = [Level.INSTANCE]
+    search = _search(levels)
     candidates = _instance_candidates(_study_list(study), series_uid=series)
-    return _answer(candidates, search, RETURN_KEYS[Level.INSTANCE])
+    return _answer(candidates, search, RETURN_KEYS[Level.INSTANCE], levels)
 
 
 #: The study attributes a search below the study level returns (PS3.18 10.6.3.3.2).

@@ -130,6 +130,8 @@ class Matcher:
     def matches(self, dataset: Dataset) -> bool:
         if self.value == "":
             return True
+        if self.keyword not in dataset:
+            return False
         element = dataset.data_element(self.keyword)
         if element is None or element.is_empty:
             return False

@@ -202,7 +202,14 @@ def test_matching_paging_and_includefield(browsed: Browsed) -> None:
     (study,) = browsed.get("/studies", params={"includefield": "00081030,StudyID"}).json()
     assert "00081030" in study and "00200010" in study
     (everything,) = browsed.get("/studies", params={"includefield": "all"}).json()
-    assert "00080018" in everything  # every attribute of the study's first result
+    assert {"00081030", "00200010", "00080090"} <= set(everything)
+    assert "00080018" not in everything  # a study has no SOP Instance UID
+    instances = browsed.get(f"/studies/{browsed.study}/instances", params={"includefield": "all"})
+    for instance in instances.json():
+        header = dcmread(
+            browsed.files[(_value(instance, "0020000E"), _value(instance, "00080018"))]
+        )
+        assert {f"{int(e.tag):08X}" for e in header if e.VR not in BYTES_VR} <= set(instance)
 
 
 def test_bad_searches_answer_400_with_the_reason(browsed: Browsed) -> None:
@@ -298,9 +305,7 @@ def test_frames_of_a_heatmap_are_its_pixel_data(browsed: Browsed) -> None:
 
 
 def test_a_dicomweb_client_reads_the_node(browsed: Browsed) -> None:
-    client = DICOMwebClient(
-        url=browsed.url, headers={"Authorization": f"Bearer {browsed.token}"}
-    )
+    client = DICOMwebClient(url=browsed.url, headers={"Authorization": f"Bearer {browsed.token}"})
     studies = client.search_for_studies(search_filters={"PatientID": browsed.source.PatientID})
     assert [_value(s, "0020000D") for s in studies] == [browsed.study]
     series = client.search_for_series(study_instance_uid=browsed.study)
