@@ -28,6 +28,8 @@ from tests.conftest import Databases, node_settings
 from tests.dicom.helpers import finished_job, store_all
 from tests.support.synthetic import make_ct_series
 
+pytestmark = pytest.mark.slow
+
 ADMIN_PASSWORD = "dicomweb-admin-password"
 VIEWER_ORIGIN = "http://viewer.example"
 JSON = "application/dicom+json"
