@@ -32,6 +32,8 @@ from lungnode.api.auth import (
 from lungnode.api.batches import batches_blueprint
 from lungnode.api.cache import make_cache
 from lungnode.api.context import BatchQueue, ModelSource, NodeStatus
+from lungnode.api.dicomweb_query import dicomweb_query_blueprint
+from lungnode.api.dicomweb_retrieve import dicomweb_retrieve_blueprint
 from lungnode.api.docs_assets import init_docs_assets
 from lungnode.api.errors import register_error_handlers
 from lungnode.api.health import health, health_blueprint
@@ -57,6 +59,8 @@ from lungnode.db.session import engine_for, make_session_factory, read_sessions
 __all__ = ["Metrics", "create_app", "delete_stale_uploads", "ensure_first_admin"]
 
 PREFIX = "/api/v1"
+#: DICOMweb (PS3.18) lives beside the REST API, outside its OpenAPI document.
+DICOMWEB_PREFIX = "/dicomweb"
 DOCS_PATH = f"{PREFIX}/docs"
 
 #: multipart/form-data is what APIFlask documents for these; a JSON body is accepted too.
@@ -232,6 +236,8 @@ def create_app(
         node_blueprint,
     ):
         app.register_blueprint(blueprint, url_prefix=PREFIX)
+    for dicomweb in (dicomweb_query_blueprint, dicomweb_retrieve_blueprint):
+        app.register_blueprint(dicomweb, url_prefix=DICOMWEB_PREFIX)
     app.spec_processor(_complete_spec)
 
     limiter = init_limiter(app, settings)

@@ -79,14 +79,21 @@ def init_security_headers(app: APIFlask, docs_path: str) -> None:
 
 
 def init_cors(app: APIFlask, settings: Settings) -> None:
-    """CORS only for the configured origins; with none, no CORS headers at all."""
+    """CORS only for the configured origins; with none, no CORS headers at all.
+
+    It covers the REST API and DICOMweb (a browser viewer such as OHIF calls
+    ``/dicomweb`` with a bearer token).
+    """
     if not settings.cors_origins:
         return
     CORS(
         app,
-        resources={r"/api/*": {"origins": settings.cors_origins}},
-        allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
-        expose_headers=["X-Request-ID", "Retry-After"],
+        resources={
+            r"/api/*": {"origins": settings.cors_origins},
+            r"/dicomweb/*": {"origins": settings.cors_origins},
+        },
+        allow_headers=["Authorization", "Content-Type", "Accept", "X-Request-ID"],
+        expose_headers=["X-Request-ID", "Retry-After", "Content-Location"],
         supports_credentials=False,
         max_age=600,
     )
