@@ -158,6 +158,8 @@ class Settings(BaseSettings):
     stats_cache_seconds: float = Field(default=30.0, ge=0)
     max_upload_mb: int = Field(default=10, ge=1)
     max_batch_size: int = Field(default=10, ge=1)
+    #: Largest STOW-RS request (a whole study in one body), MB; larger answers 413.
+    dicomweb_max_request_mb: int = Field(default=2048, ge=1)
     #: Uploads no prediction refers to are removed by ``lungnode cleanup`` after this long.
     upload_retention_hours: float = Field(default=24.0, gt=0)
 

@@ -31,7 +31,7 @@ from lungnode.api.auth import (
 )
 from lungnode.api.batches import batches_blueprint
 from lungnode.api.cache import make_cache
-from lungnode.api.context import BatchQueue, ModelSource, NodeStatus
+from lungnode.api.context import BatchQueue, ModelSource, NodeStatus, Receiving
 from lungnode.api.docs_assets import init_docs_assets
 from lungnode.api.errors import register_error_handlers
 from lungnode.api.health import health, health_blueprint
@@ -49,14 +49,17 @@ from lungnode.api.predict import predict_blueprint
 from lungnode.api.proxies import TrustedProxies
 from lungnode.api.reports import reports_blueprint
 from lungnode.api.stats import stats_blueprint
+from lungnode.api.stow import store_instances, store_study_instances, stow_blueprint
 from lungnode.api.uploads import delete_stale_uploads, uploads_blueprint
 from lungnode.api.users import users_blueprint
 from lungnode.config import Settings, load_settings
 from lungnode.db.session import engine_for, make_session_factory, read_sessions
 
-__all__ = ["Metrics", "create_app", "delete_stale_uploads", "ensure_first_admin"]
+__all__ = ["Metrics", "Receiving", "create_app", "delete_stale_uploads", "ensure_first_admin"]
 
 PREFIX = "/api/v1"
+#: DICOMweb (PS3.18) routes, beside the REST API and outside its OpenAPI document.
+DICOMWEB_PREFIX = "/dicomweb"
 DOCS_PATH = f"{PREFIX}/docs"
 
 #: multipart/form-data is what APIFlask documents for these; a JSON body is accepted too.
@@ -161,6 +164,7 @@ def create_app(
     metrics: Metrics | None = None,
     model: ModelSource | None = None,
     batch_queue: BatchQueue | None = None,
+    receiving: Receiving | None = None,
 ) -> Flask:
     """Build the app. ``node_status`` is given when the SCP runs in this process.
 
@@ -210,6 +214,7 @@ def create_app(
         "bundle": None,
         "model": model,
         "batch_queue": batch_queue,
+        "receiving": receiving,
     }
     app.url_map.converters["int"] = RowIdConverter
     register_error_handlers(app)
@@ -232,6 +237,7 @@ def create_app(
         node_blueprint,
     ):
         app.register_blueprint(blueprint, url_prefix=PREFIX)
+    app.register_blueprint(stow_blueprint, url_prefix=DICOMWEB_PREFIX)
     app.spec_processor(_complete_spec)
 
     limiter = init_limiter(app, settings)
@@ -243,6 +249,12 @@ def create_app(
         login_limited
     )
     app.view_functions["auth.login"] = login_limited
+    # STOW-RS takes HTTP Basic: its failed authentications count as login attempts.
+    for view in (store_instances, store_study_instances):
+        app.view_functions[f"stow.{view.__name__}"] = limiter.limit(
+            lambda: settings.rate_limit_login,
+            deduct_when=lambda response: response.status_code == 401,
+        )(view)
     if settings.trusted_proxies:
         # Outermost: the client address behind a proxy is what the limiter and the log see.
         app.wsgi_app = TrustedProxies(app.wsgi_app, settings.trusted_proxies)  # type: ignore[method-assign]
