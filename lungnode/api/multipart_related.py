@@ -19,8 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from werkzeug.http import parse_options_header
-
 DICOM = "application/dicom"
 #: RFC 2046 5.1.1: 1 to 70 characters, from these, not ending in a space.
 _BOUNDARY = re.compile(r"^[0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=?]$")
@@ -50,11 +48,30 @@ class Part:
         value = self.headers.get("content-type")
         if value is None:
             return None
-        return parse_options_header(value)[0].strip().lower()
+        return media_type(value)
 
 
 def media_type(content_type: str | None) -> str:
-    return parse_options_header(content_type or "")[0].strip().lower()
+    """The media type of a Content-Type value, in lower case, without parameters."""
+    return _parameters(content_type or "")[0]
+
+
+#: One ``; name=value`` parameter (RFC 9110 5.6.6); the value a quoted string or, leniently,
+#: anything up to the next ``;`` (senders write ``type=application/dicom`` unquoted,
+#: although ``/`` is not a token character).
+_PARAMETER = re.compile(r';\s*([!#$%&\'*+.^_`|~0-9A-Za-z-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;]*)')
+
+
+def _parameters(content_type: str) -> tuple[str, dict[str, str]]:
+    """(media type in lower case, parameters by lower-case name) of a Content-Type."""
+    mimetype, _, rest = content_type.partition(";")
+    parameters: dict[str, str] = {}
+    for name, value in _PARAMETER.findall(";" + rest):
+        value = value.strip()
+        if value.startswith('"') and value.endswith('"') and len(value) >= 2:
+            value = re.sub(r"\\(.)", r"\1", value[1:-1])
+        parameters.setdefault(name.lower(), value)
+    return mimetype.strip().lower(), parameters
 
 
 def dicom_boundary(content_type: str | None) -> str:
@@ -65,8 +82,8 @@ def dicom_boundary(content_type: str | None) -> str:
     Raises :class:`UnsupportedMediaType` for another media type,
     :class:`MalformedBody` for a missing or invalid boundary.
     """
-    mimetype, options = parse_options_header(content_type or "")
-    if mimetype.strip().lower() != "multipart/related":
+    mimetype, options = _parameters(content_type or "")
+    if mimetype != "multipart/related":
         raise UnsupportedMediaType(
             f'expected multipart/related; type="{DICOM}", not {mimetype or "no Content-Type"!r}'
         )
