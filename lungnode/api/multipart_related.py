@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import IO
 
 DICOM = "application/dicom"
-#: RFC 2046 5.1.1: 1 to 70 characters, from these, not ending in a space.
-_BOUNDARY = re.compile(r"^[0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=?]$")
+#: RFC 2046 5.1.1: characters from these, not ending in a space; at most 70 there, but
+#: senders write longer ones (Orthanc's DICOMweb plugin: 73), so up to 200 are read.
+_BOUNDARY = re.compile(r"^[0-9A-Za-z'()+_,\-./:=? ]{0,199}[0-9A-Za-z'()+_,\-./:=?]$")
 CHUNK_BYTES = 1 << 20
 MAX_HEADER_BYTES = 16 * 1024
 

@@ -75,6 +75,8 @@ def test_malformed_bodies_leave_nothing_spooled(tmp_path: Path, body: bytes, mes
         ("multipart/related; type=application/dicom; boundary=abc", "abc"),
         ('Multipart/Related; boundary="a b:c"; type="Application/DICOM"', "a b:c"),
         ("multipart/related; boundary=abc", "abc"),
+        # Orthanc's DICOMweb plugin: two UUIDs, 73 characters (RFC 2046 says at most 70).
+        (f"multipart/related; boundary={'a' * 36}-{'b' * 36}", f"{'a' * 36}-{'b' * 36}"),
     ],
 )
 def test_content_types_accepted(header: str, boundary: str) -> None:
