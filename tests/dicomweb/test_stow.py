@@ -3,6 +3,7 @@ rows, completion), each refusal has its PS3.18 status, and nothing half-written 
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -233,3 +234,26 @@ def test_failed_basic_authentications_are_rate_limited(make_stow_node: object) -
     stow_node = make_stow_node(rate_limit_login="3/minute")  # type: ignore[operator]
     statuses = [stow_node.stow([], auth=("sender", "wrong")).status_code for _ in range(4)]
     assert statuses == [401, 401, 401, 429]
+
+
+def test_storage_full_is_0xa700_with_retry_after(make_stow_node: object) -> None:
+    stow_node = make_stow_node(min_free_disk_mb=10**9)  # type: ignore[operator]
+    response = stow_node.stow(encoded(make_ct_series(2, rows=32, columns=32)))
+    assert response.status_code == 409, response.text
+    failed = response.json()[FAILED]["Value"]
+    assert [values(item, FAILURE_REASON) for item in failed] == [[0xA700], [0xA700]]
+    assert response.headers["Retry-After"] == "60"
+    assert instance_rows(stow_node.node) == [] and stow_node.leftovers() == []
+
+
+def test_parts_a_stop_left_spooled_are_removed_at_start(
+    make_stow_node: object, tmp_path: Path
+) -> None:
+    spool = tmp_path / "storage" / "tmp" / "stow"
+    spool.mkdir(parents=True)
+    stale, fresh = spool / ".stow-stale.part", spool / ".stow-fresh.part"
+    stale.write_bytes(b"left by a crash")
+    fresh.write_bytes(b"another process is receiving it")
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
+    make_stow_node()  # type: ignore[operator]
+    assert not stale.exists() and fresh.exists()
