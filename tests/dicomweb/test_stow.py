@@ -242,7 +242,7 @@ def test_storage_full_is_0xa700_with_retry_after(make_stow_node: object) -> None
     assert response.status_code == 409, response.text
     failed = response.json()[FAILED]["Value"]
     assert [values(item, FAILURE_REASON) for item in failed] == [[0xA700], [0xA700]]
-    assert response.headers["Retry-After"] == "60"
+    assert int(response.headers["Retry-After"]) > 0
     assert instance_rows(stow_node.node) == [] and stow_node.leftovers() == []
 
 
