@@ -81,7 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     user_commands = user.add_subparsers(dest="user_command", required=True)
     user_add = user_commands.add_parser("add", help="add a user")
     user_add.add_argument("username")
-    user_add.add_argument("--role", default="viewer", choices=["admin", "radiologist", "viewer"])
+    user_add.add_argument(
+        "--role", default="viewer", choices=["admin", "radiologist", "viewer", "sender"]
+    )
     user_add.add_argument("--email")
     user_add.add_argument(
         "--password-stdin",

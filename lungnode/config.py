@@ -141,6 +141,8 @@ class Settings(BaseSettings):
     #: Flask-Limiter limits ("N/period", several separated by ";").
     rate_limit_default: str = "300/minute"
     rate_limit_login: str = "10/minute"
+    #: DICOMweb reads (QIDO-RS, WADO-RS), per client address.
+    rate_limit_dicomweb: str = "3000/minute"
     #: Flask-Limiter storage; empty: in memory, or broker_url when queue is celery with Redis.
     rate_limit_storage_uri: str = ""
     #: TLS for the API itself (``serve`` and the ``api`` role); both or neither.
@@ -162,6 +164,8 @@ class Settings(BaseSettings):
     stats_cache_seconds: float = Field(default=30.0, ge=0)
     max_upload_mb: int = Field(default=10, ge=1)
     max_batch_size: int = Field(default=10, ge=1)
+    #: Largest STOW-RS request (a whole study in one body), MB; larger answers 413.
+    dicomweb_max_request_mb: int = Field(default=2048, ge=1)
     #: Uploads no prediction refers to are removed by ``lungnode cleanup`` after this long.
     upload_retention_hours: float = Field(default=24.0, gt=0)
 

@@ -31,7 +31,7 @@ from lungnode.api.auth import (
 )
 from lungnode.api.batches import batches_blueprint
 from lungnode.api.cache import make_cache
-from lungnode.api.context import BatchQueue, ModelSource, NodeStatus
+from lungnode.api.context import BatchQueue, ModelSource, NodeStatus, Receiving
 from lungnode.api.dicomweb_query import dicomweb_query_blueprint
 from lungnode.api.dicomweb_retrieve import dicomweb_retrieve_blueprint
 from lungnode.api.docs_assets import init_docs_assets
@@ -51,12 +51,13 @@ from lungnode.api.predict import predict_blueprint
 from lungnode.api.proxies import TrustedProxies
 from lungnode.api.reports import reports_blueprint
 from lungnode.api.stats import stats_blueprint
+from lungnode.api.stow import store_instances, store_study_instances, stow_blueprint
 from lungnode.api.uploads import delete_stale_uploads, uploads_blueprint
 from lungnode.api.users import users_blueprint
 from lungnode.config import Settings, load_settings
 from lungnode.db.session import engine_for, make_session_factory, read_sessions
 
-__all__ = ["Metrics", "create_app", "delete_stale_uploads", "ensure_first_admin"]
+__all__ = ["Metrics", "Receiving", "create_app", "delete_stale_uploads", "ensure_first_admin"]
 
 PREFIX = "/api/v1"
 #: DICOMweb (PS3.18) lives beside the REST API, outside its OpenAPI document.
@@ -165,6 +166,7 @@ def create_app(
     metrics: Metrics | None = None,
     model: ModelSource | None = None,
     batch_queue: BatchQueue | None = None,
+    receiving: Receiving | None = None,
 ) -> Flask:
     """Build the app. ``node_status`` is given when the SCP runs in this process.
 
@@ -214,6 +216,7 @@ def create_app(
         "bundle": None,
         "model": model,
         "batch_queue": batch_queue,
+        "receiving": receiving,
     }
     app.url_map.converters["int"] = RowIdConverter
     register_error_handlers(app)
@@ -236,7 +239,7 @@ def create_app(
         node_blueprint,
     ):
         app.register_blueprint(blueprint, url_prefix=PREFIX)
-    for dicomweb in (dicomweb_query_blueprint, dicomweb_retrieve_blueprint):
+    for dicomweb in (dicomweb_query_blueprint, dicomweb_retrieve_blueprint, stow_blueprint):
         app.register_blueprint(dicomweb, url_prefix=DICOMWEB_PREFIX)
     app.spec_processor(_complete_spec)
 
@@ -249,6 +252,16 @@ def create_app(
         login_limited
     )
     app.view_functions["auth.login"] = login_limited
+    # A DICOMweb viewer fetches a study's metadata, frames and bulk data by the
+    # hundred: its reads have a limit of their own, not the REST API's.
+    for reads in (dicomweb_query_blueprint, dicomweb_retrieve_blueprint):
+        limiter.limit(lambda: settings.rate_limit_dicomweb)(reads)
+    # STOW-RS takes HTTP Basic: its failed authentications count as login attempts.
+    for view in (store_instances, store_study_instances):
+        app.view_functions[f"stow.{view.__name__}"] = limiter.limit(
+            lambda: settings.rate_limit_login,
+            deduct_when=lambda response: response.status_code == 401,
+        )(view)
     if settings.trusted_proxies:
         # Outermost: the client address behind a proxy is what the limiter and the log see.
         app.wsgi_app = TrustedProxies(app.wsgi_app, settings.trusted_proxies)  # type: ignore[method-assign]

@@ -157,13 +157,19 @@ def _document(view: Any, *statuses: int) -> None:
     spec["responses"] = {code: text or str(code) for code, text in responses.items()}
 
 
+#: The roles of people; ``roles()`` with none named admits any of them (not ``sender``,
+#: an archive's account, which may only send studies: ``lungnode.api.stow``).
+PERSON_ROLES = (Role.ADMIN, Role.RADIOLOGIST, Role.VIEWER)
+
+
 def roles(*allowed: Role) -> Callable[[F], F]:
-    """Require a valid access token, and one of ``allowed`` roles (any role if none given).
+    """Require a valid access token, and one of ``allowed`` roles (any person's role,
+    :data:`PERSON_ROLES`, if none given).
 
     Put it right under the route decorator, so that authentication is checked
     before the request body is validated.
     """
-    names = {role.value for role in allowed}
+    names = {role.value for role in allowed or PERSON_ROLES}
 
     def decorator(view: F) -> F:
         @wraps(view)
@@ -171,15 +177,56 @@ def roles(*allowed: Role) -> Callable[[F], F]:
             verify_jwt_in_request()
             user = the_user()
             g.user_id = user.id
-            if names and user.role not in names:
+            if user.role not in names:
                 message = f"role {user.role!r} may not do this"
                 raise APIError(403, "forbidden", message, {"allowed": sorted(names)})
             return view(*args, **kwargs)
 
-        _document(wrapper, 401, *((403,) if names else ()))
+        _document(wrapper, 401, 403)
         return cast(F, wrapper)
 
     return decorator
+
+
+#: What a 401 of a route that takes HTTP Basic as well as a token asks for.
+BEARER_OR_BASIC = 'Bearer, Basic realm="lungnode", charset="UTF-8"'
+
+
+def authenticate(*allowed: Role) -> CurrentUser:
+    """The user of this request, by a bearer token or by HTTP Basic (RFC 7617: the user
+    name and password of the same users), for clients that cannot log in for a token
+    (archives sending by STOW-RS). Raises 401 without valid credentials, 403 for a
+    role not in ``allowed``. Use it in views that must take both; :func:`roles`
+    takes tokens only.
+    """
+    credentials = request.authorization
+    if credentials is not None and credentials.type == "basic":
+        user = _basic_user(credentials.username or "", credentials.password or "")
+    else:
+        verify_jwt_in_request()
+        user = the_user()
+    g.user_id = user.id
+    names = {role.value for role in allowed}
+    if user.role not in names:
+        message = f"role {user.role!r} may not do this"
+        raise APIError(403, "forbidden", message, {"allowed": sorted(names)})
+    return user
+
+
+def _basic_user(username: str, password: str) -> CurrentUser:
+    with context.reading() as session:
+        user = session.scalar(select(User).where(User.username == username))
+        stored = user.password_hash if user is not None else _DUMMY_HASH
+        ok = verify_password(password, stored)
+        if user is None or not ok or not user.active:
+            logger.info("HTTP Basic authentication refused")
+            raise APIError(
+                401,
+                "invalid_credentials",
+                "wrong user name or password",
+                headers={"WWW-Authenticate": BEARER_OR_BASIC},
+            )
+        return CurrentUser(user.id, user.username, user.role)
 
 
 def _tokens(user: User) -> dict[str, Any]:
@@ -224,7 +271,7 @@ def refresh() -> dict[str, Any]:
 
 
 @auth_blueprint.get("/auth/me")
-@roles()
+@roles(*Role)
 @auth_blueprint.output(UserOut)
 def me() -> User:
     """The authenticated user."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
@@ -18,6 +19,7 @@ from lungnode.db.session import write_transaction
 if TYPE_CHECKING:  # the model bundle loads TensorFlow: only ever imported lazily
     from lungnode.api.cache import AnswerCache
     from lungnode.api.metrics import Metrics
+    from lungnode.dicom.intake import Intake
     from lungnode.ml.bundle import ModelBundle
 
 
@@ -44,6 +46,25 @@ class ModelSource(Protocol):
 #: ``lungnode.app`` publishes them on the broker). Without one, the API runs a
 #: batch itself, in the request.
 BatchQueue = Callable[[list[int]], None]
+
+
+class AssociationLog(Protocol):
+    """Where the senders of instances are recorded (``dicom.scp.AssociationLog``)."""
+
+    def association_started(self, calling_ae: str, peer_address: str | None) -> int: ...
+
+    def association_ended(self, association_id: int, outcome: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class Receiving:
+    """The node's receiving side, for STOW-RS (``lungnode.api.stow``): the very intake
+    C-STORE stores through, the association log, and what to tell when a sender is done
+    (the completion timer's wake, in the embedded node). ``lungnode.app`` builds it."""
+
+    intake: Intake
+    associations: AssociationLog
+    on_association_ended: Callable[[], None] = lambda: None
 
 
 def _extension() -> dict[str, Any]:
@@ -110,6 +131,10 @@ def stored_file(stored: str) -> Path:
 
 def batch_queue() -> BatchQueue | None:
     return cast("BatchQueue | None", _extension().get("batch_queue"))
+
+
+def receiving() -> Receiving | None:
+    return cast("Receiving | None", _extension().get("receiving"))
 
 
 def model_source() -> ModelSource | None:

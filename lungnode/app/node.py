@@ -23,7 +23,7 @@ from lungnode.api import create_app, ensure_first_admin
 from lungnode.app.housekeeping import Housekeeping
 from lungnode.app.https import server_context
 from lungnode.app.metrics import PROCESS_METRICS
-from lungnode.app.receiving import Receiver
+from lungnode.app.receiving import Receiver, stow_receiving
 from lungnode.config import Settings
 from lungnode.db.deliveries import DeliveryRepository
 from lungnode.db.jobs import JobRepository
@@ -148,6 +148,8 @@ class Node:
                 engine=self.engine,
                 metrics=PROCESS_METRICS,
                 model=self.model,
+                # STOW-RS through the SCP's own intake; a request's end wakes the timer.
+                receiving=stow_receiving(settings, self.repo, self.watcher.wake),
             )
             cert, key = settings.http_tls_cert, settings.http_tls_key
             self._http = make_server(

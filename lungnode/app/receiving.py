@@ -10,8 +10,11 @@ message goes out.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
+from lungnode.api.context import Receiving
+from lungnode.api.stow import clear_spool
 from lungnode.app.ingest_worker import run_worker
 from lungnode.config import Settings
 from lungnode.db.deliveries import DeliveryRepository
@@ -25,17 +28,34 @@ from lungnode.series.assembler import CompletionRules
 logger = logging.getLogger(__name__)
 
 
+def make_intake(settings: Settings, repo: NodeRepository) -> Intake:
+    """The one durable intake of a process: C-STORE's, and STOW-RS's (``api.stow``)."""
+    return Intake(
+        settings.incoming_dir,
+        repo.register_instance,
+        min_free_bytes=settings.min_free_disk_mb * 2**20,
+    )
+
+
+def stow_receiving(
+    settings: Settings, repo: NodeRepository, on_ended: Callable[[], None] = lambda: None
+) -> Receiving:
+    """What the API needs to receive studies by STOW-RS, and the spool it leaves behind
+    cleared: parts a stopped process left (untouched for twice the network timeout, as
+    ``reconcile`` treats stray ``.part`` files; another process may be receiving now)."""
+    removed = clear_spool(settings.storage_dir, 2 * settings.network_timeout, time.time())
+    if removed:
+        logger.info("removed %d STOW-RS part(s) left spooled by a stop", removed)
+    return Receiving(make_intake(settings, repo), repo, on_ended)
+
+
 class Receiver:
     def __init__(
         self, settings: Settings, repo: NodeRepository, on_job_queued: Callable[[int], None]
     ) -> None:
         self.settings = settings
         self.repo = repo
-        self.intake = Intake(
-            settings.incoming_dir,
-            repo.register_instance,
-            min_free_bytes=settings.min_free_disk_mb * 2**20,
-        )
+        self.intake = make_intake(settings, repo)
         self.watcher = CompletionWatcher(
             repo,
             CompletionRules(

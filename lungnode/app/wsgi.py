@@ -40,6 +40,8 @@ def build_app() -> Flask:
     from lungnode.api import create_app, ensure_first_admin
     from lungnode.app.database import connect
     from lungnode.app.metrics import PROCESS_METRICS
+    from lungnode.app.receiving import stow_receiving
+    from lungnode.db.repo import NodeRepository
 
     database = connect(settings)
     password = ensure_first_admin(database.sessions, settings)
@@ -52,6 +54,9 @@ def build_app() -> Flask:
         engine=database.engine,
         metrics=PROCESS_METRICS,
         batch_queue=_batch_queue(settings),
+        # STOW-RS into the shared storage and database; the scp role's completion
+        # timer, which reads both, completes the series.
+        receiving=stow_receiving(settings, NodeRepository(database.sessions, settings.storage_dir)),
     )
 
 

@@ -63,6 +63,8 @@ class Role(enum.StrEnum):
     ADMIN = "admin"
     RADIOLOGIST = "radiologist"
     VIEWER = "viewer"
+    #: An archive or modality that sends studies by STOW-RS, and may do nothing else.
+    SENDER = "sender"
 
 
 class SeriesState(enum.StrEnum):

@@ -45,6 +45,10 @@ STATUS_CANNOT_UNDERSTAND = 0xC000
 STATUS_MISSING_ATTRIBUTE = 0xC001
 STATUS_INVALID_UID = 0xC002
 STATUS_PIXEL_DATA_INVALID = 0xC003
+#: STOW-RS to a study's URL (PS3.18 10.5.1): the instance belongs to another study. An
+#: implementation-specific code in the "cannot understand" range (PS3.18 I.2.2 allows
+#: them), the value other archives answer.
+STATUS_STUDY_MISMATCH = 0xC409
 
 _REQUIRED = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 
@@ -357,9 +361,21 @@ class Intake:
         self.register = register
         self.min_free_bytes = min_free_bytes
 
-    def store(self, encoded: bytes, association_id: int | None = None) -> InstanceFacts:
-        """Store one data set (preamble, file meta and data set bytes); raise IntakeError."""
+    def store(
+        self,
+        encoded: bytes,
+        association_id: int | None = None,
+        *,
+        study_instance_uid: str | None = None,
+    ) -> InstanceFacts:
+        """Store one data set (preamble, file meta and data set bytes); raise IntakeError.
+
+        ``study_instance_uid``: the study the sender named (STOW-RS to
+        ``/studies/{StudyInstanceUID}``); an instance of another one is refused.
+        """
         facts, reason = read_instance(encoded)
+        if study_instance_uid is not None and facts.study_instance_uid != study_instance_uid:
+            raise IntakeError(STATUS_STUDY_MISMATCH, "the instance belongs to another study")
         # The same rule as every other route in (``dicom.modality``).
         if reason is not None:
             raise IntakeError(STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS, reason)

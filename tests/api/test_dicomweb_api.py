@@ -8,6 +8,7 @@ node).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -147,3 +148,11 @@ def test_without_a_token_every_route_answers_401(api: API, results: dict[str, An
 def test_dicomweb_stays_out_of_the_openapi_document(api: API) -> None:
     spec = api.client.get("/api/v1/openapi.json").json
     assert not [path for path in spec["paths"] if "dicomweb" in path]
+
+
+def test_dicomweb_reads_have_their_own_rate_limit(make_api: Callable[..., API]) -> None:
+    """A viewer's many reads are not held to the REST API's default limit."""
+    api = make_api(rate_limit_default="2/minute", rate_limit_dicomweb="4/minute")
+    headers = api.headers("viewer")
+    statuses = [api.client.get("/dicomweb/studies", headers=headers).status_code for _ in range(5)]
+    assert statuses == [204, 204, 204, 204, 429]
