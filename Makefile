@@ -5,8 +5,8 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 # Debian packages the test suite uses as real peers and validators. The scaled tests
 # start Redis servers of their own; PostgreSQL and RabbitMQ are services the machine runs.
-SYSTEM_PACKAGES := dcmtk dicom3tools orthanc orthanc-dicomweb poppler-utils chromium redis-server openssl
-SYSTEM_TOOLS    := storescu echoscu dcmcjpeg dciodvfy Orthanc pdftotext chromium redis-server openssl
+SYSTEM_PACKAGES := dcmtk dicom3tools orthanc orthanc-dicomweb poppler-utils chromium chromium-driver redis-server openssl
+SYSTEM_TOOLS    := storescu echoscu dcmcjpeg dciodvfy Orthanc pdftotext chromium chromedriver redis-server openssl
 # Orthanc's DICOMweb plugin (a DICOMweb peer for the tests), where Debian puts it.
 ORTHANC_DICOMWEB := /usr/share/orthanc/plugins/libOrthancDicomWeb.so
 
@@ -24,7 +24,7 @@ install: $(STAMP)
 run: install
 	$(BIN)/lungnode serve
 
-# Installs DCMTK, dicom3tools, Orthanc and its DICOMweb plugin, poppler-utils, Chromium (headless, for
+# Installs DCMTK, dicom3tools, Orthanc and its DICOMweb plugin, poppler-utils, Chromium and its driver (headless, for
 # the docs page test), Redis and OpenSSL with apt-get when running as root and
 # one of their tools is missing; otherwise says what is missing and goes on
 # (under CI=true the tests that need a missing tool then fail).
