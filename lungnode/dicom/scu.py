@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom import dcmread
+from pydicom.uid import UID
 from pynetdicom import AE, build_context
 from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext
@@ -71,20 +72,36 @@ class SendResult:
     status_text: str | None = None
 
 
-def _contexts_for(paths: Sequence[Path]) -> list[PresentationContext]:
-    """One context per (SOP class, transfer syntax) found in the files, no more."""
-    pairs: dict[str, set[str]] = {}
+def _abstract_syntaxes(paths: Sequence[Path]) -> dict[Path, tuple[str, str]]:
+    """(SOP class, transfer syntax) of each file."""
+    found = {}
     for path in paths:
         meta = dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
-        syntax = str(meta.file_meta.TransferSyntaxUID)
-        pairs.setdefault(str(meta.SOPClassUID), set()).add(syntax)
-    contexts = []
-    for sop_class, syntaxes in sorted(pairs.items()):
-        for syntax in sorted(syntaxes):
-            contexts.append(build_context(sop_class, [syntax]))
+        found[path] = (str(meta.SOPClassUID), str(meta.file_meta.TransferSyntaxUID))
+    return found
+
+
+def _contexts_for(pairs: Iterable[tuple[str, str]]) -> list[PresentationContext]:
+    """One context per (SOP class, transfer syntax) found in the files, no more."""
+    contexts = [build_context(sop_class, [syntax]) for sop_class, syntax in sorted(set(pairs))]
     if len(contexts) > 128:  # PS3.8 9.3.2.2: at most 128 presentation contexts
         raise ValueError("too many SOP class / transfer syntax combinations for one association")
     return contexts
+
+
+def _not_accepted(assoc: Association, pair: tuple[str, str]) -> str | None:
+    """Why a file of this (SOP class, transfer syntax) cannot go on the association,
+    or None when the peer accepted a context for it (PS3.8 9.3.3.2)."""
+    sop_class, syntax = pair
+    for context in assoc.accepted_contexts:
+        if context.abstract_syntax == sop_class and syntax in context.transfer_syntax:
+            return None
+    return _refusal(pair)
+
+
+def _refusal(pair: tuple[str, str]) -> str:
+    sop_class, syntax = pair
+    return f"the destination does not accept {UID(sop_class).name} in {UID(syntax).name}"
 
 
 def send_files(
@@ -98,7 +115,8 @@ def send_files(
     reactor.install()
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-    ae.requested_contexts = _contexts_for(paths)
+    syntaxes = _abstract_syntaxes(paths)
+    ae.requested_contexts = _contexts_for(syntaxes.values())
     results: list[SendResult] = []
     unreachable = unreachable_reason(destination, timeout)
     if unreachable is not None:
@@ -109,10 +127,22 @@ def send_files(
         if assoc.is_rejected:
             reason, outcome = rejection(assoc)
             return _all_failed(paths, reason, on_sent, outcome)
+        answer = assoc.acceptor.primitive
+        if answer is not None and answer.result == 0x00:
+            # Accepted, but none of the proposed contexts: pynetdicom aborts then.
+            return _refused_each(paths, syntaxes, on_sent)
         return _all_failed(paths, "no association", on_sent)
     try:
         for path in paths:
-            result = _send_one(assoc, path)
+            refused = _not_accepted(assoc, syntaxes[path])
+            # A PACS that does not store a SOP class (an older one and the Parametric
+            # Map, say) will not on the next attempt either: final, and the other
+            # objects go on.
+            result = (
+                SendResult(path, None, Outcome.FINAL, refused)
+                if refused is not None
+                else _send_one(assoc, path)
+            )
             results.append(result)
             if on_sent:
                 on_sent(result)
@@ -166,6 +196,20 @@ def _all_failed(
     if on_sent:
         for result in results:
             on_sent(result)
+    return results
+
+
+def _refused_each(
+    paths: Sequence[Path],
+    syntaxes: dict[Path, tuple[str, str]],
+    on_sent: Callable[[SendResult], None] | None,
+) -> list[SendResult]:
+    """The peer accepted the association but no presentation context: final for each."""
+    results = []
+    for path in paths:
+        results.append(SendResult(path, None, Outcome.FINAL, _refusal(syntaxes[path])))
+        if on_sent:
+            on_sent(results[-1])
     return results
 
 

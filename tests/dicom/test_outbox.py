@@ -9,6 +9,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from pydicom import dcmread
+from pydicom.uid import generate_uid
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 from sqlalchemy import select
@@ -25,6 +27,8 @@ from tests.conftest import Databases, require_tool
 from tests.dicom.helpers import wait_until
 from tests.pacs import ORTHANC_AE, Orthanc, free_port
 from tests.support.synthetic import make_ct_series, write_series
+
+PARAMETRIC_MAP = "1.2.840.10008.5.1.4.1.1.30"
 
 FAST = RetryPolicy(base_seconds=0.2, cap_seconds=1.0, max_attempts=6)
 
@@ -310,3 +314,42 @@ def test_a_transiently_rejected_association_is_retried(
     (row,) = rows(deliveries)
     assert (row.state, row.attempts) == ("pending", 1)
     assert "Rejected Transient" in (row.last_error or "")
+
+
+def _as_parametric_map(path: Path) -> Path:
+    """A copy of a result file that claims the Parametric Map SOP class."""
+    dataset = dcmread(path)
+    dataset.SOPClassUID = PARAMETRIC_MAP
+    dataset.file_meta.MediaStorageSOPClassUID = PARAMETRIC_MAP
+    dataset.SOPInstanceUID = dataset.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    target = path.with_name(f"pm-{path.name}")
+    dataset.save_as(target, enforce_file_format=True)
+    return target
+
+
+def test_a_sop_class_the_pacs_does_not_store_is_dead_and_the_rest_go_on(
+    deliveries: DeliveryRepository, result_files: list[Path]
+) -> None:
+    """An older PACS without the Parametric Map: that object is a dead letter at once,
+    with the reason, and the objects after it in the batch are still delivered."""
+    files = [result_files[0], _as_parametric_map(result_files[1]), result_files[2]]
+    with FakePACS(0x0000) as pacs:  # CT Image Storage only
+        queue_files(deliveries, files, ["fake"])
+        Outbox(deliveries, {"fake": pacs.peer}, "LUNGNODE", FAST).deliver_all_due()
+    assert len(pacs.received) == 2
+    states = {row.path: (row.state, row.attempts, row.last_error) for row in rows(deliveries)}
+    assert [s[:2] for s in states.values()].count(("done", 1)) == 2
+    (dead,) = [s for s in states.values() if s[0] == "dead"]
+    assert dead[1] == 1 and "does not accept Parametric Map Storage" in (dead[2] or "")
+
+
+def test_a_pacs_that_accepts_none_of_the_contexts_dead_letters_at_once(
+    deliveries: DeliveryRepository, result_files: list[Path]
+) -> None:
+    with FakePACS(0x0000) as pacs:
+        queue_files(deliveries, [_as_parametric_map(result_files[0])], ["fake"])
+        Outbox(deliveries, {"fake": pacs.peer}, "LUNGNODE", FAST).deliver_all_due()
+    assert pacs.received == []
+    ((state, attempts, error),) = [(r.state, r.attempts, r.last_error) for r in rows(deliveries)]
+    assert (state, attempts) == ("dead", 1)
+    assert "does not accept Parametric Map Storage" in (error or "")

@@ -31,8 +31,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from pynetdicom import AE, _config, evt
-from pynetdicom.presentation import StoragePresentationContexts
+from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
 
 from lungnode.db.models import DeliveryState, JobState, SeriesState
 from tests.conftest import IN_CI, SENDER_AE, Databases, query
@@ -89,7 +88,7 @@ def results_peer() -> Iterator[ResultsPeer]:
         return 0x0000
 
     ae = AE(ae_title=SENDER_AE)
-    ae.supported_contexts = StoragePresentationContexts
+    ae.supported_contexts = AllStoragePresentationContexts
     port = free_port()
     server = ae.start_server(
         ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, _store)]
