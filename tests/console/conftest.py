@@ -7,7 +7,7 @@ run (``require_tool``). One node and one browser per test module.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,9 @@ class Console:
 
     node: Node
     driver: WebDriver
+    #: Access tokens of the tests' own API calls, by user name (logging in for each
+    #: call would run into the login rate limit).
+    tokens: dict[str, str] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
@@ -68,6 +71,8 @@ class Console:
         self.find("#login-form")
 
     def token(self, username: str) -> str:
+        if username in self.tokens:
+            return self.tokens[username]
         password = ADMIN_PASSWORD if username == "admin" else PASSWORD
         response = requests.post(
             f"{self.url}/api/v1/auth/login",
@@ -75,7 +80,8 @@ class Console:
             timeout=30,
         )
         assert response.status_code == 200, response.text
-        return str(response.json()["access_token"])
+        self.tokens[username] = str(response.json()["access_token"])
+        return self.tokens[username]
 
     def api(self, method: str, path: str, username: str = "admin", **kwargs: Any) -> Any:
         headers = {"Authorization": f"Bearer {self.token(username)}"}

@@ -41,6 +41,7 @@ function showLogin(message) {
   nav.replaceChildren();
   logoutButton.hidden = true;
   who.textContent = "";
+  document.getElementById("status").replaceChildren();
   const error = h("p", { class: "error", id: "login-error", role: "alert" }, message || "");
   const form = h(
     "form",
@@ -79,7 +80,9 @@ function startShell() {
   nav.replaceChildren(
     ...allowed().map((entry) => h("a", { href: `#/${entry.path}`, "data-page": entry.path }, entry.title)),
   );
-  if (!location.hash || location.hash === "#" || location.hash === "#/") location.hash = "#/overview";
+  // A bookmarked page the role may open is kept; anything else starts at the overview.
+  const name = location.hash.replace(/^#\/?/, "").split("/")[0];
+  if (!allowed().some((entry) => entry.path === name)) location.hash = "#/overview";
   else route();
 }
 
@@ -113,5 +116,8 @@ function route() {
 
 window.addEventListener("hashchange", route);
 logoutButton.addEventListener("click", () => api.logout());
-api.whenLoggedOut(() => showLogin("You are logged out."));
+api.whenLoggedOut(() => {
+  history.replaceState(null, "", location.pathname); // the next user starts afresh
+  showLogin("You are logged out.");
+});
 showLogin("");

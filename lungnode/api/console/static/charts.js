@@ -9,7 +9,7 @@ export function chart(canvas, type, labels, datasets, options = {}) {
       labels,
       datasets: datasets.map((dataset, i) => ({
         backgroundColor: type === "doughnut" ? PALETTE : PALETTE[i % PALETTE.length],
-        borderColor: type === "line" ? PALETTE[i % PALETTE.length] : undefined,
+        borderColor: type === "doughnut" ? "#fff" : PALETTE[i % PALETTE.length],
         ...dataset,
       })),
     },
