@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import requests
 from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
@@ -49,7 +50,10 @@ class Console:
         return f"http://127.0.0.1:{self.node.http_port}"
 
     def wait(self, timeout: float = 20) -> WebDriverWait[WebDriver]:
-        return WebDriverWait(self.driver, timeout)
+        """Waits that look again when a page re-rendered what they were reading."""
+        return WebDriverWait(
+            self.driver, timeout, ignored_exceptions=[StaleElementReferenceException]
+        )
 
     def find(self, css: str, timeout: float = 20) -> WebElement:
         return self.wait(timeout).until(
