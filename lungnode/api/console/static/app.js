@@ -98,6 +98,7 @@ function route() {
   let page = entry && entry.page;
   if (name === "results" && rest.length) page = result;
   stopPage();
+  document.getElementById("status").replaceChildren(); // a message belongs to its page
   for (const link of nav.querySelectorAll("a")) {
     if (link.dataset.page === name) link.setAttribute("aria-current", "page");
     else link.removeAttribute("aria-current");
