@@ -31,6 +31,7 @@ from lungnode.api.auth import (
 )
 from lungnode.api.batches import batches_blueprint
 from lungnode.api.cache import make_cache
+from lungnode.api.console import init_console
 from lungnode.api.context import BatchQueue, ModelSource, NodeStatus, Receiving
 from lungnode.api.dicomweb_query import dicomweb_query_blueprint
 from lungnode.api.dicomweb_retrieve import dicomweb_retrieve_blueprint
@@ -225,6 +226,7 @@ def create_app(
     init_security_headers(app, DOCS_PATH)
     init_cors(app, settings)
     init_docs_assets(app, PREFIX)
+    init_console(app)
     for blueprint in (
         health_blueprint,
         metrics_blueprint,

@@ -140,10 +140,13 @@ def retry_job(job_id: int) -> Job:
 @node_blueprint.input(DeliveryQuery, location="query")
 @node_blueprint.output(DeliveryPage)
 def list_deliveries(query_data: dict[str, Any]) -> dict[str, Any]:
-    """Result deliveries (the outbox), newest first; ``state=dead`` lists the dead letters."""
+    """Result deliveries (the outbox), newest first; ``state=dead`` lists the dead letters,
+    ``job_id`` those of one job's results."""
     statement = select(Delivery).order_by(Delivery.created_at.desc(), Delivery.id.desc())
     if "state" in query_data:
         statement = statement.where(Delivery.state == query_data["state"])
+    if "job_id" in query_data:
+        statement = statement.where(Delivery.job_id == query_data["job_id"])
     with context.reading() as session:
         result = _page(session, statement, query_data)
         return {"items": [row[0] for row in result.pop("rows")], **result}

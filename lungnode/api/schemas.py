@@ -263,6 +263,20 @@ class DayCount(Schema):
     count = Integer(required=True)
 
 
+class HourCount(Schema):
+    hour = DateTime(required=True, metadata={"description": "the hour's start, UTC"})
+    instances_received = Integer(required=True)
+    series_analysed = Integer(required=True)
+
+
+class HourlyOut(Schema):
+    hours = List(
+        Nested(HourCount),
+        required=True,
+        metadata={"description": "the last 24 hours, oldest first, the current one last"},
+    )
+
+
 class StatsOut(Schema):
     total = Integer(required=True)
     by_source = Dict(keys=String(), values=Integer(), required=True)
@@ -337,6 +351,10 @@ class JobPage(Schema):
 
 class DeliveryQuery(PageQuery):
     state = String(validate=OneOf([s.value for s in DeliveryState]))
+    job_id = Integer(
+        validate=Range(min=1, max=2**31 - 1),
+        metadata={"description": "only the deliveries of this job's result objects"},
+    )
 
 
 class DeliveryOut(Schema):

@@ -17,14 +17,14 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from apiflask import APIBlueprint
-from sqlalchemy import func, select
+from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
 from lungnode.api import context
 from lungnode.api.auth import CurrentUser, roles, the_user
 from lungnode.api.history import visible_to
-from lungnode.api.schemas import StatsOut, StatsQuery
-from lungnode.db.models import Delivery, DeliveryState, Job, JobState, Prediction
+from lungnode.api.schemas import HourlyOut, StatsOut, StatsQuery
+from lungnode.db.models import Delivery, DeliveryState, Instance, Job, JobState, Prediction
 
 stats_blueprint = APIBlueprint("stats", __name__, tag="history")
 
@@ -63,6 +63,46 @@ def stats(query_data: dict[str, Any]) -> dict[str, Any]:
             },
         },
     }
+
+
+#: How many hours ``/stats/hourly`` covers, the current one included.
+HOURS = 24
+
+
+@stats_blueprint.get("/stats/hourly")
+@roles()
+@stats_blueprint.output(HourlyOut)
+def hourly() -> dict[str, Any]:
+    """Instances received and series analysed per hour over the last 24 hours (UTC).
+
+    Node-wide counts, like the queue depths of ``/stats``: no prediction is named.
+    """
+    now = datetime.now(UTC)
+    current = now.replace(minute=0, second=0, microsecond=0)
+    starts = [current - timedelta(hours=HOURS - 1 - i) for i in range(HOURS)]
+    with context.reading() as session:
+        instances = _per_hour(session, Instance.received_at, starts, [])
+        analysed = _per_hour(session, Job.finished_at, starts, [Job.state == JobState.DONE.value])
+    return {
+        "hours": [
+            {"hour": start, "instances_received": n, "series_analysed": m}
+            for start, n, m in zip(starts, instances, analysed, strict=True)
+        ]
+    }
+
+
+def _per_hour(session: Session, column: Any, starts: list[datetime], where: list[Any]) -> list[int]:
+    """Rows whose ``column`` falls in each hour from ``starts``: one statement, one pass
+    over the column's index range, on SQLite and PostgreSQL alike."""
+    ends = [*starts[1:], starts[-1] + timedelta(hours=1)]
+    counts = [
+        func.count(case(((column >= start) & (column < end), 1)))
+        for start, end in zip(starts, ends, strict=True)
+    ]
+    row = session.execute(
+        select(*counts).where(*where, column >= starts[0], column < ends[-1])
+    ).one()
+    return [int(n or 0) for n in row]
 
 
 def _scope(user: CurrentUser) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -246,3 +246,53 @@ def test_role_matrix(api: API, method: str, path: str, allowed: set[str]) -> Non
 @pytest.mark.parametrize("path", ["/api/v1/health", "/api/v1/metrics", "/api/v1/openapi.json"])
 def test_public_routes_need_no_token(api: API, path: str) -> None:
     assert api.client.get(path).status_code in (200, 503)
+
+
+def test_deliveries_of_one_job(node_rows: API) -> None:
+    api = node_rows
+    admin = api.headers("admin")
+    job_id = api.client.get("/api/v1/jobs", headers=admin).json["items"][0]["id"]
+    mine = api.client.get(f"/api/v1/deliveries?job_id={job_id}", headers=admin).json
+    assert mine["total"] == 2 and {d["job_id"] for d in mine["items"]} == {job_id}
+    other = api.client.get(f"/api/v1/deliveries?job_id={job_id + 1}", headers=admin).json
+    assert other["total"] == 0
+    assert api.client.get("/api/v1/deliveries?job_id=0", headers=admin).status_code == 422
+
+
+def test_hourly_counts_of_the_last_day(api: API) -> None:
+    now = datetime.now(UTC)
+    with api.app.extensions["lungnode"]["sessions"].begin() as session:
+        series = Series(study_instance_uid="1.2", series_instance_uid="1.2.9", state="complete")
+        session.add(series)
+        session.flush()
+        # Two instances this hour, one two hours ago, one two days ago (outside).
+        for i, hours_ago in enumerate((0, 0, 2, 48)):
+            session.add(
+                Instance(
+                    series_id=series.id,
+                    sop_instance_uid=f"1.2.9.{i}",
+                    sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+                    transfer_syntax_uid="1.2.840.10008.1.2.1",
+                    path=f"/x/{i}.dcm",
+                    size_bytes=10,
+                    received_at=now - timedelta(hours=hours_ago),
+                )
+            )
+        jobs = (("done", 0), ("done", 3), ("failed", 0), ("done", 30))
+        for version, (state, hours_ago) in enumerate(jobs, start=1):
+            finished = now - timedelta(hours=hours_ago)
+            session.add(
+                Job(series_id=series.id, version=version, state=state, finished_at=finished)
+            )
+    for role in ("admin", "radiologist", "viewer"):
+        response = api.client.get("/api/v1/stats/hourly", headers=api.headers(role))
+        assert response.status_code == 200, response.json
+        hours = response.json["hours"]
+        assert len(hours) == 24
+        assert [h["instances_received"] for h in hours][-3:] == [1, 0, 2]
+        assert [h["series_analysed"] for h in hours][-4:] == [1, 0, 0, 1]
+        assert sum(h["instances_received"] for h in hours) == 3
+        starts = [datetime.fromisoformat(h["hour"]) for h in hours]
+        assert starts[-1] <= now < starts[-1] + timedelta(hours=1)
+        assert all(b - a == timedelta(hours=1) for a, b in zip(starts, starts[1:], strict=False))
+    assert api.client.get("/api/v1/stats/hourly").status_code == 401

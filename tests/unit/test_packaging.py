@@ -52,6 +52,9 @@ def wheel_names(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
 def test_wheel_ships_the_product(wheel_names: list[str]) -> None:
     assert "lungnode/dicom/decode.py" in wheel_names
     assert "lungnode/ml/phantoms.py" in wheel_names  # training uses it: it stays
+    # The web console's shell, modules and vendored chart library.
+    for asset in ("index.html", "app.js", "pages/overview.js", "vendor/chart-4.6.2.umd.min.js"):
+        assert f"lungnode/api/console/static/{asset}" in wheel_names
 
 
 def test_wheel_ships_no_test_support(wheel_names: list[str]) -> None:
