@@ -10,7 +10,7 @@ SYSTEM_TOOLS    := storescu echoscu dcmcjpeg dciodvfy Orthanc pdftotext chromium
 # Orthanc's DICOMweb plugin (a DICOMweb peer for the tests), where Debian puts it.
 ORTHANC_DICOMWEB := /usr/share/orthanc/plugins/libOrthancDicomWeb.so
 
-.PHONY: install run test lint drills system-deps clean
+.PHONY: install run test lint drills screenshots system-deps clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -54,6 +54,10 @@ test: $(STAMP) system-deps
 # Their figures go to build/drills/.
 drills: $(STAMP) system-deps
 	LUNGNODE_DRILLS=long $(BIN)/python -m pytest tests/drills -m drill
+
+# The web console's pictures in docs/img/ (the README shows them), taken by its browser tests.
+screenshots: $(STAMP) system-deps
+	LUNGNODE_SCREENSHOTS=docs $(BIN)/python -m pytest tests/console
 
 # ruff, mypy, and the layer contracts of DESIGN.md (import-linter, in pyproject.toml).
 lint: $(STAMP)

@@ -3,7 +3,8 @@
 The tests run in order on one node and one browser (the module's fixture): an
 admin logs in, watches a series arrive, opens its result, retries its dead
 deliveries, predicts on a PNG and visits every page; then a viewer logs in.
-Every page is photographed at 1280x800 into docs/img/ for the README.
+Every page is photographed at 1280x800: into build/console/, or with
+LUNGNODE_SCREENSHOTS=docs (`make screenshots`) into docs/img/ for the README.
 """
 
 from __future__ import annotations
