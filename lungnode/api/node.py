@@ -23,6 +23,7 @@ from lungnode.api.schemas import (
     PeerList,
     SeriesPage,
     SeriesQuery,
+    SettingsOut,
 )
 from lungnode.db.jobs import REQUEUE_FAILED_JOB
 from lungnode.db.models import (
@@ -200,4 +201,14 @@ def list_peers() -> dict[str, Any]:
             for p in settings.peers
         ],
         "result_destinations": list(settings.result_destinations),
+        "dicomweb_peers": [str(peer) for peer in settings.dicomweb_peers],
     }
+
+
+@node_blueprint.get("/settings")
+@roles(Role.ADMIN)
+@node_blueprint.output(SettingsOut)
+def effective_settings() -> dict[str, Any]:
+    """Every setting the node runs with (defaults, config file and environment merged),
+    as text: passwords, tokens, keys and the passwords in URLs masked."""
+    return {"settings": context.settings().masked()}

@@ -400,3 +400,17 @@ class PeerOut(Schema):
 class PeerList(Schema):
     items = List(Nested(PeerOut), required=True)
     result_destinations = List(String(), required=True)
+    dicomweb_peers = List(
+        String(),
+        required=True,
+        metadata={"description": "DICOMweb destinations, as configured, secrets masked"},
+    )
+
+
+class SettingsOut(Schema):
+    settings = Dict(
+        keys=String(),
+        values=String(),
+        required=True,
+        metadata={"description": "every effective setting as text; secrets ********"},
+    )

@@ -167,6 +167,31 @@ def test_peers(make_api: object) -> None:
     ] == [("pacs", True, True), ("ws", False, False)]
 
 
+def test_effective_settings_are_shown_to_admins_with_secrets_masked(make_api: object) -> None:
+    token = "s3cr3t-archive-token"
+    api = make_api(  # type: ignore[operator]
+        dicomweb_peers=f"archive=https://archive.example.org/dicom-web;token={token}",
+        broker_url="redis://:brokerpass@127.0.0.1:6379/0",
+        max_associations=17,
+    )
+    response = api.client.get("/api/v1/settings", headers=api.headers("admin"))
+    assert response.status_code == 200
+    shown = response.json["settings"]
+    assert shown["max_associations"] == "17" and shown["ae_title"] == "LUNGNODE"
+    assert shown["secret_key"] == "********" and shown["admin_password"] == "********"
+    assert "brokerpass" not in shown["broker_url"] and "127.0.0.1:6379" in shown["broker_url"]
+    text = response.get_data(as_text=True)
+    for secret in (token, "brokerpass", api.settings.secret_key.get_secret_value()):
+        assert secret not in text
+    assert "archive=https://archive.example.org/dicom-web" in shown["dicomweb_peers"]
+    peers = api.client.get("/api/v1/peers", headers=api.headers("admin")).json
+    assert peers["dicomweb_peers"] == [shown["dicomweb_peers"]]
+    assert token not in str(peers)
+    for role in ("radiologist", "viewer"):
+        denied = api.client.get("/api/v1/settings", headers=api.headers(role))
+        assert denied.status_code == 403
+
+
 def test_deliveries_show_the_commitment_state(api: API) -> None:
     """A delivery to a committing destination: ``sent`` with its transaction and the
     time its report is due, then ``committed``; both states can be asked for."""

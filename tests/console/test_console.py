@@ -156,6 +156,9 @@ def test_series_jobs_users_and_peers_pages(console: Console) -> None:
 
     console.open("#/peers")
     assert "yes" in console.find("#peers-table tr[data-peer='pacs']").text
+    secret = console.find("#settings-table tr[data-setting='secret_key']").text
+    assert secret.endswith("********")
+    assert "LUNGNODE" in console.find("#settings-table tr[data-setting='ae_title']").text
     console.screenshot("peers")
 
 
@@ -178,6 +181,7 @@ def test_a_viewer_sees_no_admin_pages_and_is_refused_their_calls(console: Consol
         ("GET", "/api/v1/jobs"),
         ("GET", "/api/v1/users"),
         ("GET", "/api/v1/peers"),
+        ("GET", "/api/v1/settings"),
         ("POST", "/api/v1/upload"),
     ):
         assert console.api(method, path, "viewer").status_code == 403, path
