@@ -15,6 +15,7 @@ import numpy as np
 import requests
 from PIL import Image
 from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import Select
 from sqlalchemy import select
 
 from lungnode.db.models import AuditEvent, Delivery
@@ -89,6 +90,32 @@ def test_the_result_page_shows_heatmaps_scores_model_and_report(console: Console
     pdf = console.api("GET", str(report.get_attribute("data-url")))
     assert pdf.status_code == 200 and pdf.content.startswith(b"%PDF")
     console.screenshot("result")
+
+
+def test_results_are_filtered_and_paged(console: Console) -> None:
+    console.open("#/overview")
+    console.find("#latest-table")
+    console.open("#/results")
+    row = f"#results-table tr[data-study='{STUDY}']"
+    console.find(row)
+
+    def filter_by(study: str, source: str = "") -> None:
+        box = console.find("#filter-study")
+        box.clear()
+        box.send_keys(study)
+        Select(console.find("#filter-source")).select_by_value(source)
+        console.find("#results-filter button[type='submit']").click()
+
+    filter_by("1.2.3.999")
+    console.wait().until(lambda d: not d.find_elements(By.CSS_SELECTOR, row))
+    assert "0 result(s)" in console.find("#results-table caption").text
+    filter_by(STUDY, "upload")  # the study's result came by DICOM, not by upload
+    console.wait().until(lambda _: "0 result(s)" in console.find("#results-table caption").text)
+    filter_by(STUDY, "dicom")
+    console.find(row)
+    assert "1 result(s)" in console.find("#results-table caption").text
+    assert console.find("#page-next").get_attribute("disabled") is not None
+    assert console.find("#page-previous").get_attribute("disabled") is not None
 
 
 def _dead(console: Console) -> list[int]:
