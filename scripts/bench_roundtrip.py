@@ -1,4 +1,4 @@
-"""From the last slice received to SC + PDF + SR stored in the PACS: one command.
+"""From the last slice received to every result object stored in the PACS: one command.
 
     python scripts/bench_roundtrip.py [--slices 300] [--repeat 3]
 
@@ -85,7 +85,7 @@ def send_and_time(
         capture_output=True,
     )
     started = time.monotonic()
-    # SC (one per key slice, at least one), PDF and SR: at least 3 objects, then
+    # SC (one per key slice, at least one), PM, PDF, SR and KOS: at least 3 objects, then
     # the count must hold still for a moment (all key-slice images arrived).
     last, stable_since = -1, time.monotonic()
     while time.monotonic() - started < timeout:
