@@ -322,7 +322,7 @@ def _as_parametric_map(path: Path) -> Path:
     dataset.SOPClassUID = PARAMETRIC_MAP
     dataset.file_meta.MediaStorageSOPClassUID = PARAMETRIC_MAP
     dataset.SOPInstanceUID = dataset.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    target = path.with_name(f"pm-{path.name}")
+    target = path.with_name(f"{dataset.SOPInstanceUID}.dcm")  # queue_files: stem = UID
     dataset.save_as(target, enforce_file_format=True)
     return target
 
