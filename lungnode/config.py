@@ -176,6 +176,12 @@ class Settings(BaseSettings):
     model: str = "lung-ct-demo"
     models_dir: Path = Path("models")
     trust_pickle: bool = False
+    #: Score each slice of a receiving series as it arrives (``pipeline.prescore``),
+    #: so that a completed series needs only its key slices decoded. Embedded node only.
+    prescore_slices: bool = True
+    #: While a series waits out its grace (``series_grace_seconds``), analyse and render
+    #: it, so that only writing and sending are left when the grace ends. Embedded node only.
+    prepare_during_grace: bool = True
     #: The SR's storage class: Comprehensive 3D SR (IHE AIR), or Comprehensive SR
     #: for viewers that read only that.
     sr_storage: Literal["comprehensive-3d", "comprehensive"] = "comprehensive-3d"

@@ -68,6 +68,19 @@ class HUVolume:
     #: Unit slice normal the volume is sorted along (PS3.3 C.7.6.2.1.1); None
     #: without orientation. Both come from ``imaging.geometry.slice_stack``.
     slice_normal: tuple[float, float, float] | None = None
+    #: The slices whose pixels ``hu`` holds; None: all of them. A series whose
+    #: slices were scored while it arrived (``pipeline.prescore``) decodes only its
+    #: key slices; the others are zeros and must not be read.
+    decoded_slices: frozenset[int] | None = None
+
+    def pixels(self, index: int) -> np.ndarray:
+        """Slice ``index`` of ``hu``, which must have been decoded."""
+        if not 0 <= index < self.hu.shape[0]:
+            raise ValueError(f"slice {index} is outside the volume")
+        if self.decoded_slices is not None and index not in self.decoded_slices:
+            raise ValueError(f"slice {index} was not decoded")
+        pixels: np.ndarray = self.hu[index]
+        return pixels
 
     def __post_init__(self) -> None:
         if self.hu.ndim != 3:

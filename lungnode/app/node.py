@@ -34,6 +34,8 @@ from lungnode.errors import BundleError
 from lungnode.pipeline.commitment import CommitmentTerms
 from lungnode.pipeline.jobs import JobHandler, JobRetryPolicy, LocalJobQueue
 from lungnode.pipeline.outbox import Outbox, RetryPolicy
+from lungnode.pipeline.prescore import Prescorer, SliceScores
+from lungnode.pipeline.series_job import Preparations, SeriesJob, make_series_job
 from lungnode.pipeline.warmup import ModelState, WarmModel
 
 if TYPE_CHECKING:  # loads TensorFlow only when a bundle is loaded
@@ -84,18 +86,33 @@ class Node:
         #: The model bundle, loaded and warmed in the background from start():
         #: for the series jobs and the API's /predict alike.
         self.model: WarmModel | None = None
+        #: Scores slices of receiving series as they arrive (``pipeline.prescore``).
+        self.prescorer: Prescorer | None = None
+        #: Analyses and renders series while their grace runs (``SeriesJob.prepare``).
+        self.preparations: Preparations | None = None
+        #: The series job of ``analyse=True`` (None with a ``job_handler`` of the caller's).
+        self.series_job: SeriesJob | None = None
         if analyse and job_handler is None:
-            from lungnode.pipeline.series_job import make_series_job
-
+            slice_scores = None
             if settings.workers > 0:
                 self.model = WarmModel(self._load_bundle)
-            job_handler = make_series_job(
+                if settings.prescore_slices:
+                    slice_scores = SliceScores()
+                    self.prescorer = Prescorer(
+                        self.repo.receiving_instances_after, self._warm_bundle, slice_scores
+                    )
+            series_job = make_series_job(
                 settings,
                 self.sessions,
                 on_recorded=self.outbox.wake,
                 on_stage_timings=PROCESS_METRICS.observe_stages,
                 bundle=self.model.bundle if self.model is not None else None,
+                slice_scores=slice_scores,
             )
+            if settings.workers > 0 and settings.prepare_during_grace:
+                self.preparations = Preparations(series_job.prepare)
+            self.series_job = series_job
+            job_handler = series_job
         self.jobs = LocalJobQueue(
             JobRepository(self.sessions),
             job_handler,
@@ -104,6 +121,8 @@ class Node:
             interval=settings.job_check_interval,
         )
         self.receiver = Receiver(settings, self.repo, on_job_queued=self.jobs.submit)
+        if self.preparations is not None:
+            self.receiver.watcher.on_settling = self.preparations.submit
         self.intake = self.receiver.intake
         self.watcher = self.receiver.watcher
         self.ingest_workers = self.receiver.ingest_workers
@@ -176,6 +195,10 @@ class Node:
             # Last, and in the background: importing TensorFlow would slow the
             # SCP's start. A job that starts first waits for the model.
             self.model.start()
+        if self.prescorer is not None:
+            self.prescorer.start()
+        if self.preparations is not None:
+            self.preparations.start()
 
     def _check_model_bundle(self) -> None:
         """Refuse to start analysing with a bundle that is missing or does not verify.
@@ -191,6 +214,12 @@ class Node:
         if sha256_file(bundle_dir / manifest.weights) != manifest.sha256:
             raise BundleError(f"model bundle {bundle_dir}: weights do not match the manifest")
         logger.info("model bundle %s %s at %s", manifest.name, manifest.version, bundle_dir)
+
+    def _warm_bundle(self) -> ModelBundle | None:
+        """The model if it is warm, None while it warms (or failed): never waits."""
+        if self.model is None or self.model.state is not ModelState.READY:
+            return None
+        return self.model.bundle()
 
     def _load_bundle(self) -> ModelBundle:
         from lungnode.ml.bundle import load_bundle
@@ -218,6 +247,10 @@ class Node:
             self._http.shutdown()
             self._http = None
         self.receiver.stop()
+        if self.prescorer is not None:
+            self.prescorer.stop()
+        if self.preparations is not None:
+            self.preparations.stop()
         given_up = self.jobs.stop(timeout=max(0.0, deadline - time.monotonic()))
         self.outbox.stop()
         self.engine.dispose()

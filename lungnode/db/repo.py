@@ -249,6 +249,25 @@ class NodeRepository:
                 for stored in session.scalars(select(Instance.path))
             }
 
+    def receiving_instances_after(
+        self, after_id: int, limit: int = 256
+    ) -> list[tuple[int, int, Path]]:
+        """(instance id, series id, absolute path) of instances with an id above
+        ``after_id`` whose series is still receiving, in id order: what the slice
+        pre-scorer has not seen yet (``pipeline.prescore``)."""
+        with self._read() as session:
+            rows = session.execute(
+                select(Instance.id, Instance.series_id, Instance.path)
+                .join(Series, Series.id == Instance.series_id)
+                .where(Instance.id > after_id, Series.state == SeriesState.RECEIVING.value)
+                .order_by(Instance.id)
+                .limit(limit)
+            ).all()
+        return [
+            (instance_id, series_id, resolve_stored(stored, self.storage_dir))
+            for instance_id, series_id, stored in rows
+        ]
+
     # -- completion ----------------------------------------------------------------
 
     def receiving_series(self) -> list[ReceivingSeries]:

@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from lungnode.config import resolve_stored, stored_path
@@ -74,29 +74,50 @@ def job_inputs(sessions: sessionmaker[Session], job_id: int, storage_dir: Path) 
         job = session.get(Job, job_id)
         if job is None:
             raise LookupError(f"job {job_id} does not exist")
-        series = session.get(Series, job.series_id)
-        assert series is not None
-        paths = [
-            resolve_stored(stored, storage_dir)
-            for stored in session.scalars(
-                select(Instance.path)
-                .where(Instance.series_id == series.id)
-                .order_by(Instance.instance_number, Instance.id)
-            )
-        ]
-        return JobInputs(
-            job_id=job.id,
-            version=job.version,
-            study_instance_uid=series.study_instance_uid,
-            series_instance_uid=series.series_instance_uid,
-            calling_ae=series.calling_ae,
-            instance_paths=paths,
-            previous=_previous_version(session, job),
+        return _inputs(session, job.id, job.series_id, job.version, storage_dir)
+
+
+def next_job_inputs(
+    sessions: sessionmaker[Session], series_id: int, storage_dir: Path
+) -> JobInputs | None:
+    """The inputs the job that completing series ``series_id`` now would queue will
+    see (``NodeRepository.complete_series``), with ``job_id`` 0; None if there is no
+    such series. What a series job prepares while a completion rule still waits."""
+    with read_sessions(sessions)() as session:
+        if session.get(Series, series_id) is None:
+            return None
+        version = (
+            session.scalar(select(func.max(Job.version)).where(Job.series_id == series_id)) or 0
+        ) + 1
+        return _inputs(session, 0, series_id, version, storage_dir)
+
+
+def _inputs(
+    session: Session, job_id: int, series_id: int, version: int, storage_dir: Path
+) -> JobInputs:
+    series = session.get(Series, series_id)
+    assert series is not None
+    paths = [
+        resolve_stored(stored, storage_dir)
+        for stored in session.scalars(
+            select(Instance.path)
+            .where(Instance.series_id == series.id)
+            .order_by(Instance.instance_number, Instance.id)
         )
+    ]
+    return JobInputs(
+        job_id=job_id,
+        version=version,
+        study_instance_uid=series.study_instance_uid,
+        series_instance_uid=series.series_instance_uid,
+        calling_ae=series.calling_ae,
+        instance_paths=paths,
+        previous=_previous_version(session, series_id, version),
+    )
 
 
-def _previous_version(session: Session, job: Job) -> PreviousVersion | None:
-    """The latest ``done`` job of the same series with a lower version, as what it wrote.
+def _previous_version(session: Session, series_id: int, version: int) -> PreviousVersion | None:
+    """The latest ``done`` job of the series below ``version``, as what it wrote.
 
     Its objects come from the job's details (``outputs``, recorded since results
     carry their predecessor); a job from before records none.
@@ -104,8 +125,8 @@ def _previous_version(session: Session, job: Job) -> PreviousVersion | None:
     previous = session.scalars(
         select(Job)
         .where(
-            Job.series_id == job.series_id,
-            Job.version < job.version,
+            Job.series_id == series_id,
+            Job.version < version,
             Job.state == JobState.DONE.value,
         )
         .order_by(Job.version.desc())

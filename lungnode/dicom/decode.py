@@ -41,8 +41,11 @@ __all__ = [
     "PADDING_HU",
     "DecodeError",
     "SliceSink",
+    "decode_slice",
     "load_image",
     "load_series",
+    "order_frames",
+    "slice_ref",
     "stream_series",
 ]
 
@@ -119,7 +122,7 @@ def stream_series(
             sink(start, volume[start : start + batch_size])
     hu_volume = HUVolume(
         hu=volume,
-        slices=[_slice_ref(f) for f in frames],
+        slices=[slice_ref(f) for f in frames],
         pixel_spacing_mm=frames[0].pixel_spacing,
         slice_spacing_mm=stack.spacing_mm,
         slice_normal=stack.normal,
@@ -162,15 +165,10 @@ def _load_single_frames(
     volume: np.ndarray | None = None
     flushed = 0
     for index, path in enumerate(paths):
-        native = read_native_slice(path)
-        if native is not None:
-            frame, stored = native_frame(path, native), native.pixels
-        else:
-            ds = _read(path, pixels=True)
-            found = frames_of(path, ds)
-            if len(found) != 1 or found[0].frame_index is not None:
-                return None
-            frame, stored = found[0], _decode(ds, path, None)
+        read = _read_single_frame(path)
+        if read is None:
+            return None
+        frame, stored = read
         if volume is None:
             volume = np.empty((len(paths), *frame.shape), dtype=np.float32)
         elif frame.shape != volume.shape[1:]:
@@ -187,12 +185,56 @@ def _load_single_frames(
     ordered = _placed(frames, stack)
     hu_volume = HUVolume(
         hu=volume,
-        slices=[_slice_ref(f) for f in ordered],
+        slices=[slice_ref(f) for f in ordered],
         pixel_spacing_mm=ordered[0].pixel_spacing,
         slice_spacing_mm=stack.spacing_mm,
         slice_normal=stack.normal,
     )
     return hu_volume, list(stack.order)
+
+
+def _read_single_frame(path: Path) -> tuple[Frame, np.ndarray] | None:
+    """(frame, stored values) of a single-frame instance; None for a multi-frame one."""
+    native = read_native_slice(path)
+    if native is not None:
+        return native_frame(path, native), native.pixels
+    ds = _read(path, pixels=True)
+    found = frames_of(path, ds)
+    if len(found) != 1 or found[0].frame_index is not None:
+        return None
+    return found[0], _decode(ds, path, None)
+
+
+def decode_slice(path: Path) -> tuple[Frame, np.ndarray] | None:
+    """One single-frame instance as (its frame, its HU slice, float32); None for a
+    multi-frame instance.
+
+    The same reading and Modality LUT as ``load_series``: a slice decoded here
+    alone holds exactly the HU it holds in its series' volume.
+
+    Raises:
+        DecodeError: an unreadable file or undecodable pixel data.
+    """
+    read = _read_single_frame(path)
+    if read is None:
+        return None
+    frame, stored = read
+    hu = np.empty(frame.shape, dtype=np.float32)
+    _to_hu(stored, frame, hu)
+    return frame, hu
+
+
+def order_frames(frames: Sequence[Frame]) -> tuple[list[Frame], SliceStack]:
+    """``frames`` in slice order, each with its position along the normal, and their stack.
+
+    The order ``load_series`` sorts a volume in (``_slice_order``): sorted
+    frame ``k`` is ``frames[stack.order[k]]``.
+
+    Raises:
+        DecodeError: frames of different sizes.
+    """
+    stack = _slice_order(frames)
+    return _placed(frames, stack), stack
 
 
 def _permute_in_place(volume: np.ndarray, order: Sequence[int]) -> None:
@@ -322,7 +364,8 @@ def _to_hu(stored: np.ndarray, frame: Frame, out: np.ndarray) -> None:
 # -- small helpers ------------------------------------------------------------
 
 
-def _slice_ref(frame: Frame) -> SliceRef:
+def slice_ref(frame: Frame) -> SliceRef:
+    """The reference results keep to the slice ``frame`` is."""
     return SliceRef(
         sop_instance_uid=frame.sop_instance_uid,
         frame_number=None if frame.frame_index is None else frame.frame_index + 1,

@@ -90,7 +90,7 @@ def conclude(
         t0 = time.perf_counter()
         heatmaps = heatmaps_for_slices(
             bundle,
-            volume.hu[verdict.key_slices],
+            np.stack([volume.pixels(i) for i in verdict.key_slices]),
             _explained_classes(
                 scores,
                 verdict.key_slices,

@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 
 from lungnode.db.repo import NodeRepository, ReceivingSeries
 from lungnode.series.assembler import (
+    RULE_ASSOCIATION_RELEASED,
     CompletionRules,
     Decision,
     InstanceGeometry,
@@ -57,11 +58,17 @@ class CompletionWatcher:
         rules: CompletionRules,
         on_job_queued: Callable[[int], None],
         interval: float = 0.5,
+        on_settling: Callable[[int], None] | None = None,
     ) -> None:
+        """``on_settling(series_id)`` is called once each time a series starts waiting
+        out its grace (senders released, an even stack), and again if it changes."""
         self.repo = repo
         self.rules = rules
         self.on_job_queued = on_job_queued
+        self.on_settling = on_settling
         self.interval = interval
+        #: Per series: what it looked like when ``on_settling`` was last called.
+        self._settling: dict[int, tuple[int, float | None]] = {}
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -105,17 +112,35 @@ class CompletionWatcher:
         queued = []
         moment = datetime.now(UTC).timestamp() if now is None else now
         decisions: dict[str, Decision] = {}
-        for series in self.repo.receiving_series():
+        receiving = self.repo.receiving_series()
+        for series in receiving:
             snapshot = snapshot_of(series)
             if snapshot.last_received_at < self.started_at:
                 snapshot = dataclasses.replace(snapshot, last_received_at=self.started_at)
             decision = decide(snapshot, moment, self.rules)
             decisions[series.series_instance_uid] = decision
             if not decision.complete or decision.rule is None:
+                self._maybe_settling(series.series_id, snapshot, decision)
                 continue
+            self._settling.pop(series.series_id, None)
             job_id = self.repo.complete_series(series.series_id, decision.rule, decision.reason)
             if job_id is not None:
                 queued.append(job_id)
                 self.on_job_queued(job_id)
         self.last_decisions = decisions
+        still = {series.series_id for series in receiving}
+        for series_id in [s for s in self._settling if s not in still]:
+            del self._settling[series_id]
         return queued
+
+    def _maybe_settling(self, series_id: int, snapshot: SeriesSnapshot, decision: Decision) -> None:
+        if self.on_settling is None or decision.awaiting != RULE_ASSOCIATION_RELEASED:
+            return
+        state = (len(snapshot.instances), snapshot.last_sender_ended_at)
+        if self._settling.get(series_id) == state:
+            return
+        self._settling[series_id] = state
+        try:
+            self.on_settling(series_id)
+        except Exception:
+            logger.exception("preparing series %d failed to start", series_id)

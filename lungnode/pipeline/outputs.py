@@ -89,7 +89,7 @@ def render_results(
         ]
         for index, heatmap in zip(result.key_slices, result.heatmaps, strict=False):
             picture = render_key_image(
-                volume.hu[index],
+                volume.pixels(index),
                 heatmap,
                 verdict=result.verdict_text(),
                 slice_score=float(result.slice_scores[index].max()),

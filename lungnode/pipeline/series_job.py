@@ -22,6 +22,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +30,25 @@ from pydicom import Dataset, dcmread
 from sqlalchemy.orm import Session, sessionmaker
 
 from lungnode.config import Settings
-from lungnode.db.results import JobInputs, JobResults, ResultObject, job_inputs, record_job_results
+from lungnode.db.results import (
+    JobInputs,
+    JobResults,
+    ResultObject,
+    job_inputs,
+    next_job_inputs,
+    record_job_results,
+)
 from lungnode.dicom.intake import write_all_atomically
-from lungnode.domain import AnalysisResult, HUVolume
+from lungnode.domain import AnalysisResult, HUVolume, PreviousVersion
 from lungnode.errors import DecodeError, LungnodeError, StorageFull, storage_full
 from lungnode.ml.bundle import ModelBundle, load_bundle
-from lungnode.pipeline.jobs import JobHandler
-from lungnode.pipeline.outputs import OutputOptions, dataset_bytes, render_results
+from lungnode.pipeline.outputs import (
+    OutputOptions,
+    RenderedResults,
+    dataset_bytes,
+    render_results,
+)
+from lungnode.pipeline.prescore import FileKey, SliceScores, analyze_prescored, file_key
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +77,35 @@ def check_analysable(volume: HUVolume, min_slices: int) -> None:
         raise NotAnalysable("the slices are not axial")
 
 
+#: Prepared results kept at most (a few MB each: the rendered objects).
+_MAX_PREPARED = 4
+#: How long a job waits for the preparation of its series under way.
+_PREPARE_WAIT_SECONDS = 120.0
+
+#: What a job's results depend on: series, version, predecessor, and each file as
+#: (path, size, modification time).
+_InputsKey = tuple[str, int, PreviousVersion | None, tuple[FileKey, ...]]
+
+
+def _inputs_key(inputs: JobInputs) -> _InputsKey | None:
+    keys = [file_key(path) for path in inputs.instance_paths]
+    if any(key is None for key in keys):
+        return None
+    return (
+        inputs.series_instance_uid,
+        inputs.version,
+        inputs.previous,
+        tuple(key for key in keys if key is not None),
+    )
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    key: _InputsKey
+    result: AnalysisResult
+    rendered: RenderedResults
+
+
 class SeriesJob:
     """The job handler of the embedded node (and of Celery workers)."""
 
@@ -75,9 +117,12 @@ class SeriesJob:
         on_recorded: Callable[[], None] = lambda: None,
         on_stage_timings: Callable[[Mapping[str, float]], None] = lambda _timings: None,
         bundle: Callable[[], ModelBundle] | None = None,
+        slice_scores: SliceScores | None = None,
     ) -> None:
         """``on_recorded`` runs after a job's results are recorded (wakes the outbox);
         ``on_stage_timings`` receives each analysis's stage timings (the metrics);
+        ``slice_scores`` holds slices scored while their series arrived
+        (``pipeline.prescore``), which the job then neither decodes nor scores;
         ``bundle`` hands out the model (the node's warmed one, waiting while it
         warms); without it the first job loads the bundle."""
         self.settings = settings
@@ -88,6 +133,11 @@ class SeriesJob:
         self._bundle: ModelBundle | None = None
         self._bundle_lock = threading.Lock()
         self._provided_bundle = bundle
+        self.slice_scores = slice_scores
+        #: Results prepared while a series' grace ran, by Series Instance UID.
+        self._prepared: dict[str, _Prepared] = {}
+        self._preparing: dict[str, threading.Event] = {}
+        self._prepared_lock = threading.Lock()
         self.output_options = OutputOptions.from_settings(settings)
         #: Bytes the outputs of a job waiting for space took: its next attempt runs
         #: only when that much is free (an optimisation: a restart forgets it).
@@ -118,6 +168,69 @@ class SeriesJob:
         with self._room_lock:
             self._room_needed.pop(job_id, None)
         return details
+
+    def prepare(self, series_id: int) -> bool:
+        """Analyse and render the series now, for the job its completion will queue.
+
+        Called while the series waits out its grace (``pipeline.completion``): the
+        job then only writes, records and sends what was prepared, if its inputs
+        are still exactly these (same version, predecessor, files, sizes and
+        modification times). A late instance changes them, and the job analyses
+        afresh; nothing prepared is ever written or sent on its own. Returns
+        whether results are prepared; a failure is left to the job.
+        """
+        inputs = next_job_inputs(self.sessions, series_id, self.settings.storage_dir)
+        if inputs is None or not inputs.instance_paths:
+            return False
+        key = _inputs_key(inputs)
+        if key is None:
+            return False
+        uid = inputs.series_instance_uid
+        with self._prepared_lock:
+            held = self._prepared.get(uid)
+            if (held is not None and held.key == key) or uid in self._preparing:
+                return held is not None
+            done = self._preparing[uid] = threading.Event()
+        try:
+            started = time.perf_counter()
+            source = dcmread(inputs.instance_paths[0], stop_before_pixels=True)
+            volume, result = self._analyse(source, inputs.instance_paths, self.bundle, report=False)
+            rendered = self._render(inputs, source, volume, result)
+            with self._prepared_lock:
+                self._prepared[uid] = _Prepared(key, result, rendered)
+                while len(self._prepared) > _MAX_PREPARED:
+                    self._prepared.pop(next(iter(self._prepared)))
+            logger.info(
+                "series %d prepared in %.2f s, while its grace runs",
+                series_id,
+                time.perf_counter() - started,
+            )
+            return True
+        except Exception as exc:
+            logger.warning("series %d not prepared (its job will analyse it): %s", series_id, exc)
+            return False
+        finally:
+            with self._prepared_lock:
+                self._preparing.pop(uid, None)
+            done.set()
+
+    def is_prepared(self, series_instance_uid: str) -> bool:
+        """Whether results of the series are prepared and not yet taken by its job."""
+        with self._prepared_lock:
+            return series_instance_uid in self._prepared
+
+    def _take_prepared(self, inputs: JobInputs) -> _Prepared | None:
+        """What ``prepare`` made for these inputs, waiting for it if it is under way."""
+        uid = inputs.series_instance_uid
+        with self._prepared_lock:
+            underway = self._preparing.get(uid)
+        if underway is not None:
+            underway.wait(_PREPARE_WAIT_SECONDS)
+        with self._prepared_lock:
+            prepared = self._prepared.pop(uid, None)
+        if prepared is None or prepared.key != _inputs_key(inputs):
+            return None
+        return prepared
 
     def _check_room(self, job_id: int) -> None:
         """A job that waited for space waits on, without analysing, while less is free
@@ -151,12 +264,18 @@ class SeriesJob:
             # Received and acknowledged, so ours to keep: storage (a shared volume not
             # mounted) is at fault, not the series. Failing the attempt retries it.
             raise FileNotFoundError(f"{len(missing)} stored instance file(s) missing")
-        source = dcmread(paths[0], stop_before_pixels=True)
-        bundle = self.bundle
-        volume, result = self._analyse(source, paths, bundle)
-        results = self._write_outputs(inputs, source, volume, result)
+        prepared = self._take_prepared(inputs)
+        if prepared is not None:
+            result, rendered = prepared.result, prepared.rendered
+            self.on_stage_timings(result.timings_s)
+        else:
+            source = dcmread(paths[0], stop_before_pixels=True)
+            volume, result = self._analyse(source, paths, self.bundle)
+            rendered = self._render(inputs, source, volume, result)
+        results = self._write_outputs(inputs, rendered, result)
         results.processing_time = time.perf_counter() - started
         results.details["timings_s"]["job"] = results.processing_time
+        results.details["prepared"] = prepared is not None
         destinations = self.destinations_for(inputs.calling_ae)
         if not destinations:
             logger.warning("job %d: no destination for results (caller not a peer)", job_id)
@@ -171,11 +290,13 @@ class SeriesJob:
             destinations or "nobody",
             prediction_id,
         )
+        if self.slice_scores is not None:
+            self.slice_scores.discard(paths)
         self.on_recorded()
         return results.details
 
     def _analyse(
-        self, source: Dataset, paths: Sequence[Path], bundle: ModelBundle
+        self, source: Dataset, paths: Sequence[Path], bundle: ModelBundle, *, report: bool = True
     ) -> tuple[HUVolume | None, AnalysisResult]:
         from lungnode.pipeline.analyze import analyze_series
 
@@ -183,32 +304,46 @@ class SeriesJob:
             check_analysable(volume, self.settings.min_series_slices)
 
         try:
-            volume, result = analyze_series(paths, bundle, check=analysable)
+            prescored = (
+                analyze_prescored(paths, bundle, self.slice_scores, check=analysable)
+                if self.slice_scores is not None
+                else None
+            )
+            volume, result = (
+                prescored
+                if prescored is not None
+                else analyze_series(paths, bundle, check=analysable)
+            )
         except (NotAnalysable, DecodeError) as exc:
             # Only the series' own faults are findings. Anything else (a ValueError
             # from numpy, the model or Grad-CAM, a full disk, no memory) propagates:
             # the attempt fails, nothing is sent, and the job is retried.
             logger.warning("series not analysed: %s", exc)
             return None, AnalysisResult.not_analysed(str(exc), bundle.identity)
-        self.on_stage_timings(result.timings_s)
+        if report:
+            self.on_stage_timings(result.timings_s)
         return volume, result
 
-    def _write_outputs(
+    def _render(
         self, inputs: JobInputs, source: Dataset, volume: HUVolume | None, result: AnalysisResult
+    ) -> RenderedResults:
+        return render_results(
+            source,
+            volume,
+            result,
+            inputs.version,
+            previous=inputs.previous,
+            options=self.output_options,
+            key_headers=_key_headers(inputs.instance_paths, result),
+        )
+
+    def _write_outputs(
+        self, inputs: JobInputs, rendered: RenderedResults, result: AnalysisResult
     ) -> JobResults:
         from lungnode.imaging.heatmap import png_bytes
 
         version = inputs.version
         storage = self.settings.storage_dir
-        rendered = render_results(
-            source,
-            volume,
-            result,
-            version,
-            previous=inputs.previous,
-            options=self.output_options,
-            key_headers=_key_headers(inputs.instance_paths, result),
-        )
         files: list[tuple[Path, bytes]] = []
         heatmap_dir: Path | None = None
         if rendered.key_pictures:
@@ -309,7 +444,8 @@ def make_series_job(
     on_recorded: Callable[[], None] = lambda: None,
     on_stage_timings: Callable[[Mapping[str, float]], None] = lambda _timings: None,
     bundle: Callable[[], ModelBundle] | None = None,
-) -> JobHandler:
+    slice_scores: SliceScores | None = None,
+) -> SeriesJob:
     """The handler for ``LocalJobQueue``: results go to the configured destinations,
     or back to the peer that sent the series."""
 
@@ -319,4 +455,47 @@ def make_series_job(
         peer = settings.peer_by_ae(calling_ae) if calling_ae else None
         return [peer.name] if peer else []
 
-    return SeriesJob(settings, sessions, destinations_for, on_recorded, on_stage_timings, bundle)
+    return SeriesJob(
+        settings, sessions, destinations_for, on_recorded, on_stage_timings, bundle, slice_scores
+    )
+
+
+class Preparations:
+    """Runs ``SeriesJob.prepare`` for settling series on one daemon thread, one at a time.
+
+    A series asked for again while it waits is prepared once.
+    """
+
+    def __init__(self, prepare: Callable[[int], bool]) -> None:
+        self._prepare = prepare
+        self._waiting: dict[int, None] = {}
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    def submit(self, series_id: int) -> None:
+        with self._cond:
+            self._waiting[series_id] = None
+            self._cond.notify()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="series-prepare", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._waiting and not self._stopping:
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                series_id = next(iter(self._waiting))
+                del self._waiting[series_id]
+            self._prepare(series_id)

@@ -77,6 +77,10 @@ class Decision:
     reason: str
     #: Seconds until the decision could change with no new input; None if complete.
     recheck_in: float | None = None
+    #: The rule that completes the series when ``recheck_in`` has passed with no new
+    #: input, if one will: ``association_released`` while its grace runs. A node
+    #: may prepare the analysis meanwhile (``pipeline.series_job``).
+    awaiting: str | None = None
 
 
 def check_stack(
@@ -112,6 +116,7 @@ def decide(snapshot: SeriesSnapshot, now: float, rules: CompletionRules) -> Deci
         )
 
     waits: list[float] = []
+    awaiting = None
     if (
         not snapshot.senders_open
         and snapshot.senders_released
@@ -126,6 +131,7 @@ def decide(snapshot: SeriesSnapshot, now: float, rules: CompletionRules) -> Deci
                 f"sender released {waited:.1f} s ago; {stack.reason}",
             )
         waits.append(rules.grace_seconds - waited)
+        awaiting = RULE_ASSOCIATION_RELEASED
 
     quiet = now - snapshot.last_received_at
     if quiet >= rules.quiet_seconds:
@@ -134,5 +140,9 @@ def decide(snapshot: SeriesSnapshot, now: float, rules: CompletionRules) -> Deci
 
     waiting_for = "declared count" if declared else "sender release or quiet timer"
     return Decision(
-        False, None, f"waiting for {waiting_for}: {count} instances; {stack.reason}", min(waits)
+        False,
+        None,
+        f"waiting for {waiting_for}: {count} instances; {stack.reason}",
+        min(waits),
+        awaiting,
     )

@@ -266,13 +266,11 @@ def write_sc_images(
     for index, (slice_index, ref, heatmap) in enumerate(
         zip(result.key_slices, result.key_slice_refs, result.heatmaps, strict=True)
     ):
-        if not 0 <= slice_index < volume.hu.shape[0]:
-            raise ValueError(f"key slice {slice_index} is outside the volume")
         images.append(
             write_sc_image(
                 source,
                 result,
-                hu_slice=volume.hu[slice_index],
+                hu_slice=volume.pixels(slice_index),
                 heatmap=heatmap,
                 slice_ref=ref,
                 index=index,

@@ -1,0 +1,159 @@
+"""Slices scored while a series arrives give the verdict decoding the whole series gives.
+
+``pipeline.prescore``: the cache, the scorer of files, and the job's analysis from
+cached scores, which decodes only the key slices.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lungnode.ml.bundle import ModelBundle, load_bundle
+from lungnode.ml.phantoms import generate_volume
+from lungnode.pipeline.analyze import analyze_series
+from lungnode.pipeline.prescore import (
+    Prescorer,
+    SliceScores,
+    analyze_prescored,
+    file_key,
+    score_files,
+)
+from tests.support.synthetic import make_ct_series, write_series
+
+DEMO = Path(__file__).resolve().parents[2] / "models" / "lung-ct-demo"
+SLICES = 40
+
+
+@pytest.fixture(scope="module")
+def demo() -> ModelBundle:
+    return load_bundle(DEMO)
+
+
+@pytest.fixture(scope="module")
+def series(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """A lesion series, its files in an order that is not the slice order."""
+    volume, _mask = generate_volume(7, "Adenocarcinoma", SLICES, 256)
+    datasets = make_ct_series(SLICES, rows=256, columns=256, slice_hu=volume.__getitem__, seed=7)
+    folder = tmp_path_factory.mktemp("series")
+    write_series(datasets, folder)
+    paths = sorted(folder.glob("*.dcm"))
+    rng = np.random.default_rng(3)
+    return [paths[i] for i in rng.permutation(len(paths))]
+
+
+def _same_result(prescored: tuple, full: tuple) -> None:  # type: ignore[type-arg]
+    (volume, result), (full_volume, full_result) = prescored, full
+    assert result.verdict == full_result.verdict == "Adenocarcinoma"
+    # The model sees other batches (what had arrived, not 32 in file order), so scores
+    # may differ in their last bits, and near-equal slices may swap places.
+    assert set(result.key_slices) == set(full_result.key_slices)
+    assert {ref.sop_instance_uid for ref in result.key_slice_refs} == {
+        ref.sop_instance_uid for ref in full_result.key_slice_refs
+    }
+    assert volume.slices == full_volume.slices
+    assert volume.slice_spacing_mm == pytest.approx(full_volume.slice_spacing_mm)
+    assert volume.slice_normal == full_volume.slice_normal
+    assert volume.pixel_spacing_mm == full_volume.pixel_spacing_mm
+    np.testing.assert_allclose(result.slice_scores, full_result.slice_scores, atol=1e-5)
+    for name, score in full_result.class_scores.items():
+        assert result.class_scores[name] == pytest.approx(score, abs=1e-5)
+    # Only the key slices were decoded, and they hold exactly the series' HU.
+    assert volume.decoded_slices == frozenset(result.key_slices)
+    for index in result.key_slices:
+        np.testing.assert_array_equal(volume.pixels(index), full_volume.hu[index])
+    other = next(i for i in range(SLICES) if i not in result.key_slices)
+    with pytest.raises(ValueError, match="not decoded"):
+        volume.pixels(other)
+    full_heatmaps = dict(zip(full_result.key_slices, full_result.heatmaps, strict=True))
+    for index, heatmap in zip(result.key_slices, result.heatmaps, strict=True):
+        np.testing.assert_allclose(heatmap, full_heatmaps[index], atol=1e-3)
+
+
+def test_prescored_analysis_equals_decoding_the_series(
+    demo: ModelBundle, series: list[Path]
+) -> None:
+    full = analyze_series(series, demo)
+    cache = SliceScores()
+    # Half the slices arrived and were scored before the series completed.
+    scored = score_files(series[: SLICES // 2], demo, cache, batch_size=8)
+    assert all(entry is not None for entry in scored) and len(cache) == SLICES // 2
+    prescored = analyze_prescored(series, demo, cache)
+    assert prescored is not None
+    _same_result(prescored, full)
+    assert len(cache) == SLICES  # the job scored the rest into the cache
+    # Everything cached: the job scores nothing and decodes the key slices only.
+    again = analyze_prescored(series, demo, cache)
+    assert again is not None
+    _same_result(again, full)
+    assert again[1].timings_s.get("inference", 0.0) == 0.0
+
+
+def test_a_replaced_file_is_scored_again(
+    demo: ModelBundle, series: list[Path], tmp_path: Path
+) -> None:
+    path = tmp_path / "slice.dcm"
+    path.write_bytes(series[0].read_bytes())
+    cache = SliceScores()
+    first = score_files([path], demo, cache)[0]
+    key = file_key(path)
+    assert first is not None and key is not None and cache.get(key, demo.identity.sha256)
+    # The same instance sent again: intake renames a new file into place.
+    replacement = tmp_path / "new.dcm"
+    replacement.write_bytes(series[1].read_bytes())
+    os.replace(replacement, path)
+    new_key = file_key(path)
+    assert new_key is not None and new_key != key
+    assert cache.get(new_key, demo.identity.sha256) is None
+    second = score_files([path], demo, cache)[0]
+    assert second is not None and second.frame.sop_instance_uid != first.frame.sop_instance_uid
+    # Scores of another model are not used.
+    assert cache.get(new_key, "0" * 64) is None
+
+
+def test_multi_frame_and_unreadable_files_are_left_to_the_full_decode(
+    demo: ModelBundle, tmp_path: Path
+) -> None:
+    enhanced = make_ct_series(6, rows=64, columns=64, enhanced=True)
+    write_series(enhanced, tmp_path / "mf")
+    multi = sorted((tmp_path / "mf").glob("*.dcm"))
+    cache = SliceScores()
+    assert score_files(multi, demo, cache) == [None] * len(multi)
+    assert analyze_prescored(multi, demo, cache) is None
+    damaged = tmp_path / "damaged.dcm"
+    damaged.write_bytes(b"DICM not really")
+    assert score_files([damaged], demo, cache) == [None]
+
+
+def test_cache_is_bounded_and_forgets_a_used_series(demo: ModelBundle, series: list[Path]) -> None:
+    cache = SliceScores(max_entries=5)
+    score_files(series[:8], demo, cache)
+    assert len(cache) == 5
+    kept = [p for p in series[:8] if (k := file_key(p)) and cache.get(k, demo.identity.sha256)]
+    assert kept == series[3:8]  # the oldest went first
+    cache.discard(series[:8])
+    assert len(cache) == 0
+
+
+def test_prescorer_scores_what_arrives_once_the_model_is_ready(
+    demo: ModelBundle, series: list[Path]
+) -> None:
+    arrived = [(i + 1, 1, path) for i, path in enumerate(series[:10])]
+    ready: list[ModelBundle] = []
+    cache = SliceScores()
+    prescorer = Prescorer(
+        lambda after: [row for row in arrived if row[0] > after],
+        lambda: ready[0] if ready else None,
+        cache,
+        batch_size=4,
+    )
+    assert prescorer.run_once() == 0 and len(cache) == 0  # the model still warms
+    ready.append(demo)
+    while prescorer.run_once():
+        pass
+    assert prescorer.scored == 10 and len(cache) == 10
+    arrived.append((11, 1, series[10]))
+    assert prescorer.run_once() == 1 and len(cache) == 11
