@@ -338,11 +338,14 @@ def write_all_atomically(files: Sequence[tuple[Path, bytes]]) -> None:
     try:
         for path, payload in files:
             staged.append((_write_temporary(path, payload), path))
+        folders = list(dict.fromkeys(path.parent for _temporary, path in staged))
         while staged:
             temporary, path = staged[0]
             os.replace(temporary, path)
             staged.pop(0)
-            _directory_syncs.sync(path.parent)
+        # One fsync per folder makes every rename into it durable.
+        for folder in folders:
+            _directory_syncs.sync(folder)
     except BaseException:
         for temporary, _path in staged:
             temporary.unlink(missing_ok=True)

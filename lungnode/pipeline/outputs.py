@@ -42,7 +42,7 @@ class OutputOptions:
 
 @dataclass
 class RenderedResults:
-    #: (kind, dataset) in sending order: "sc" per key slice, "pm", "pdf", "sr", "kos".
+    #: (kind, dataset) in sending order: "sc" per key slice, "pdf", "sr", "pm", "kos".
     datasets: list[tuple[str, Dataset]] = field(default_factory=list)
     #: The RGB key-slice pictures (heatmap over the slice, with the banner), in order.
     key_pictures: list[np.ndarray] = field(default_factory=list)
@@ -103,8 +103,6 @@ def render_results(
             parametric_map = write_parametric_map(key_headers, result, analysis_version=version)
         except ValueError as exc:
             logger.warning("no Grad-CAM parametric map: %s", exc)
-    if parametric_map is not None:
-        rendered.datasets.append(("pm", parametric_map))
     rendered.pdf = build_report(
         ReportInput(
             result=result,
@@ -129,8 +127,11 @@ def render_results(
             ),
         )
     )
+    # After what a radiologist reads (heatmaps, report, SR): the map is the largest object.
+    if parametric_map is not None:
+        rendered.datasets.append(("pm", parametric_map))
     if result.analysed and result.key_slices:
-        sr = rendered.datasets[-1][1]
+        sr = next(ds for kind, ds in rendered.datasets if kind == "sr")
         references = [sr] if parametric_map is None else [sr, parametric_map]
         rendered.datasets.append(
             (

@@ -44,7 +44,6 @@ from lungnode.errors import DecodeError, LungnodeError, StorageFull, storage_ful
 from lungnode.ml.bundle import ModelBundle, load_bundle
 from lungnode.pipeline.outputs import (
     OutputOptions,
-    RenderedResults,
     dataset_bytes,
     render_results,
 )
@@ -77,7 +76,7 @@ def check_analysable(volume: HUVolume, min_slices: int) -> None:
         raise NotAnalysable("the slices are not axial")
 
 
-#: Prepared results kept at most (a few MB each: the rendered objects).
+#: Prepared results kept at most (a few MB each: the encoded objects).
 _MAX_PREPARED = 4
 #: How long a job waits for the preparation of its series under way.
 _PREPARE_WAIT_SECONDS = 120.0
@@ -100,10 +99,21 @@ def _inputs_key(inputs: JobInputs) -> _InputsKey | None:
 
 
 @dataclass(frozen=True)
+class _Encoded:
+    """A job's outputs as the bytes of their files (what ``_write_outputs`` writes)."""
+
+    #: The key-slice pictures as PNG, for the API.
+    pictures: list[bytes]
+    pdf: bytes
+    #: (kind, dataset, the dataset as a DICOM file) in sending order.
+    datasets: list[tuple[str, Dataset, bytes]]
+
+
+@dataclass(frozen=True)
 class _Prepared:
     key: _InputsKey
     result: AnalysisResult
-    rendered: RenderedResults
+    encoded: _Encoded
 
 
 class SeriesJob:
@@ -195,9 +205,9 @@ class SeriesJob:
             started = time.perf_counter()
             source = dcmread(inputs.instance_paths[0], stop_before_pixels=True)
             volume, result = self._analyse(source, inputs.instance_paths, self.bundle, report=False)
-            rendered = self._render(inputs, source, volume, result)
+            encoded = self._render(inputs, source, volume, result)
             with self._prepared_lock:
-                self._prepared[uid] = _Prepared(key, result, rendered)
+                self._prepared[uid] = _Prepared(key, result, encoded)
                 while len(self._prepared) > _MAX_PREPARED:
                     self._prepared.pop(next(iter(self._prepared)))
             logger.info(
@@ -266,13 +276,13 @@ class SeriesJob:
             raise FileNotFoundError(f"{len(missing)} stored instance file(s) missing")
         prepared = self._take_prepared(inputs)
         if prepared is not None:
-            result, rendered = prepared.result, prepared.rendered
+            result, encoded = prepared.result, prepared.encoded
             self.on_stage_timings(result.timings_s)
         else:
             source = dcmread(paths[0], stop_before_pixels=True)
             volume, result = self._analyse(source, paths, self.bundle)
-            rendered = self._render(inputs, source, volume, result)
-        results = self._write_outputs(inputs, rendered, result)
+            encoded = self._render(inputs, source, volume, result)
+        results = self._write_outputs(inputs, encoded, result)
         results.processing_time = time.perf_counter() - started
         results.details["timings_s"]["job"] = results.processing_time
         results.details["prepared"] = prepared is not None
@@ -326,8 +336,11 @@ class SeriesJob:
 
     def _render(
         self, inputs: JobInputs, source: Dataset, volume: HUVolume | None, result: AnalysisResult
-    ) -> RenderedResults:
-        return render_results(
+    ) -> _Encoded:
+        """Every output of the job, encoded as the files it writes."""
+        from lungnode.imaging.heatmap import png_bytes
+
+        rendered = render_results(
             source,
             volume,
             result,
@@ -336,21 +349,23 @@ class SeriesJob:
             options=self.output_options,
             key_headers=_key_headers(inputs.instance_paths, result),
         )
+        return _Encoded(
+            pictures=[png_bytes(picture) for picture in rendered.key_pictures],
+            pdf=rendered.pdf,
+            datasets=[(kind, ds, dataset_bytes(ds)) for kind, ds in rendered.datasets],
+        )
 
     def _write_outputs(
-        self, inputs: JobInputs, rendered: RenderedResults, result: AnalysisResult
+        self, inputs: JobInputs, encoded: _Encoded, result: AnalysisResult
     ) -> JobResults:
-        from lungnode.imaging.heatmap import png_bytes
-
         version = inputs.version
         storage = self.settings.storage_dir
         files: list[tuple[Path, bytes]] = []
         heatmap_dir: Path | None = None
-        if rendered.key_pictures:
+        if encoded.pictures:
             heatmap_dir = storage / "heatmaps" / f"job-{inputs.job_id}"
             files += [
-                (heatmap_dir / f"{n}.png", png_bytes(picture))
-                for n, picture in enumerate(rendered.key_pictures)
+                (heatmap_dir / f"{n}.png", picture) for n, picture in enumerate(encoded.pictures)
             ]
         report_path = (
             storage
@@ -358,10 +373,10 @@ class SeriesJob:
             / inputs.study_instance_uid
             / f"{inputs.series_instance_uid}_v{version}.pdf"
         )
-        files.append((report_path, rendered.pdf))
+        files.append((report_path, encoded.pdf))
         objects = []
         outputs: list[dict[str, str]] = []
-        for kind, dataset in rendered.datasets:
+        for kind, dataset, payload in encoded.datasets:
             path = (
                 storage
                 / "results"
@@ -369,7 +384,7 @@ class SeriesJob:
                 / str(dataset.SeriesInstanceUID)
                 / f"{dataset.SOPInstanceUID}.dcm"
             )
-            files.append((path, dataset_bytes(dataset)))
+            files.append((path, payload))
             objects.append(
                 ResultObject(kind, str(dataset.SOPClassUID), str(dataset.SOPInstanceUID), str(path))
             )
