@@ -9,9 +9,12 @@ Every test that touches a database gets it from the ``databases`` fixture (throu
 - ``postgresql``: a fresh PostgreSQL database per storage folder, created on the
   server at ``LUNGNODE_TEST_POSTGRES_URL`` (default: user ``postgres`` on
   127.0.0.1:5432, trust) and dropped after the test. Only the tests that use
-  ``databases`` run then, less those marked ``sqlite_only`` (deselected: they
-  ran in the SQLite pass, and a CI run skips nothing). A server that cannot be
-  reached skips them, and fails them under CI=true.
+  ``databases`` run then, less those marked ``sqlite_only`` (they hold only on
+  SQLite) and those marked ``backend_neutral`` (slow tests, mostly drills, whose
+  outcome does not depend on the backend: a second run would only repeat the
+  first). Both are deselected, not skipped: they ran in the SQLite pass, and a
+  CI run skips nothing. Each marker says why, next to the test. A server that
+  cannot be reached skips them, and fails them under CI=true.
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """On PostgreSQL, run only the tests that touch a database, less the SQLite-specific
-    ones (they ran in the SQLite pass)."""
+    and the backend-neutral ones (they ran in the SQLite pass)."""
     if not ON_POSTGRESQL:
         return
     selected: list[pytest.Item] = []
@@ -64,8 +67,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         fixtures = getattr(item, "fixturenames", ())
         touches = "databases" in fixtures or "module_databases" in fixtures
-        sqlite_only = item.get_closest_marker("sqlite_only") is not None
-        (selected if touches and not sqlite_only else deselected).append(item)
+        once = any(item.get_closest_marker(m) for m in ("sqlite_only", "backend_neutral"))
+        (selected if touches and not once else deselected).append(item)
     if deselected:
         config.hook.pytest_deselected(items=deselected)
         items[:] = selected

@@ -77,26 +77,44 @@ def render_results(
 
     options = options or OutputOptions()
     from lungnode.dicom.writers.pdf import write_pdf_document
-    from lungnode.dicom.writers.sc import render_key_image, write_sc_images
+    from lungnode.dicom.writers.sc import (
+        check_key_slices,
+        render_key_image,
+        sc_slice_scores,
+        slice_score_text,
+        write_sc_images,
+    )
     from lungnode.dicom.writers.sr import write_sr
     from lungnode.report.pdf import KeyImage, ReportInput, StudyFacts, build_report
 
     rendered = RenderedResults()
     key_images: list[KeyImage] = []
     if result.analysed and volume is not None:
-        rendered.datasets += [
-            ("sc", ds) for ds in write_sc_images(source, result, volume, analysis_version=version)
-        ]
-        for index, heatmap in zip(result.key_slices, result.heatmaps, strict=False):
+        # The key pictures (report, PNG) show each slice's highest score, the
+        # Secondary Captures the verdict's; where the two read the same, the
+        # picture is the same, and is drawn once.
+        check_key_slices(result, volume)
+        sc_scores = sc_slice_scores(result)
+        shared: list[np.ndarray | None] = []
+        for n, (index, heatmap) in enumerate(zip(result.key_slices, result.heatmaps, strict=True)):
+            score = float(result.slice_scores[index].max())
             picture = render_key_image(
                 volume.pixels(index),
                 heatmap,
                 verdict=result.verdict_text(),
-                slice_score=float(result.slice_scores[index].max()),
+                slice_score=score,
                 model=result.model,
             )
             rendered.key_pictures.append(picture)
             key_images.append(KeyImage(picture, f"slice {index + 1}"))
+            same = slice_score_text(sc_scores[n]) == slice_score_text(score)
+            shared.append(picture if same else None)
+        rendered.datasets += [
+            ("sc", ds)
+            for ds in write_sc_images(
+                source, result, volume, analysis_version=version, pictures=shared
+            )
+        ]
     parametric_map = None
     if result.analysed and result.key_slices:
         try:

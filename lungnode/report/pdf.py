@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from typing import Any
 from xml.sax.saxutils import escape
 
-import cv2
 import numpy as np
 from pydicom.dataset import Dataset
 from reportlab import rl_config
@@ -280,8 +279,7 @@ def _key_images_section(
     cell_w = (_PAGE_W - 2 * _MARGIN) / columns - 3 * mm
     cells: list[list[Flowable]] = []
     for key_image in images:
-        png = _png_bytes(key_image.picture)
-        picture = Image(io.BytesIO(png))
+        picture = Image(io.BytesIO(_image_file(key_image.picture)))
         scale = min(cell_w / picture.imageWidth, 70 * mm / picture.imageHeight)
         picture.drawWidth = picture.imageWidth * scale
         picture.drawHeight = picture.imageHeight * scale
@@ -389,8 +387,14 @@ def _decorate_page(canvas: Canvas, doc: Any) -> None:
     canvas.restoreState()
 
 
-def _png_bytes(picture: bytes | np.ndarray) -> bytes:
-    """PNG bytes of a key image; an array must be RGB (or grey) uint8."""
+def _image_file(picture: bytes | np.ndarray) -> bytes:
+    """A key image as a file ReportLab reads: PNG bytes as given; an array, which
+    must be RGB (or grey) uint8, as binary PPM (PGM).
+
+    ReportLab decodes the file and compresses the pixels itself, so the PDF is
+    the same whichever lossless file carries them; PPM costs no encoding and no
+    decoding, where PNG cost a tenth of the report's time.
+    """
     if isinstance(picture, bytes):
         if not picture.startswith(b"\x89PNG"):
             raise ValueError("key image bytes are not a PNG")
@@ -398,14 +402,11 @@ def _png_bytes(picture: bytes | np.ndarray) -> bytes:
     array = np.asarray(picture)
     if array.dtype != np.uint8 or array.ndim not in (2, 3):
         raise ValueError(f"key image must be uint8 grey or RGB, got {array.dtype} {array.shape}")
-    if array.ndim == 3:
-        if array.shape[2] != 3:
-            raise ValueError(f"key image must have 3 channels, got {array.shape[2]}")
-        array = cv2.cvtColor(array, cv2.COLOR_RGB2BGR)
-    ok, encoded = cv2.imencode(".png", array)
-    if not ok:
-        raise ValueError("cannot encode the key image as PNG")
-    return bytes(encoded.tobytes())
+    if array.ndim == 3 and array.shape[2] != 3:
+        raise ValueError(f"key image must have 3 channels, got {array.shape[2]}")
+    rows, columns = array.shape[:2]
+    magic = b"P6" if array.ndim == 3 else b"P5"
+    return b"%s\n%d %d\n255\n" % (magic, columns, rows) + np.ascontiguousarray(array).tobytes()
 
 
 def _date_text(value: str) -> str:

@@ -97,6 +97,14 @@ NETWORK_TIMEOUT_S = 30.0
 ECHO_EVERY = 10
 
 
+#: Why the fuzzers run in the SQLite pass only (see tests/conftest.py).
+NETWORK_FUZZING_NEEDS_ONE_BACKEND = (
+    "the mutations reach the PDU and data set parsers, which no database sees; the "
+    "association rows it counts are opened and closed by the code that "
+    "tests/dicom/test_ingest_workers.py checks on both backends"
+)
+
+
 @dataclass
 class FuzzNode:
     node: Node
@@ -178,6 +186,7 @@ def _store(fuzz: FuzzNode, seed: Seed, dataset: bytes, path: Path) -> int:
 
 @pytest.mark.drill
 @pytest.mark.slow
+@pytest.mark.backend_neutral(NETWORK_FUZZING_NEEDS_ONE_BACKEND)
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_c_store_of_mutated_data_sets(drill: Drill, fuzz_node: FuzzNode, tmp_path: Path) -> None:
     tally = Tally("C-STORE of mutated data sets (real associations)")
@@ -277,6 +286,7 @@ def _last_pdu(answer: bytes) -> str:
 
 @pytest.mark.drill
 @pytest.mark.slow
+@pytest.mark.backend_neutral(NETWORK_FUZZING_NEEDS_ONE_BACKEND)
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_mutated_raw_pdu_streams(drill: Drill, fuzz_node: FuzzNode) -> None:
     tally = Tally("raw PDU streams (TCP)")

@@ -72,7 +72,7 @@ def _time(text: str) -> datetime:
 @pytest.mark.drill
 @pytest.mark.slow
 @pytest.mark.timeout(1200 if LONG else 600)
-@pytest.mark.sqlite_only(
+@pytest.mark.backend_neutral(
     "the back-off and dead letters are the outbox's, whose rows tests/dicom/test_outbox.py "
     "checks on both backends"
 )

@@ -160,6 +160,15 @@ class CountingPeer:
         return 0x0000
 
 
+@pytest.fixture(scope="module")
+def full_size_series() -> list[Dataset]:
+    """300 slices of 512x512, so that a job runs a second or more and a kill lands
+    inside it. Built once for the module's three kill tests: the phantom costs 8 to
+    30 s of CPU a time on two cores, and the tests only send it, each to a cluster,
+    a database and a peer of its own, so the shared UIDs never meet."""
+    return make_ct_series(300, rows=512, columns=512)
+
+
 @pytest.fixture
 def peer() -> Iterator[CountingPeer]:
     server = CountingPeer()
@@ -169,7 +178,11 @@ def peer() -> Iterator[CountingPeer]:
 
 @pytest.mark.parametrize("victim", ["pool-process", "whole-worker"])
 def test_a_worker_killed_mid_job_loses_nothing_and_sends_nothing_twice(
-    cluster: Cluster, wait_for: WaitFor, peer: CountingPeer, victim: str
+    cluster: Cluster,
+    wait_for: WaitFor,
+    peer: CountingPeer,
+    victim: str,
+    full_size_series: list[Dataset],
 ) -> None:
     cluster.settings["LUNGNODE_PEERS"] = (
         f"scu={SENDER_AE}@127.0.0.1:11119,peer={peer.AE_TITLE}@127.0.0.1:{peer.port}"
@@ -180,7 +193,7 @@ def test_a_worker_killed_mid_job_loses_nothing_and_sends_nothing_twice(
     workers = _start_workers(cluster, 2)
     assert scp.dicom_port is not None
     # Full-size slices, so the job runs a second or more: the kill must land inside it.
-    datasets = make_ct_series(300, rows=512, columns=512)
+    datasets = full_size_series
     assert _send(scp.dicom_port, datasets) == [0] * len(datasets)
 
     def running_worker() -> Role | None:
@@ -272,7 +285,11 @@ def rabbitmq_url() -> Iterator[str]:
 
 
 def test_on_rabbitmq_a_killed_pool_process_loses_nothing(
-    cluster: Cluster, wait_for: WaitFor, peer: CountingPeer, rabbitmq_url: str
+    cluster: Cluster,
+    wait_for: WaitFor,
+    peer: CountingPeer,
+    rabbitmq_url: str,
+    full_size_series: list[Dataset],
 ) -> None:
     """The same roles with RabbitMQ as the broker: AMQP acknowledgements, a job
     whose pool process is killed is put back and finished once."""
@@ -286,7 +303,7 @@ def test_on_rabbitmq_a_killed_pool_process_loses_nothing(
     (worker,) = _start_workers(cluster, 1)
     assert scp.dicom_port is not None
     # Full-size slices, looked for often: the kill must land inside the job.
-    assert _send(scp.dicom_port, make_ct_series(300, rows=512, columns=512)) == [0] * 300
+    assert _send(scp.dicom_port, full_size_series) == [0] * 300
     if not wait_until(lambda: "running (attempt 1" in worker.log_text(), timeout=60, step=0.02):
         pytest.fail(f"timed out waiting for the job to start\n{cluster.logs()}")
     (child,) = worker.children()

@@ -168,3 +168,28 @@ def test_inconsistent_inputs_raise(series: list[Dataset]) -> None:
     del source.StudyInstanceUID
     with pytest.raises(ValueError, match="StudyInstanceUID"):
         write_sc_images(source, result, volume, analysis_version=1)
+
+
+@pytest.mark.parametrize("normal_scores_highest", [False, True])
+def test_render_results_draws_each_picture_once_with_the_same_pixels(
+    series: list[Dataset], normal_scores_highest: bool
+) -> None:
+    """The results stage reuses a key picture for the Secondary Capture only where
+    the two would say the same slice score; the pixels are those drawn apart."""
+    from lungnode.pipeline.outputs import render_results
+
+    result, volume = make_result(series)
+    hu = volume.hu.copy()
+    hu[:, 16:48, 16:48] = -50.0  # something to see under the heatmap
+    volume = replace(volume, hu=hu)
+    scores = np.array([0.7, 0.05, 0.2, 0.05], dtype=np.float32)
+    if normal_scores_highest:  # the key pictures then show Normal's score, the SC the verdict's
+        scores = np.array([0.3, 0.1, 0.5, 0.1], dtype=np.float32)
+    result = replace(result, slice_scores=np.tile(scores, (len(series), 1)))
+    alone = write_sc_images(series[0], result, volume, analysis_version=1, created=WHEN)
+    rendered = render_results(series[0], volume, result, 1)
+    together = [ds for kind, ds in rendered.datasets if kind == "sc"]
+    assert [ds.PixelData for ds in together] == [ds.PixelData for ds in alone]
+    pairs = zip(together, rendered.key_pictures, strict=True)
+    shared = [np.array_equal(ds.pixel_array, picture) for ds, picture in pairs]
+    assert shared == [not normal_scores_highest] * len(together)

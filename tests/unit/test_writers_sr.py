@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as _dt
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import highdicom as hd
 import pytest
@@ -12,8 +13,10 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import Comprehensive3DSRStorage, ComprehensiveSRStorage
 
+from lungnode.dicom.writers import sr as sr_module
 from lungnode.dicom.writers.sr import PRIVATE_SCHEME, class_code, write_sr
 from lungnode.domain import INDETERMINATE, AnalysisResult, ObjectRef, PreviousVersion
+from lungnode.pipeline.outputs import dataset_bytes
 from tests.support.synthetic import make_ct_series
 from tests.unit.dicom_checks import (
     DEMO_MODEL,
@@ -287,3 +290,88 @@ def test_non_ascii_patient_keeps_its_character_set(tmp_path: Path) -> None:
     assert str(round_trip(sr).PatientName) == "Müller^Jörg"
     errors, _ = dciodvfy(sr, tmp_path)
     assert errors == []
+
+
+def _highdicom_path(storage: type[Any], report: Any, evidence: list[Dataset], **kwargs: Any) -> Any:
+    """highdicom's own construction: deep copy of the tree, evidence found by search."""
+    return storage(evidence=evidence, content=report, **kwargs)
+
+
+def _file_bytes(sr: Dataset) -> bytes:
+    # highdicom names itself as contributing equipment with the time of the call.
+    for item in sr.ContributingEquipmentSequence:
+        if str(item.Manufacturer).startswith("Highdicom"):
+            item.ContributionDateTime = "20250304050607"
+    return dataset_bytes(sr)
+
+
+@pytest.mark.parametrize("comprehensive_3d", [True, False])
+@pytest.mark.parametrize(
+    "case", ["Adenocarcinoma", "Normal", "Indeterminate", "real model", "not analysed", "private"]
+)
+def test_copy_free_construction_writes_what_highdicom_writes(
+    series: list[Dataset], case: str, comprehensive_3d: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """write_sr skips highdicom's deep copy and evidence search; the file is the same."""
+    if case == "not analysed":
+        result = AnalysisResult.not_analysed("the series is not axial", DEMO_MODEL)
+    elif case == "real model":
+        result, _ = make_result(series, model=REAL_MODEL)
+    else:
+        result, _ = make_result(series, verdict="Adenocarcinoma" if case == "private" else case)
+    if case == "private":
+        labels = (*result.labels, "Ground-glass nodule")
+        result = replace(
+            result, labels=labels, class_scores={**result.class_scores, "Ground-glass nodule": 0.0}
+        )
+    previous = PreviousVersion(
+        version=1,
+        finished_at="2025-03-04T05:06:07+00:00",
+        objects=(ObjectRef("sr", Comprehensive3DSRStorage, "1.2.3.4", "1.2.3.4.5"),),
+    )
+
+    def build() -> Dataset:
+        return write_sr(
+            series[0],
+            result,
+            analysis_version=2,
+            created=WHEN,
+            predecessor=previous,
+            comprehensive_3d=comprehensive_3d,
+        )
+
+    fast = build()
+    monkeypatch.setattr(sr_module, "_construct", _highdicom_path)
+    standard = build()
+    assert _file_bytes(fast) == _file_bytes(standard)
+    assert fast.content[0] == standard.content[0]  # the parsed tree highdicom keeps
+
+
+def test_copy_free_construction_checks_the_evidence(series: list[Dataset]) -> None:
+    """A tree citing an instance missing from the evidence is refused, as highdicom does."""
+    result, _ = make_result(series)
+    report = hd.sr.MeasurementReport(
+        observation_context=sr_module._observation_context(result.model),
+        procedure_reported=sr_module.CT_CHEST,
+        imaging_measurements=[
+            hd.sr.MeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(identifier="x"),
+                source_images=[
+                    hd.sr.SourceImageForMeasurementGroup(
+                        referenced_sop_class_uid=series[0].SOPClassUID,
+                        referenced_sop_instance_uid=series[3].SOPInstanceUID,
+                    )
+                ],
+            )
+        ],
+    )
+    with pytest.raises(ValueError, match=str(series[3].SOPInstanceUID)):
+        sr_module._construct_copy_free(
+            hd.sr.Comprehensive3DSR,
+            report,
+            [series[0]],
+            series_instance_uid="1.2.3",
+            series_number=1,
+            sop_instance_uid="1.2.3.4",
+            instance_number=1,
+        )

@@ -117,9 +117,7 @@ def banner_text(
     verdict: str, slice_score: float | None, model: ModelIdentity
 ) -> list[tuple[str, tuple[int, int, int]]]:
     """The burned-in lines of a key image, with their colours, before wrapping."""
-    grad_cam = "Grad-CAM heatmap of this key slice"
-    if slice_score is not None:
-        grad_cam += f", slice score {slice_score:.3f}"
+    grad_cam = f"Grad-CAM heatmap of this key slice{slice_score_text(slice_score)}"
     lines: list[tuple[str, tuple[int, int, int]]] = [
         (NOT_FOR_DIAGNOSTIC_USE, _RED),
         (f"Verdict: {verdict}", _WHITE),
@@ -129,6 +127,12 @@ def banner_text(
     if model.synthetic:
         lines.append(("Synthetic phantom model - trained on synthetic phantoms", _YELLOW))
     return lines
+
+
+def slice_score_text(slice_score: float | None) -> str:
+    """How a key image words its slice score: two key images whose words agree
+    (and whose slice, heatmap, verdict and model agree) are the same picture."""
+    return "" if slice_score is None else f", slice score {slice_score:.3f}"
 
 
 def _wrap(text: str, width: int, font_scale: float) -> list[str]:
@@ -162,11 +166,14 @@ def write_sc_image(
     analysis_version: int,
     slice_score: float | None = None,
     created: _dt.datetime | None = None,
+    picture: np.ndarray | None = None,
 ) -> Dataset:
     """One Secondary Capture image for the ``index``-th key slice; valid or raise.
 
     ``source`` is any instance of the analysed series (its header is enough);
     ``slice_ref`` names the CT instance (and frame) the key slice came from.
+    ``picture`` is :func:`render_key_image` of the same slice, heatmap, verdict,
+    model and ``slice_score``, when the caller has it already; else it is drawn.
 
     Raises:
         ValueError: the result was not analysed, or an input is inconsistent.
@@ -179,13 +186,14 @@ def write_sc_image(
     output = OutputSeries.for_model(
         str(source.SeriesInstanceUID), result.model, analysis_version, "sc"
     )
-    picture = render_key_image(
-        hu_slice,
-        heatmap,
-        verdict=result.verdict_text(),
-        slice_score=slice_score,
-        model=result.model,
-    )
+    if picture is None:
+        picture = render_key_image(
+            hu_slice,
+            heatmap,
+            verdict=result.verdict_text(),
+            slice_score=slice_score,
+            model=result.model,
+        )
     explained = explained_class(result)
     equipment = algorithm_equipment(
         result.model, when, f"Grad-CAM heatmap of {explained} burned into the key slice"
@@ -245,23 +253,23 @@ def write_sc_images(
     *,
     analysis_version: int,
     created: _dt.datetime | None = None,
+    pictures: Sequence[np.ndarray | None] = (),
 ) -> list[Dataset]:
     """One Secondary Capture image per key slice, most suspicious first.
 
     ``volume`` is the analysed volume; ``result.key_slices`` index into it and
-    ``result.heatmaps`` line up with them.
+    ``result.heatmaps`` line up with them. ``pictures``, when given, line up
+    with them too: each is the key slice's picture drawn already, with the
+    slice score of :func:`sc_slice_scores`, or None to draw it here.
 
     Raises:
         ValueError: not analysed, or key slices, references and heatmaps disagree.
     """
-    check_result(result)
-    if not result.analysed:
-        raise ValueError("no Grad-CAM images for a series that was not analysed")
-    if len(result.heatmaps) != len(result.key_slices):
-        raise ValueError(f"{len(result.key_slices)} key slices but {len(result.heatmaps)} heatmaps")
+    check_key_slices(result, volume)
+    if pictures and len(pictures) != len(result.key_slices):
+        raise ValueError(f"{len(result.key_slices)} key slices but {len(pictures)} pictures")
     when = resolve_created(created)
-    # Indeterminate has no column: each slice then shows its highest score.
-    column = result.labels.index(result.verdict) if result.verdict in result.labels else None
+    scores = sc_slice_scores(result)
     images = []
     for index, (slice_index, ref, heatmap) in enumerate(
         zip(result.key_slices, result.key_slice_refs, result.heatmaps, strict=True)
@@ -275,12 +283,28 @@ def write_sc_images(
                 slice_ref=ref,
                 index=index,
                 analysis_version=analysis_version,
-                slice_score=_slice_score(result, slice_index, column),
+                slice_score=scores[index],
                 created=when,
+                picture=pictures[index] if pictures else None,
             )
         )
     logger.debug("wrote %d Grad-CAM images for series %s", len(images), source.SeriesInstanceUID)
     return images
+
+
+def check_key_slices(result: AnalysisResult, volume: HUVolume) -> None:
+    """Raise ``ValueError`` unless ``result`` has a Grad-CAM image to make of each key slice.
+
+    Analysed, key slices inside ``volume``, one heatmap per key slice.
+    """
+    check_result(result)
+    if not result.analysed:
+        raise ValueError("no Grad-CAM images for a series that was not analysed")
+    if len(result.heatmaps) != len(result.key_slices):
+        raise ValueError(f"{len(result.key_slices)} key slices but {len(result.heatmaps)} heatmaps")
+    for slice_index in result.key_slices:
+        if not 0 <= slice_index < volume.hu.shape[0]:
+            raise ValueError(f"key slice {slice_index} is outside the volume")
 
 
 def patient_orientation(source: Dataset) -> tuple[str, str]:
@@ -316,6 +340,13 @@ def _direction_letters(cosines: Sequence[float]) -> str:
     letters = [("L", "R"), ("P", "A"), ("H", "F")]
     axis = max(range(3), key=lambda a: abs(cosines[a]))
     return letters[axis][0 if cosines[axis] > 0 else 1]
+
+
+def sc_slice_scores(result: AnalysisResult) -> list[float | None]:
+    """The slice score each key image shows, in key-slice order: the verdict's
+    column; Indeterminate has none, so each slice then shows its highest score."""
+    column = result.labels.index(result.verdict) if result.verdict in result.labels else None
+    return [_slice_score(result, slice_index, column) for slice_index in result.key_slices]
 
 
 def _slice_score(result: AnalysisResult, slice_index: int, column: int | None) -> float | None:

@@ -66,6 +66,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import re
+from typing import Any
 
 import highdicom as hd
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
@@ -113,6 +114,8 @@ CT_CHEST = Code("24627-2", "LN", "CT Chest")
 _CERTAINTY = codes.DCM.CertaintyOfFinding
 _PERCENT = codes.UCUM.Percent
 _CAD_SUMMARY = codes.DCM.CADProcessingAndFindingsSummary
+
+_SRDocument = hd.sr.Comprehensive3DSR | hd.sr.ComprehensiveSR
 
 
 def class_code(label: str) -> Code:
@@ -163,9 +166,10 @@ def write_sr(
         )
         private = [class_code(label) for label in result.labels if label not in CLASS_CODES]
         storage = hd.sr.Comprehensive3DSR if comprehensive_3d else hd.sr.ComprehensiveSR
-        sr = storage(
-            evidence=_evidence(source, refs),
-            content=report,
+        sr = _construct(
+            storage,
+            report,
+            _evidence(source, refs),
             series_instance_uid=output.series_instance_uid,
             series_number=output.series_number,
             sop_instance_uid=output.sop_instance_uid(0),
@@ -191,6 +195,65 @@ def write_sr(
     sr.InstanceCreationDate = DA(when.date())
     sr.InstanceCreationTime = TM(when.time())
     return sr
+
+
+def _construct_copy_free(
+    storage: type[_SRDocument],
+    report: hd.sr.MeasurementReport,
+    evidence: list[Dataset],
+    **kwargs: Any,
+) -> _SRDocument:
+    """The SR document of ``report``, as highdicom builds it, without its costly part.
+
+    highdicom's constructor deep-copies the content tree (to keep a parsed
+    copy for its ``content`` property) and searches the whole tree for IMAGE
+    and COMPOSITE items to check that each referenced instance is in
+    ``evidence``; with one group per class, each citing every key slice, the
+    two were more than half of the SR's time. The dataset it writes is the
+    caller's tree itself (its root's elements) and the evidence sequences,
+    which depend on ``evidence`` alone. So highdicom builds the document around
+    an empty root container, and we then give it the real root's elements,
+    as highdicom would, and do the check ourselves on the tree as built.
+    ``tests/unit/test_writers_sr.py`` checks that the bytes written equal
+    those of highdicom's own path.
+    """
+    root = report[0]
+    if not isinstance(root, hd.sr.ContainerContentItem):
+        raise TypeError("the report's root is not a CONTAINER content item")
+    _check_evidence(root, evidence)
+    skeleton = Dataset()
+    for element in root:
+        if element.keyword != "ContentSequence":
+            skeleton.add(element)
+    skeleton.ContentSequence = []
+    sr = storage(evidence=evidence, content=skeleton, **kwargs)
+    for element in root:
+        sr[element.tag] = element
+    # What highdicom's ``content`` returns: the tree, here not a copy of it.
+    sr._content = hd.sr.ContentSequence([root], is_root=True)
+    return sr
+
+
+#: How write_sr builds the document; the tests swap in highdicom's own path.
+_construct = _construct_copy_free
+
+
+def _check_evidence(root: Dataset, evidence: list[Dataset]) -> None:
+    """Every instance the tree references is in ``evidence`` (highdicom's check)."""
+    given = {str(item.SOPInstanceUID) for item in evidence}
+    missing = sorted(_referenced_instances(root) - given)
+    if missing:
+        raise ValueError(f"no evidence for the referenced instances {', '.join(missing)}")
+
+
+def _referenced_instances(node: Dataset) -> set[str]:
+    """The SOP Instance UIDs of the IMAGE and COMPOSITE items under ``node``."""
+    found: set[str] = set()
+    for item in node.get("ContentSequence", ()):
+        if item.ValueType in ("IMAGE", "COMPOSITE"):
+            found.add(str(item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID))
+        found |= _referenced_instances(item)
+    return found
 
 
 def _groups(
@@ -231,6 +294,9 @@ def _groups(
 
     indeterminate = result.verdict == INDETERMINATE
     verdict_code = INDETERMINATE_CODE if indeterminate else class_code(result.verdict)
+    # One item per key slice, cited by every group: the same items in each
+    # (the tree is written, never changed, so sharing them writes the same bytes).
+    sources = [_source_image(source, ref) for ref in refs] or None
     evaluations = [hd.sr.QualitativeEvaluation(codes.DCM.Impression, verdict_code)]
     if not indeterminate:
         summary = (
@@ -249,7 +315,7 @@ def _groups(
                 [_certainty(result.confidence)] if result.confidence is not None else None
             ),
             qualitative_evaluations=evaluations,
-            source_images=[_source_image(source, ref) for ref in refs] or None,
+            source_images=sources,
         )
     ]
     if indeterminate:
@@ -267,7 +333,7 @@ def _groups(
                 algorithm_id=algorithm,
                 finding_sites=lung,
                 measurements=[_certainty(result.class_scores[label])],
-                source_images=[_source_image(source, ref) for ref in refs] or None,
+                source_images=sources,
             )
         )
     return groups
