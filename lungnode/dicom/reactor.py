@@ -36,7 +36,7 @@ DIMSE timeout. Woken by the arrival of each response, the loop ran in step
 with the sends and met that window every few hundred stores under load;
 sleeping on its own clock it meets it as rarely as pynetdicom does.
 
-Besides the waits, four fixes:
+Besides the waits, five fixes:
 
 - When a DUL thread ends, whoever waits for a primitive
   from it is told at once (an empty primitive, as when the wait times out). An
@@ -58,6 +58,17 @@ Besides the waits, four fixes:
 - A requestor's socket whose connection failed (the peer is down) was left
   open until garbage-collected: pynetdicom's shutdown of the unconnected
   socket raised, and skipped its close. It is closed now.
+
+- A send on an association could lose its response to the association's own
+  thread. pynetdicom pauses that thread for a send with a checkpoint (an Event
+  the send clears) and a flag the thread raises before it waits, which are not one
+  atomic step: a thread that had just passed the checkpoint could still take the
+  response off the DIMSE queue ("Received unexpected C-STORE service message"),
+  and the send then waited out its DIMSE timeout. The long fuzz and disk drills
+  met it about once in a few thousand stores, on the test's sender and so on the
+  node's own sending of results as well. The checkpoint is a barrier now: the
+  association's thread takes a message only under the checkpoint's lock and while
+  it is set, and clearing it waits for a take under way to end.
 
 - An association request that pynetdicom itself fails on (a presentation
   context without an abstract syntax raised TypeError in the negotiation) ended
@@ -85,6 +96,7 @@ import pynetdicom.association as association_module
 import pynetdicom.dul as dul_module
 from pynetdicom import _config as pynetdicom_config
 from pynetdicom.association import Association
+from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.fsm import InvalidEventError
 from pynetdicom.pdu import A_ABORT_RQ
@@ -122,12 +134,15 @@ def install() -> bool:
             and callable(getattr(DULServiceProvider, "send_pdu", None))
             and callable(getattr(DULServiceProvider, "stop_dul", None))
             and callable(getattr(Association, "run_reactor", None))
+            and callable(getattr(DIMSEServiceProvider, "get_msg", None))
             and callable(getattr(AssociationSocket, "_shutdown_socket", None))
         )
         if not expected:
             logger.warning("reactor waits not installed: unexpected pynetdicom internals")
             return False
         patches: dict[tuple[object, str], object] = {
+            (Association, "__init__"): _with_checkpoint(Association.__init__),
+            (DIMSEServiceProvider, "get_msg"): _gated(DIMSEServiceProvider.get_msg),
             (DULServiceProvider, "run_reactor"): _with_wake_pipe(DULServiceProvider.run_reactor),
             (Association, "run_reactor"): _aborting_on_error(Association.run_reactor),
             (DULServiceProvider, "send_pdu"): _waking(DULServiceProvider.send_pdu),
@@ -235,6 +250,51 @@ def _with_wake_pipe(run_reactor: Callable[[Any], None]) -> Callable[[Any], None]
             dul.to_user_queue.put(None)
 
     return run_reactor_with_wake_pipe
+
+
+class Checkpoint(threading.Event):
+    """pynetdicom's reactor checkpoint as a barrier (module docstring).
+
+    ``clear()`` (a send pausing the association's thread) returns only once no
+    message is being taken by that thread; afterwards it takes none until ``set()``.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        #: Held by the association's thread while it takes a message.
+        self.taking = threading.Lock()
+
+    def clear(self) -> None:
+        super().clear()
+        with self.taking:  # a take under way ends before the pause holds
+            pass
+
+
+def _with_checkpoint(init: Callable[..., None]) -> Callable[..., None]:
+    def init_with_checkpoint(assoc: Any, *args: Any, **kwargs: Any) -> None:
+        init(assoc, *args, **kwargs)
+        checkpoint = Checkpoint()
+        checkpoint.set()
+        assoc._reactor_checkpoint = checkpoint
+
+    return init_with_checkpoint
+
+
+def _gated(get_msg: Callable[..., Any]) -> Callable[..., Any]:
+    def get_msg_unless_paused(dimse: Any, block: bool = False) -> Any:
+        assoc = getattr(dimse, "_assoc", None)
+        checkpoint = getattr(assoc, "_reactor_checkpoint", None)
+        # Only the association's own thread is paused; a send takes its response.
+        if block or threading.current_thread() is not assoc:
+            return get_msg(dimse, block)
+        if not isinstance(checkpoint, Checkpoint):
+            return get_msg(dimse, block)
+        with checkpoint.taking:
+            if not checkpoint.is_set():
+                return None, None
+            return get_msg(dimse, block)
+
+    return get_msg_unless_paused
 
 
 def _send_abort(dul: Any) -> None:

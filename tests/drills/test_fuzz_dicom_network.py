@@ -81,6 +81,9 @@ PEER_PROTOCOL_ERRORS: tuple[tuple[str, ...], ...] = (
     # sends P-DATA before our A-ASSOCIATE-AC): dicom.reactor ends the DUL quietly in
     # that state (Sta13); in any other, the DUL thread dies, which fails the drill.
     ("pynetdicom.fsm", "do_action"),
+    # An A-ASSOCIATE-RQ of another protocol version (found by the long run): pynetdicom
+    # logs it and answers A-ASSOCIATE-RJ (PS3.8 9.3.2, AE-6), as it should.
+    ("pynetdicom.fsm", "AE_6", "A-ASSOCIATE-RQ: Unsupported protocol version"),
 )
 #: pynetdicom's own logging handlers (``standard_pdu_recv_handler``...): one that fails
 #: to describe a malformed PDU is logged at ERROR by pynetdicom, which goes on.
@@ -209,9 +212,13 @@ def test_c_store_of_mutated_data_sets(drill: Drill, fuzz_node: FuzzNode, tmp_pat
         assert status in KNOWN_STATUSES, hex(status)
         tally.saw("stored (0x0000)" if status == 0 else f"refused 0x{status:04X}")
         if status == 0:
-            # Acknowledged: stored as received.
+            # Acknowledged: stored as received. What was sent is the file after what
+            # pynetdicom reads as its meta: a mutant that begins with a group 0002
+            # element (found by the long run) loses it to the meta before it is sent.
+            _meta, sent_from = split_dataset(sent)
             _dataset, facts = parse_instance(sent.read_bytes())
-            assert instance_path(incoming, facts).read_bytes().endswith(mutant)
+            stored = instance_path(incoming, facts).read_bytes()
+            assert stored.endswith(sent.read_bytes()[sent_from:])
         fuzz_node.check_healthy(echo=tally.examples % ECHO_EVERY == 0)
 
     fuzz()
