@@ -46,9 +46,58 @@ def test_a_pause_waits_for_a_take_under_way() -> None:
     checkpoint = _association()._reactor_checkpoint
     cleared = threading.Event()
     with checkpoint.taking:  # the association's thread is taking a message
-        pauser = threading.Thread(target=lambda: (checkpoint.clear(), cleared.set()))
+
+        def pause() -> None:
+            checkpoint.clear()
+            cleared.set()
+
+        pauser = threading.Thread(target=pause)
         pauser.start()
         time.sleep(0.2)
         assert not cleared.is_set()
     pauser.join(5)
     assert cleared.is_set() and not checkpoint.is_set()
+
+
+def test_the_node_acknowledges_what_it_reads_at_once_and_sends_without_nagle() -> None:
+    """A DCMTK peer leaves Nagle on: its response waited ~40 ms for our delayed ACK."""
+    import socket
+
+    from pynetdicom.transport import AddressInformation, AssociationSocket
+
+    assoc = _association()
+    transport = AssociationSocket(assoc, address=AddressInformation("127.0.0.1", 0))
+    created = transport.socket
+    assert created is not None
+    try:
+        assert created.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+    finally:
+        created.close()
+
+    class Recording:
+        """The accepted socket, noting the options set on it."""
+
+        def __init__(self, sock: socket.socket) -> None:
+            self.sock = sock
+            self.options: list[tuple[int, int, int]] = []
+
+        def recv(self, size: int) -> bytes:
+            return self.sock.recv(size)
+
+        def setsockopt(self, level: int, option: int, value: int) -> None:
+            self.options.append((level, option, value))
+            self.sock.setsockopt(level, option, value)
+
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        peer = socket.create_connection(server.getsockname())
+        accepted, _address = server.accept()
+        try:
+            recording = Recording(accepted)
+            transport.socket = recording  # type: ignore[assignment]
+            peer.sendall(b"\x04\x00\x00\x00\x00\x02ok")
+            assert bytes(transport.recv(8)) == b"\x04\x00\x00\x00\x00\x02ok"
+            # Acknowledged at once after the read, not after the delayed-ACK timer.
+            assert recording.options == [(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)]
+        finally:
+            accepted.close()
+            peer.close()
