@@ -177,7 +177,9 @@ class NodeRepository:
                     raise
         return False  # pragma: no cover
 
-    def _series_id(self, connection: Connection, facts: InstanceFacts, calling_ae: str | None) -> int:
+    def _series_id(
+        self, connection: Connection, facts: InstanceFacts, calling_ae: str | None
+    ) -> int:
         cached = self._series_ids.get(facts.series_instance_uid)
         if cached is not None:
             return cached
@@ -197,7 +199,7 @@ class NodeRepository:
                     first_received_at=_now(),
                 )
             )
-            series_id = int(inserted.inserted_primary_key[0])
+            series_id = int(inserted.inserted_primary_key[0])  # type: ignore[index]
         self._series_ids[facts.series_instance_uid] = series_id
         return int(series_id)
 

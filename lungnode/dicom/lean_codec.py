@@ -188,11 +188,19 @@ _META_VERSION = b"\x00\x01"
 
 def _meta_element(element: int, vr: bytes, value: bytes) -> bytes:
     if vr == b"OB":
-        return struct.pack("<HH", 0x0002, element) + vr + b"\0\0" + struct.pack("<L", len(value)) + value
+        return (
+            struct.pack("<HH", 0x0002, element)
+            + vr
+            + b"\0\0"
+            + struct.pack("<L", len(value))
+            + value
+        )
     return struct.pack("<HH", 0x0002, element) + vr + struct.pack("<H", len(value)) + value
 
 
-def file_preamble_and_meta(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -> bytes:
+def file_preamble_and_meta(
+    sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str
+) -> bytes:
     """Preamble, ``DICM`` and file meta information (explicit VR LE, PS3.10 7.1), as
     pynetdicom's ``create_file_meta`` and ``encode_file_meta`` make them."""
     body = b"".join(

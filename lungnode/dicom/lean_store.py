@@ -10,11 +10,11 @@ that accepted the connection:
 
 - it reads the A-ASSOCIATE-RQ itself and decides from it. When every proposed
   abstract syntax is Verification or a storage SOP class (those the node does
-  not accept are rejected contexts, as pynetdicom rejects them; senders such as
-  DCMTK's ``storescu`` propose a hundred), with no extended negotiation (role selection, user identity, SOP
-  class extended negotiation, asynchronous operations window), the
-  association is served here; anything else goes to pynetdicom unchanged, with
-  the bytes read so far replayed (:class:`Replayed`);
+  not accept become rejected contexts, as pynetdicom rejects them; senders
+  such as DCMTK's ``storescu`` propose a hundred), with no extended
+  negotiation (role selection, user identity, SOP class extended negotiation,
+  asynchronous operations window), the association is served here; anything
+  else goes to pynetdicom unchanged, with the bytes read so far replayed (:class:`Replayed`);
 - negotiation follows pynetdicom's acceptor (PS3.8 7.1, PS3.7 D.3.3): the same
   calling/called AE title checks and the same association limit, counted over
   both kinds of association, with the same A-ASSOCIATE-RJ reasons; the
@@ -38,7 +38,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from copy import deepcopy
 from typing import Any, Protocol
 
@@ -52,8 +52,8 @@ from pynetdicom.pdu_primitives import (
     MaximumLengthNotification,
 )
 from pynetdicom.presentation import negotiate_as_acceptor
-from pynetdicom.sop_class import uid_to_service_class
 from pynetdicom.service_class import StorageServiceClass, VerificationServiceClass
+from pynetdicom.sop_class import uid_to_service_class
 
 from lungnode.dicom import lean_codec as codec
 from lungnode.dicom.lean_codec import ProtocolError
@@ -63,6 +63,8 @@ logger = logging.getLogger(__name__)
 _APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
 #: An A-ASSOCIATE-RQ larger than this is left to pynetdicom (it is never this large).
 _LARGEST_REQUEST = 1 << 20
+#: The largest single read from the socket's buffered file (see ``_read``).
+_READ_PIECE = 1 << 22
 #: Seconds to wait for the peer to close after our A-RELEASE-RP (PS3.8 Sta13, ARTIM).
 _CLOSE_WAIT_S = 2.0
 
@@ -101,7 +103,7 @@ class StoreHandler(Protocol):
     """Stores one received instance; returns (status, error comment or None). Never raises."""
 
     def __call__(
-        self, encoded: bytes, requested_instance_uid: str, connection: LeanAssociation
+        self, encoded: bytes, requested_instance_uid: str, association: LeanAssociation
     ) -> tuple[int, str | None]: ...
 
 
@@ -113,6 +115,9 @@ class LeanAssociation:
         self.address = f"{address[0]}:{address[1]}" if len(address) >= 2 else str(address)
         self.calling_ae = ""
         self.outcome = "closed"
+        #: We sent the last PDU (A-ASSOCIATE-RJ, A-RELEASE-RP, A-ABORT): the peer
+        #: closes the connection (PS3.8 Sta13), and we let it, for a short while.
+        self.awaits_close = False
 
 
 class LeanReceiver:
@@ -124,7 +129,6 @@ class LeanReceiver:
         store: StoreHandler,
         on_ended: Callable[[LeanAssociation], None],
         *,
-        lean_sop_classes: Iterable[str],
         ae_title: str,
         max_associations: int,
         network_timeout: float,
@@ -132,7 +136,6 @@ class LeanReceiver:
         self.ae = ae
         self.store = store
         self.on_ended = on_ended
-        self.lean_sop_classes = frozenset(str(uid) for uid in lean_sop_classes)
         self.ae_title = ae_title
         self.max_associations = max_associations
         self.network_timeout = network_timeout
@@ -194,7 +197,7 @@ class LeanReceiver:
             try:
                 self.on_ended(association)
             finally:
-                if association.outcome == "released":
+                if association.awaits_close:
                     _await_close(sock)
                 _close(sock)
         return None
@@ -240,6 +243,7 @@ class LeanReceiver:
             logger.info("rejecting association from %s", association.calling_ae or "?")
             _send(sock, codec.reject(*rejection))
             association.outcome = "rejected"
+            association.awaits_close = True
             return
         contexts, peer_max_pdu = self._accept(sock, primitive)
         try:
@@ -248,12 +252,19 @@ class LeanReceiver:
             logger.warning("association aborted on a protocol error of the peer: %s", exc)
             _send(sock, codec.abort(0x02, 0x00))
             association.outcome = "aborted"
+            association.awaits_close = True
         except TimeoutError:
             logger.warning("association aborted: no data for %g s", self.network_timeout)
             _send(sock, codec.abort(0x02, 0x00))
             association.outcome = "aborted"
+            association.awaits_close = True
         except (OSError, EOFError):
             pass  # the connection closed: "closed" unless released or aborted before
+        except Exception:  # a fault of ours: abort, never leave the peer waiting
+            logger.exception("association aborted: the lean receiver failed")
+            _send(sock, codec.abort(0x02, 0x00))
+            association.outcome = "aborted"
+            association.awaits_close = True
 
     def _accept(self, sock: socket.socket, primitive: A_ASSOCIATE) -> tuple[dict[int, Any], int]:
         """Send the A-ASSOCIATE-AC; return the accepted contexts by ID and the peer's max PDU."""
@@ -282,8 +293,8 @@ class LeanReceiver:
         peer_max = 0
         for item in primitive.user_information or []:
             if isinstance(item, MaximumLengthNotification):
-                peer_max = int(item.maximum_length_received or 0)
-        accepted = {int(cx.context_id): cx for cx in results if cx.result == 0x00}
+                peer_max = item.maximum_length_received or 0
+        accepted = {cx.context_id or 0: cx for cx in results if cx.result == 0x00}
         return accepted, peer_max
 
     def _receive(
@@ -310,10 +321,14 @@ class LeanReceiver:
         context_id = -1
         while True:
             pdu_type, length = codec.pdu_header(_read(stream, 6))
+            if pdu_type == codec.P_DATA_TF and 0 < self.ae.maximum_pdu_size < length:
+                # PS3.8 D.1: no P-DATA-TF longer than the Maximum Length we announced.
+                raise ProtocolError(f"P-DATA-TF of {length} bytes, over our maximum")
             body = _read(stream, length)
             if pdu_type == codec.A_RELEASE_RQ:
                 _send(sock, codec.release_rp(), raise_errors=True)
-                association.outcome = "released"  # the peer closes: serve() waits for it
+                association.outcome = "released"
+                association.awaits_close = True
                 return
             if pdu_type == codec.A_ABORT:
                 association.outcome = "aborted"
@@ -412,10 +427,15 @@ def _read_exact(sock: socket.socket, size: int) -> bytes:
 
 
 def _read(stream: Any, size: int) -> bytes:
-    data: bytes = stream.read(size) if size else b""
-    if len(data) != size:
-        raise EOFError("connection closed")
-    return data
+    """``size`` bytes, read in pieces of at most ``_READ_PIECE``: a length field is the
+    peer's word, and a read allocates what it asks for before anything arrives."""
+    if size <= _READ_PIECE:
+        data: bytes = stream.read(size) if size else b""
+        if len(data) != size:
+            raise EOFError("connection closed")
+        return data
+    parts = [_read(stream, min(_READ_PIECE, size - done)) for done in range(0, size, _READ_PIECE)]
+    return b"".join(parts)
 
 
 def _send(sock: socket.socket, data: bytes, *, raise_errors: bool = False) -> None:

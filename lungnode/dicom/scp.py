@@ -43,7 +43,6 @@ from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAsso
 
 from lungnode.dicom import reactor
 from lungnode.dicom.commitment import CommitmentReports, add_report_context, handle_event_report
-from lungnode.dicom.lean_store import LeanAssociation, LeanReceiver, Replayed
 from lungnode.dicom.intake import (
     ACCEPTED_SOP_CLASSES,
     STATUS_CANNOT_UNDERSTAND,
@@ -51,6 +50,7 @@ from lungnode.dicom.intake import (
     STATUS_SUCCESS,
     Intake,
 )
+from lungnode.dicom.lean_store import LeanAssociation, LeanReceiver, Replayed
 from lungnode.errors import IntakeError, storage_full
 
 if TYPE_CHECKING:
@@ -170,7 +170,9 @@ def store_instance(
         association_id = _association_id(record_association)
         facts = intake.store(encoded(), association_id)
     except IntakeError as exc:
-        logger.warning("C-STORE from %s refused with 0x%04X: %s", calling_ae, exc.status, exc.comment)
+        logger.warning(
+            "C-STORE from %s refused with 0x%04X: %s", calling_ae, exc.status, exc.comment
+        )
         return exc.status, exc.comment[:_ERROR_COMMENT_LENGTH]
     except Exception:
         logger.exception("C-STORE failed unexpectedly")
@@ -326,7 +328,7 @@ class _NodeAE(AE):
 
     lean: LeanReceiver | None = None
 
-    @property  # type: ignore[override]
+    @property
     def maximum_associations(self) -> int:
         configured = int(self._maximum_associations)
         return configured - (self.lean.active if self.lean is not None else 0)
@@ -401,7 +403,6 @@ class StorageSCP:
                 self.ae,
                 self._lean_store,
                 self._lean_ended,
-                lean_sop_classes=[Verification, *ACCEPTED_SOP_CLASSES],
                 ae_title=config.ae_title,
                 max_associations=config.max_associations,
                 network_timeout=config.network_timeout,
@@ -426,7 +427,7 @@ class StorageSCP:
     def _lean_ended(self, association: LeanAssociation) -> None:
         self.tracker.ended_key(id(association), association.outcome)
 
-    def _build_ae(self) -> AE:
+    def _build_ae(self) -> _NodeAE:
         config = self.config
         ae = _NodeAE(ae_title=config.ae_title)
         ae.maximum_associations = config.max_associations

@@ -10,9 +10,8 @@ from __future__ import annotations
 import subprocess
 import time
 from collections.abc import Callable
-from pathlib import Path
-
 from io import BytesIO
+from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian
@@ -36,7 +35,9 @@ from tests.dicom.helpers import associate, row_count, wait_until
 from tests.support.synthetic import make_ct_series, write_series
 
 
-def _lean_node(make_settings: Callable[..., Settings], start: Callable[..., Node], **kw: object) -> Node:
+def _lean_node(
+    make_settings: Callable[..., Settings], start: Callable[..., Node], **kw: object
+) -> Node:
     return start(make_settings(store_receiver="lean", **kw), serve_http=False)
 
 
@@ -54,8 +55,21 @@ def test_storescu_series_in_small_pdus_is_stored_as_sent(
     paths = write_series(make_ct_series(6, rows=64, columns=64), tmp_path / "sent")
     storescu = require_tool("storescu")
     result = subprocess.run(
-        [storescu, "-aet", SENDER_AE, "-aec", "LUNGNODE", "127.0.0.1", str(node.scp.port), "+sd", str(tmp_path / "sent")],
-        capture_output=True, text=True, timeout=60, check=False,
+        [
+            storescu,
+            "-aet",
+            SENDER_AE,
+            "-aec",
+            "LUNGNODE",
+            "127.0.0.1",
+            str(node.scp.port),
+            "+sd",
+            str(tmp_path / "sent"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
     assert row_count(node, Instance) == 6
@@ -103,15 +117,19 @@ def test_abort_in_the_middle_of_an_instance_stores_nothing(
     request.AffectedSOPClassUID = CTImageStorage
     request.AffectedSOPInstanceUID = second.SOPInstanceUID
     request.Priority = 0
-    request.DataSet = BytesIO(encode(second, False, True))  # explicit VR LE, the context's
+    encoded = encode(second, False, True)  # explicit VR little endian, as the context
+    assert encoded is not None
+    request.DataSet = BytesIO(encoded)
     message = C_STORE_RQ()
     message.primitive_to_message(request)
     context_id = assoc.accepted_contexts[0].context_id
+    transport = assoc.dul.socket
+    assert context_id is not None and transport is not None
     pdus = list(message.encode_msg(context_id, 1024))
     for primitive in pdus[:3]:
         pdu = P_DATA_TF()
         pdu.from_primitive(primitive)
-        assoc.dul.socket.send(pdu.encode())
+        transport.send(pdu.encode())
     time.sleep(0.3)
     assoc.abort()
     assert wait_until(lambda: _outcomes(node) == ["aborted"])

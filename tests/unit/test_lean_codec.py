@@ -5,6 +5,7 @@ from __future__ import annotations
 from io import BytesIO
 
 import pytest
+from pydicom.uid import UID
 from pynetdicom.dimse_messages import C_ECHO_RSP, C_STORE_RQ, C_STORE_RSP
 from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 from pynetdicom.dsutils import create_file_meta, encode_file_meta
@@ -17,7 +18,9 @@ CT = "1.2.840.10008.5.1.4.1.1.2"
 
 def _pynetdicom_command(message: C_STORE_RSP | C_ECHO_RSP | C_STORE_RQ) -> bytes:
     """The command set pynetdicom sends (its first PDV; a data set follows for a request)."""
-    pdv = next(item for p_data in message.encode_msg(1, 0) for item in p_data.presentation_data_value_list)
+    pdv = next(
+        item for p_data in message.encode_msg(1, 0) for item in p_data.presentation_data_value_list
+    )
     return bytes(pdv[1][1:])  # [context ID, header byte + fragment]
 
 
@@ -30,7 +33,7 @@ def test_c_store_response_is_pynetdicoms(comment: str | None, uid: str) -> None:
     primitive.AffectedSOPInstanceUID = uid
     primitive.Status = 0xC001 if comment else 0x0000
     if comment:
-        primitive.ErrorComment = comment
+        primitive.ErrorComment = comment  # type: ignore[assignment]
     message = C_STORE_RSP()
     message.primitive_to_message(primitive)
     ours = codec.response(
@@ -53,7 +56,9 @@ def test_c_echo_response_is_pynetdicoms() -> None:
 
 @pytest.mark.parametrize("syntax", ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
 def test_file_meta_is_pynetdicoms(syntax: str) -> None:
-    meta = create_file_meta(sop_class_uid=CT, sop_instance_uid="1.2.3.45", transfer_syntax=syntax)
+    meta = create_file_meta(
+        sop_class_uid=UID(CT), sop_instance_uid=UID("1.2.3.45"), transfer_syntax=UID(syntax)
+    )
     expected = b"\0" * 128 + b"DICM" + encode_file_meta(meta)
     assert codec.file_preamble_and_meta(CT, "1.2.3.45", syntax) == expected
 
@@ -86,7 +91,7 @@ def test_p_data_fragments_within_the_peers_maximum() -> None:
         decoded = P_DATA_TF()
         decoded.decode(pdu)
         (item,) = decoded.presentation_data_value_items
-        context_id, value = item.context_id, item.data
+        context_id, value = item.context_id, bytes(item.data or b"")
         assert context_id == 3
         assert value[0] == (0x02 if index == len(pdus) - 1 else 0x00)
         joined += value[1:]
