@@ -173,7 +173,9 @@ def test_association_limit_counts_both_receivers(
     assert ae.associate("127.0.0.1", node.scp.port, ae_title="LUNGNODE").is_rejected
     lean.release()
     full.release()
+    # Both kinds free their slots once their threads are done (pynetdicom's linger a little).
     assert wait_until(lambda: node.scp.lean is not None and node.scp.lean.active == 0)
+    assert wait_until(lambda: not node.scp.ae.active_associations)
     again = associate(node.scp.port)
     assert again.is_established
     again.release()
