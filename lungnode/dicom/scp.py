@@ -241,7 +241,7 @@ class SCPConfig:
     commitment_reports: bool = False
     #: "lean": storage-only associations are served by ``dicom.lean_store``;
     #: "pynetdicom": every association by pynetdicom.
-    store_receiver: str = "pynetdicom"
+    store_receiver: str = "lean"
 
 
 def make_tls_context(cert: Path, key: Path, ca: Path | None) -> ssl.SSLContext:

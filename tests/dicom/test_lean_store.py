@@ -191,3 +191,18 @@ def test_silent_peer_is_aborted_after_the_network_timeout(
     assert assoc.send_c_store(dataset).Status == 0x0000
     assert wait_until(lambda: assoc.is_aborted, timeout=10)
     assert wait_until(lambda: _outcomes(node) == ["aborted"])
+
+
+def test_the_pynetdicom_receiver_remains_when_chosen(
+    make_settings: Callable[..., Settings], start_node: Callable[..., Node]
+) -> None:
+    node = start_node(make_settings(store_receiver="pynetdicom"), serve_http=False)
+    assert node.scp.lean is None
+    assoc = associate(node.scp.port, [(CTImageStorage, ExplicitVRLittleEndian)])
+    assert assoc.is_established
+    assert wait_until(lambda: bool(node.scp.ae.active_associations))
+    for dataset in make_ct_series(2, rows=32, columns=32):
+        assert assoc.send_c_store(dataset).Status == 0x0000
+    assoc.release()
+    assert row_count(node, Instance) == 2
+    assert wait_until(lambda: _outcomes(node) == ["released"])
