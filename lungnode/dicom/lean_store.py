@@ -14,7 +14,8 @@ that accepted the connection:
   such as DCMTK's ``storescu`` propose a hundred), with no extended
   negotiation (role selection, user identity, SOP class extended negotiation,
   asynchronous operations window), the association is served here; anything
-  else goes to pynetdicom unchanged, with the bytes read so far replayed (:class:`Replayed`);
+  else goes to pynetdicom unchanged, with the bytes read so far replayed
+  (``dicom.scp_servers.Replayed``);
 - negotiation follows pynetdicom's acceptor (PS3.8 7.1, PS3.7 D.3.3): the same
   calling/called AE title checks and the same association limit, counted over
   both kinds of association, with the same A-ASSOCIATE-RJ reasons; the
@@ -67,36 +68,6 @@ _LARGEST_REQUEST = 1 << 20
 _READ_PIECE = 1 << 22
 #: Seconds to wait for the peer to close after our A-RELEASE-RP (PS3.8 Sta13, ARTIM).
 _CLOSE_WAIT_S = 2.0
-
-
-class Replayed:
-    """A connected socket whose first ``recv`` calls return bytes already read.
-
-    When the lean receiver hands an association to pynetdicom it has read the
-    A-ASSOCIATE-RQ already; pynetdicom reads it again from here. Everything
-    else is the socket's own (``__getattr__``).
-    """
-
-    def __init__(self, sock: socket.socket, prefix: bytes) -> None:
-        self._sock = sock
-        self._prefix = prefix
-
-    @property
-    def pending_prefix(self) -> int:
-        return len(self._prefix)
-
-    def recv(self, size: int, *args: Any) -> bytes:
-        if self._prefix:
-            data, self._prefix = self._prefix[:size], self._prefix[size:]
-            return data
-        return self._sock.recv(size, *args)
-
-    def pending(self) -> int:
-        inner = getattr(self._sock, "pending", None)
-        return len(self._prefix) + (inner() if callable(inner) else 0)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._sock, name)
 
 
 class StoreHandler(Protocol):
@@ -245,8 +216,8 @@ class LeanReceiver:
             association.outcome = "rejected"
             association.awaits_close = True
             return
-        contexts, peer_max_pdu = self._accept(sock, primitive)
         try:
+            contexts, peer_max_pdu = self._accept(sock, primitive)
             self._receive(association, contexts, peer_max_pdu)
         except ProtocolError as exc:
             logger.warning("association aborted on a protocol error of the peer: %s", exc)

@@ -36,10 +36,10 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
-from pynetdicom import AE, evt
+from pynetdicom import evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
+from pynetdicom.transport import ThreadedAssociationServer
 
 from lungnode.dicom import reactor
 from lungnode.dicom.commitment import CommitmentReports, add_report_context, handle_event_report
@@ -50,7 +50,14 @@ from lungnode.dicom.intake import (
     STATUS_SUCCESS,
     Intake,
 )
-from lungnode.dicom.lean_store import LeanAssociation, LeanReceiver, Replayed
+from lungnode.dicom.lean_store import LeanAssociation, LeanReceiver
+from lungnode.dicom.scp_servers import (
+    DispatchingServer,
+    HandedOverServer,
+    NodeAE,
+    RequestHandlerForReplay,
+    WrapInThreadServer,
+)
 from lungnode.errors import IntakeError, storage_full
 
 if TYPE_CHECKING:
@@ -259,117 +266,6 @@ def _connection_closed(event: evt.Event, notify: Callable[[], None]) -> None:
     notify()
 
 
-class _WrapInThreadServer(ThreadedAssociationServer):
-    """Accepts plain connections and negotiates TLS in the connection's own thread.
-
-    pynetdicom wraps in ``get_request``, in the accepting thread, where a slow
-    or silent TLS client holds up every other connection; a connection that
-    may be handed to another process must not be wrapped here at all.
-    """
-
-    on_connection_closed: Callable[[], None] | None = None
-    #: Serves storage-only associations itself (``store_receiver = "lean"``).
-    lean: LeanReceiver | None = None
-
-    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
-        assert self.socket is not None
-        connection, address = self.socket.accept()
-        return connection, address
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        if self.ssl_context is not None:
-            try:
-                request = self.ssl_context.wrap_socket(request, server_side=True)
-            except (OSError, ValueError) as exc:
-                logger.warning("TLS handshake with %s failed: %s", client_address[0], exc)
-                request.close()
-                if self.on_connection_closed is not None:
-                    self.on_connection_closed()
-                return
-        if self.lean is not None:
-            try:
-                leftover = self.lean.serve(request, client_address)
-            except Exception:  # never lose the connection's thread silently
-                logger.exception("the lean receiver failed on a connection")
-                request.close()
-                leftover = None
-            if leftover is None:
-                if self.on_connection_closed is not None:
-                    self.on_connection_closed()
-                return
-            request = Replayed(request, leftover)  # pynetdicom serves it
-        super().process_request_thread(request, client_address)
-
-
-class _ReplayingSocket(AssociationSocket):
-    """pynetdicom's socket over a :class:`Replayed` one: readable while bytes wait."""
-
-    @property
-    def ready(self) -> bool:
-        sock = self.socket
-        if isinstance(sock, Replayed) and self._is_connected and sock.pending():
-            return True
-        return bool(super().ready)
-
-
-class _RequestHandler(RequestHandler):
-    """pynetdicom's, for a connection the lean receiver read the request of."""
-
-    def _create_association(self) -> Association:
-        assoc = super()._create_association()
-        transport = assoc.dul.socket
-        if isinstance(self.request, Replayed) and type(transport) is AssociationSocket:
-            transport.__class__ = _ReplayingSocket
-        return assoc
-
-
-class _NodeAE(AE):
-    """The AE, whose association limit counts the lean receiver's associations too."""
-
-    lean: LeanReceiver | None = None
-
-    @property
-    def maximum_associations(self) -> int:
-        configured = int(self._maximum_associations)
-        return configured - (self.lean.active if self.lean is not None else 0)
-
-    @maximum_associations.setter
-    def maximum_associations(self, value: int) -> None:
-        AE.maximum_associations.fset(self, value)  # type: ignore[attr-defined]
-
-
-class _DispatchingServer(_WrapInThreadServer):
-    """The node's listening server when there are ingest worker processes."""
-
-    dispatcher: IngestWorkers
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        index = self.dispatcher.choose()
-        if index and self.dispatcher.hand_over(index, request, client_address):
-            request.close()  # the worker holds its own descriptor now
-            return
-        super().process_request(request, client_address)
-
-
-class _HandedOverServer(_WrapInThreadServer):
-    """A worker's server: binds and listens to nothing, runs what it is handed."""
-
-    def server_bind(self) -> None:
-        pass
-
-    def server_activate(self) -> None:
-        pass
-
-    def close_handed_over(self) -> None:
-        """Abort running associations and release the (never bound) socket."""
-        for assoc in self.active_associations:
-            assoc.abort()
-        if self.socket is not None:
-            self.socket.close()
-        if self in self.ae._servers:
-            self.ae._servers.remove(self)
-
-
 class StorageSCP:
     """The listening AE: C-ECHO and C-STORE of CT images."""
 
@@ -427,9 +323,9 @@ class StorageSCP:
     def _lean_ended(self, association: LeanAssociation) -> None:
         self.tracker.ended_key(id(association), association.outcome)
 
-    def _build_ae(self) -> _NodeAE:
+    def _build_ae(self) -> NodeAE:
         config = self.config
-        ae = _NodeAE(ae_title=config.ae_title)
+        ae = NodeAE(ae_title=config.ae_title)
         ae.maximum_associations = config.max_associations
         ae.maximum_pdu_size = config.max_pdu_size
         ae.network_timeout = config.network_timeout
@@ -475,9 +371,9 @@ class StorageSCP:
         """Listen in background threads."""
         reactor.install()
         ssl_context = self._ssl_context()
-        server_class = _WrapInThreadServer if self.dispatcher is None else _DispatchingServer
+        server_class = WrapInThreadServer if self.dispatcher is None else DispatchingServer
         server = self._make_server(server_class, ssl_context)
-        if isinstance(server, _DispatchingServer) and self.dispatcher is not None:
+        if isinstance(server, DispatchingServer) and self.dispatcher is not None:
             server.dispatcher = self.dispatcher
         self._serve(server)
         logger.info(
@@ -490,16 +386,16 @@ class StorageSCP:
         )
 
     def _make_server(
-        self, server_class: type[_WrapInThreadServer], ssl_context: ssl.SSLContext | None
-    ) -> _WrapInThreadServer:
+        self, server_class: type[WrapInThreadServer], ssl_context: ssl.SSLContext | None
+    ) -> WrapInThreadServer:
         server = cast(
-            _WrapInThreadServer,
+            WrapInThreadServer,
             self.ae.make_server(
                 (self.config.host, self.config.port),
                 evt_handlers=self._handlers(),
                 ssl_context=ssl_context,
                 server_class=server_class,
-                request_handler=_RequestHandler,
+                request_handler=RequestHandlerForReplay,
             ),
         )
         server.on_connection_closed = self.on_connection_closed
@@ -509,7 +405,7 @@ class StorageSCP:
     def start_handed_over(self) -> None:
         """Receive connections accepted by another process (see :meth:`receive`); no listening."""
         reactor.install()
-        server = self._make_server(_HandedOverServer, self._ssl_context())
+        server = self._make_server(HandedOverServer, self._ssl_context())
         self.ae._servers.append(server)
         self._server = server
 
@@ -542,7 +438,7 @@ class StorageSCP:
         if self.lean is not None:
             self.lean.stop()
         if self._server is not None:
-            if isinstance(self._server, _HandedOverServer):
+            if isinstance(self._server, HandedOverServer):
                 self._server.close_handed_over()
             else:
                 self._server.shutdown()
