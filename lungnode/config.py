@@ -112,6 +112,10 @@ class Settings(BaseSettings):
     #: 0 means one per CPU core available to the node.
     ingest_processes: int = Field(default=0, ge=0, le=64)
     max_pdu_size: int = Field(default=4_194_304, ge=0)
+    #: Who serves associations that only store images and echo: "lean" (one thread
+    #: per association, reading the socket itself, ``dicom.lean_store``) or
+    #: "pynetdicom". Anything else always goes to pynetdicom.
+    store_receiver: Literal["lean", "pynetdicom"] = "lean"
     #: Seconds of silence after which an association is aborted.
     network_timeout: float = Field(default=60.0, gt=0)
     #: Refuse new instances (status 0xA700) when less than this much disk is free.

@@ -1,8 +1,12 @@
 """Measure DICOM ingest throughput of lungnode against real peers, in one run.
 
     python scripts/bench_ingest.py [--slices 300] [--repeat 1]
-        [--only lungnode,orthanc,pynetdicom,dcmtk] [--ingest-processes N]
-        [--json results.json]
+        [--only lungnode,lungnode-pynetdicom,orthanc,pynetdicom,dcmtk]
+        [--ingest-processes N] [--json results.json]
+
+``lungnode`` is the node as configured by default; ``lungnode-pynetdicom`` the
+same node with ``store_receiver = "pynetdicom"`` (every association through
+pynetdicom, as before the lean receiver), for an A/B in one run.
 
 What is measured: a synthetic 512x512 16-bit CT series (Explicit VR Little
 Endian, ``tests.support.synthetic``) is sent with DCMTK ``storescu`` (C++, so
@@ -76,7 +80,7 @@ from tests.support.synthetic import make_ct_series, write_series  # noqa: E402
 
 HOST = "127.0.0.1"
 CALLING_AE = "BENCH"
-RECEIVERS = ("lungnode", "orthanc", "pynetdicom", "dcmtk")
+RECEIVERS = ("lungnode", "lungnode-pynetdicom", "orthanc", "pynetdicom", "dcmtk")
 #: name: (associations, whether the senders set TCP_NODELAY)
 SCENARIOS = {"1 assoc": (1, True), "4 assoc": (4, True), "1 Nagle": (1, False)}
 #: Goals, as ratios measured in one run: lungnode over Orthanc per scenario, and
@@ -209,9 +213,14 @@ def receiver(name: str, work: Path, ingest_processes: int = 0) -> Iterator[Recei
     storage.mkdir(parents=True)
     log = work / f"{name}.log"
     port = free_port()
-    if name == "lungnode":
+    if name in ("lungnode", "lungnode-pynetdicom"):
         processes = ingest_processes or len(os.sched_getaffinity(0))
+        # "lungnode-pynetdicom": the node with store_receiver = "pynetdicom" (A/B of the
+        # lean receiver, docs/benchmarks.md); "lungnode": its default.
+        receiver_setting = "pynetdicom" if name == "lungnode-pynetdicom" else None
         ae, durability = "LUNGNODE", f"fsync per instance, {processes} process(es)"
+        if receiver_setting:
+            durability += f", {receiver_setting} receiver"
         env = dict(os.environ) | {
             "LUNGNODE_ENV": "testing",
             "LUNGNODE_STORAGE_DIR": str(storage),
@@ -223,6 +232,7 @@ def receiver(name: str, work: Path, ingest_processes: int = 0) -> Iterator[Recei
             "LUNGNODE_LOG_LEVEL": "WARNING",
             "LUNGNODE_MAX_ASSOCIATIONS": "8",
             "LUNGNODE_INGEST_PROCESSES": str(ingest_processes),
+            **({"LUNGNODE_STORE_RECEIVER": receiver_setting} if receiver_setting else {}),
         }
         exe = Path(sys.executable).with_name("lungnode")
         argv = [str(exe) if exe.exists() else "lungnode", "serve"]
@@ -277,7 +287,7 @@ def receiver(name: str, work: Path, ingest_processes: int = 0) -> Iterator[Recei
     process = start(argv, log, env)
     try:
         wait_ready(process, ae, port, log)
-        if name == "lungnode":
+        if name.startswith("lungnode"):
             # Measure the node warm: its model warm-up (TensorFlow on every core for
             # some seconds after start) would otherwise compete with the first run.
             wait_model_ready(f"http://{HOST}:{api_port}/api/v1/health")

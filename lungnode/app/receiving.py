@@ -81,6 +81,7 @@ class Receiver:
             tls_key=settings.tls_key,
             tls_ca=settings.tls_ca,
             commitment_reports=bool(settings.commit_peers),
+            store_receiver=settings.store_receiver,
         )
         self.ingest_workers: IngestWorkers | None = None
         if processes > 1:

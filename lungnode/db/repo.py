@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from sqlalchemy import (
+    Connection,
     Integer,
     String,
     Table,
@@ -41,7 +42,7 @@ from lungnode.db.models import (
     Series,
     SeriesState,
 )
-from lungnode.db.session import read_sessions, write_transaction
+from lungnode.db.session import read_sessions, write_connection, write_transaction
 from lungnode.domain import InstanceFacts
 
 logger = logging.getLogger(__name__)
@@ -88,6 +89,7 @@ class ReceivingSeries:
 # work, and the compiled forms are cached.
 _instance_table = cast(Table, Instance.__table__)
 _series_table = cast(Table, Series.__table__)
+_association_table = cast(Table, Association.__table__)
 _INSERT_INSTANCE = insert(_instance_table)
 _TOUCH_SERIES = (
     update(_series_table)
@@ -175,34 +177,40 @@ class NodeRepository:
                     raise
         return False  # pragma: no cover
 
-    def _series_id(self, session: Session, facts: InstanceFacts, calling_ae: str | None) -> int:
+    def _series_id(
+        self, connection: Connection, facts: InstanceFacts, calling_ae: str | None
+    ) -> int:
         cached = self._series_ids.get(facts.series_instance_uid)
         if cached is not None:
             return cached
-        series_id = session.scalar(
-            select(Series.id).where(Series.series_instance_uid == facts.series_instance_uid)
+        series_id = connection.scalar(
+            select(_series_table.c.id).where(
+                _series_table.c.series_instance_uid == facts.series_instance_uid
+            )
         )
         if series_id is None:
-            series = Series(
-                study_instance_uid=facts.study_instance_uid,
-                series_instance_uid=facts.series_instance_uid,
-                modality=facts.modality,
-                series_number=facts.series_number,
-                calling_ae=calling_ae,
-                first_received_at=_now(),
+            inserted = connection.execute(
+                insert(_series_table).values(
+                    study_instance_uid=facts.study_instance_uid,
+                    series_instance_uid=facts.series_instance_uid,
+                    modality=facts.modality,
+                    series_number=facts.series_number,
+                    calling_ae=calling_ae,
+                    first_received_at=_now(),
+                )
             )
-            session.add(series)
-            session.flush()
-            series_id = series.id
+            series_id = int(inserted.inserted_primary_key[0])  # type: ignore[index]
         self._series_ids[facts.series_instance_uid] = series_id
-        return series_id
+        return int(series_id)
 
-    def _calling_ae(self, session: Session, association_id: int | None) -> str | None:
+    def _calling_ae(self, connection: Connection, association_id: int | None) -> str | None:
         if association_id is None:
             return None
         if association_id not in self._calling_aes:
-            self._calling_aes[association_id] = session.scalar(
-                select(Association.calling_ae).where(Association.id == association_id)
+            self._calling_aes[association_id] = connection.scalar(
+                select(_association_table.c.calling_ae).where(
+                    _association_table.c.id == association_id
+                )
             )
         return self._calling_aes[association_id]
 
@@ -210,10 +218,11 @@ class NodeRepository:
         self, facts: InstanceFacts, path: Path, size_bytes: int, association_id: int | None
     ) -> bool:
         now = _now()
-        with self._write() as session:
-            calling_ae = self._calling_ae(session, association_id)
-            series_id = self._series_id(session, facts, calling_ae)
-            session.execute(
+        # Core, not the ORM: this runs once per received instance (write_connection).
+        with write_connection(self.sessions) as connection:
+            calling_ae = self._calling_ae(connection, association_id)
+            series_id = self._series_id(connection, facts, calling_ae)
+            connection.execute(
                 _INSERT_INSTANCE,
                 {
                     "series_id": series_id,
@@ -230,14 +239,14 @@ class NodeRepository:
                     "received_at": now,
                 },
             )
-            session.execute(
+            connection.execute(
                 _TOUCH_SERIES,
                 {"sid": series_id, "now": now, "declared": facts.declared_count, "ae": calling_ae},
             )
             # Rule 4: a late instance reopens a complete series; its next completion
             # queues a new version of the analysis.
-            reopened = session.execute(_REOPEN_SERIES, {"sid": series_id})
-            if reopened.rowcount:  # type: ignore[attr-defined]
+            reopened = connection.execute(_REOPEN_SERIES, {"sid": series_id})
+            if reopened.rowcount:
                 logger.info("late instance reopens series %s", facts.series_instance_uid)
             return True
 

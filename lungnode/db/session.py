@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, make_url
+from sqlalchemy import Connection, Engine, create_engine, event, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from lungnode.config import Settings
@@ -140,6 +140,27 @@ def write_transaction(sessions: sessionmaker[Session]) -> Iterator[Session]:
         return
     with lock, sessions.begin() as session:
         yield session
+
+
+@contextmanager
+def write_connection(sessions: sessionmaker[Session]) -> Iterator[Connection]:
+    """As :func:`write_transaction`, on a plain Core connection: no ORM unit of work.
+
+    The instance row is written once per received instance; the ORM session's own
+    bookkeeping around three Core statements was most of its cost.
+    """
+    engine = _engine_of(sessions)
+    if engine is None:
+        with write_transaction(sessions) as session:
+            yield session.connection()
+        return
+    lock = _write_lock(sessions)
+    if lock is None:
+        with engine.begin() as connection:
+            yield connection
+        return
+    with lock, engine.begin() as connection:
+        yield connection
 
 
 def read_sessions(sessions: sessionmaker[Session]) -> sessionmaker[Session]:

@@ -36,7 +36,7 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
-from pynetdicom import AE, evt
+from pynetdicom import evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
@@ -49,6 +49,14 @@ from lungnode.dicom.intake import (
     STATUS_OUT_OF_RESOURCES,
     STATUS_SUCCESS,
     Intake,
+)
+from lungnode.dicom.lean_store import LeanAssociation, LeanReceiver
+from lungnode.dicom.scp_servers import (
+    DispatchingServer,
+    HandedOverServer,
+    NodeAE,
+    RequestHandlerForReplay,
+    WrapInThreadServer,
 )
 from lungnode.errors import IntakeError, storage_full
 
@@ -106,20 +114,26 @@ class _AssociationTracker:
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def id_for(self, assoc: Association) -> int:
-        key = id(assoc)
+        address = f"{assoc.requestor.address}:{assoc.requestor.port}"
+        return self.id_for_key(id(assoc), assoc.requestor.ae_title.strip(), address)
+
+    def id_for_key(self, key: int, calling_ae: str, address: str) -> int:
+        """The row of the association known by ``key`` (made now if it has none)."""
         with self._lock:
             known = self._ids.get(key)
         if known is not None:
             return known
-        address = f"{assoc.requestor.address}:{assoc.requestor.port}"
-        new_id = self.log.association_started(assoc.requestor.ae_title.strip(), address)
+        new_id = self.log.association_started(calling_ae, address)
         with self._lock:
             self._ids[key] = new_id
         return new_id
 
     def ended(self, assoc: Association, outcome: str) -> None:
+        self.ended_key(id(assoc), outcome)
+
+    def ended_key(self, key: int, outcome: str) -> None:
         with self._lock:
-            association_id = self._ids.pop(id(assoc), None)
+            association_id = self._ids.pop(key, None)
         if association_id is None:
             return
         try:
@@ -136,12 +150,12 @@ def _failure(status: int, comment: str) -> Dataset:
     return response
 
 
-def _association_id(tracker: _AssociationTracker, assoc: Association) -> int:
+def _association_id(record: Callable[[], int]) -> int:
     """The association's row; a database that cannot record it (a full disk under
     it, or the database away) is out of resources, as in ``Intake.store``: 0xA700,
     which a sender retries, not 0xC000, which tells it the data set is at fault."""
     try:
-        return tracker.id_for(assoc)
+        return record()
     except Exception as exc:
         if storage_full(exc):  # the refusal's own warning says it
             raise IntakeError(STATUS_OUT_OF_RESOURCES, "storage is full") from exc
@@ -149,28 +163,44 @@ def _association_id(tracker: _AssociationTracker, assoc: Association) -> int:
         raise IntakeError(STATUS_OUT_OF_RESOURCES, "cannot record the association") from exc
 
 
-def handle_store(event: evt.Event, intake: Intake, tracker: _AssociationTracker) -> int | Dataset:
-    """C-STORE: store durably, then answer (PS3.4 B.2.3). Never raises."""
+def store_instance(
+    intake: Intake,
+    encoded: Callable[[], bytes],
+    record_association: Callable[[], int],
+    calling_ae: str,
+    requested_instance_uid: str | None,
+) -> tuple[int, str | None]:
+    """C-STORE: store durably, then say what to answer (PS3.4 B.2.3): (status, error
+    comment or None). Both receivers (pynetdicom's and ``dicom.lean_store``) call it.
+    Never raises."""
     try:
-        encoded = event.encoded_dataset()
-        association_id = _association_id(tracker, event.assoc)
-        facts = intake.store(encoded, association_id)
+        association_id = _association_id(record_association)
+        facts = intake.store(encoded(), association_id)
     except IntakeError as exc:
         logger.warning(
-            "C-STORE from %s refused with 0x%04X: %s",
-            event.assoc.requestor.ae_title.strip(),
-            exc.status,
-            exc.comment,
+            "C-STORE from %s refused with 0x%04X: %s", calling_ae, exc.status, exc.comment
         )
-        return _failure(exc.status, exc.comment)
+        return exc.status, exc.comment[:_ERROR_COMMENT_LENGTH]
     except Exception:
         logger.exception("C-STORE failed unexpectedly")
-        return _failure(STATUS_CANNOT_UNDERSTAND, "internal error while storing")
-    requested = getattr(event.request, "AffectedSOPInstanceUID", None)
-    if requested and str(requested) != facts.sop_instance_uid:
+        return STATUS_CANNOT_UNDERSTAND, "internal error while storing"
+    if requested_instance_uid and requested_instance_uid != facts.sop_instance_uid:
         logger.warning("AffectedSOPInstanceUID differs from the data set's SOPInstanceUID")
     logger.debug("stored %s", facts.sop_instance_uid)
-    return STATUS_SUCCESS
+    return STATUS_SUCCESS, None
+
+
+def handle_store(event: evt.Event, intake: Intake, tracker: _AssociationTracker) -> int | Dataset:
+    """C-STORE through pynetdicom: :func:`store_instance`. Never raises."""
+    requested = getattr(event.request, "AffectedSOPInstanceUID", None)
+    status, comment = store_instance(
+        intake,
+        event.encoded_dataset,
+        lambda: tracker.id_for(event.assoc),
+        event.assoc.requestor.ae_title.strip(),
+        str(requested) if requested else None,
+    )
+    return status if comment is None else _failure(status, comment)
 
 
 def handle_echo(event: evt.Event) -> int:
@@ -216,6 +246,9 @@ class SCPConfig:
     tls_ca: Path | None = None
     #: Accept Storage Commitment reports (N-EVENT-REPORT, PS3.4 J.3.3) from peers.
     commitment_reports: bool = False
+    #: "lean": storage-only associations are served by ``dicom.lean_store``;
+    #: "pynetdicom": every association by pynetdicom.
+    store_receiver: str = "lean"
 
 
 def make_tls_context(cert: Path, key: Path, ca: Path | None) -> ssl.SSLContext:
@@ -231,66 +264,6 @@ def make_tls_context(cert: Path, key: Path, ca: Path | None) -> ssl.SSLContext:
 
 def _connection_closed(event: evt.Event, notify: Callable[[], None]) -> None:
     notify()
-
-
-class _WrapInThreadServer(ThreadedAssociationServer):
-    """Accepts plain connections and negotiates TLS in the connection's own thread.
-
-    pynetdicom wraps in ``get_request``, in the accepting thread, where a slow
-    or silent TLS client holds up every other connection; a connection that
-    may be handed to another process must not be wrapped here at all.
-    """
-
-    on_connection_closed: Callable[[], None] | None = None
-
-    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
-        assert self.socket is not None
-        connection, address = self.socket.accept()
-        return connection, address
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        if self.ssl_context is not None:
-            try:
-                request = self.ssl_context.wrap_socket(request, server_side=True)
-            except (OSError, ValueError) as exc:
-                logger.warning("TLS handshake with %s failed: %s", client_address[0], exc)
-                request.close()
-                if self.on_connection_closed is not None:
-                    self.on_connection_closed()
-                return
-        super().process_request_thread(request, client_address)
-
-
-class _DispatchingServer(_WrapInThreadServer):
-    """The node's listening server when there are ingest worker processes."""
-
-    dispatcher: IngestWorkers
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        index = self.dispatcher.choose()
-        if index and self.dispatcher.hand_over(index, request, client_address):
-            request.close()  # the worker holds its own descriptor now
-            return
-        super().process_request(request, client_address)
-
-
-class _HandedOverServer(_WrapInThreadServer):
-    """A worker's server: binds and listens to nothing, runs what it is handed."""
-
-    def server_bind(self) -> None:
-        pass
-
-    def server_activate(self) -> None:
-        pass
-
-    def close_handed_over(self) -> None:
-        """Abort running associations and release the (never bound) socket."""
-        for assoc in self.active_associations:
-            assoc.abort()
-        if self.socket is not None:
-            self.socket.close()
-        if self in self.ae._servers:
-            self.ae._servers.remove(self)
 
 
 class StorageSCP:
@@ -320,11 +293,39 @@ class StorageSCP:
         if dispatcher is not None and on_connection_closed is None:
             self.on_connection_closed = dispatcher.local_closed
         self.ae = self._build_ae()
+        self.lean: LeanReceiver | None = None
+        if config.store_receiver == "lean":
+            self.lean = LeanReceiver(
+                self.ae,
+                self._lean_store,
+                self._lean_ended,
+                ae_title=config.ae_title,
+                max_associations=config.max_associations,
+                network_timeout=config.network_timeout,
+            )
+            self.ae.lean = self.lean
         self._server: ThreadedAssociationServer | None = None
 
-    def _build_ae(self) -> AE:
+    def _lean_store(
+        self, encoded: bytes, requested_instance_uid: str, association: LeanAssociation
+    ) -> tuple[int, str | None]:
+        tracker = self.tracker
+        return store_instance(
+            self.intake,
+            lambda: encoded,
+            lambda: tracker.id_for_key(
+                id(association), association.calling_ae, association.address
+            ),
+            association.calling_ae,
+            requested_instance_uid,
+        )
+
+    def _lean_ended(self, association: LeanAssociation) -> None:
+        self.tracker.ended_key(id(association), association.outcome)
+
+    def _build_ae(self) -> NodeAE:
         config = self.config
-        ae = AE(ae_title=config.ae_title)
+        ae = NodeAE(ae_title=config.ae_title)
         ae.maximum_associations = config.max_associations
         ae.maximum_pdu_size = config.max_pdu_size
         ae.network_timeout = config.network_timeout
@@ -370,45 +371,41 @@ class StorageSCP:
         """Listen in background threads."""
         reactor.install()
         ssl_context = self._ssl_context()
-        address = (self.config.host, self.config.port)
-        if self.dispatcher is None:
-            self._server = self.ae.start_server(
-                address, block=False, evt_handlers=self._handlers(), ssl_context=ssl_context
-            )
-        else:
-            server = cast(
-                _DispatchingServer,
-                self.ae.make_server(
-                    address,
-                    evt_handlers=self._handlers(),
-                    ssl_context=ssl_context,
-                    server_class=_DispatchingServer,
-                ),
-            )
+        server_class = WrapInThreadServer if self.dispatcher is None else DispatchingServer
+        server = self._make_server(server_class, ssl_context)
+        if isinstance(server, DispatchingServer) and self.dispatcher is not None:
             server.dispatcher = self.dispatcher
-            server.on_connection_closed = self.on_connection_closed
-            self._serve(server)
+        self._serve(server)
         logger.info(
-            "DICOM SCP %s listening on %s:%d%s",
+            "DICOM SCP %s listening on %s:%d%s%s",
             self.config.ae_title,
             self.config.host,
             self.port,
             " (TLS)" if ssl_context else "",
+            " (lean storage receiver)" if self.lean is not None else "",
         )
+
+    def _make_server(
+        self, server_class: type[WrapInThreadServer], ssl_context: ssl.SSLContext | None
+    ) -> WrapInThreadServer:
+        server = cast(
+            WrapInThreadServer,
+            self.ae.make_server(
+                (self.config.host, self.config.port),
+                evt_handlers=self._handlers(),
+                ssl_context=ssl_context,
+                server_class=server_class,
+                request_handler=RequestHandlerForReplay,
+            ),
+        )
+        server.on_connection_closed = self.on_connection_closed
+        server.lean = self.lean
+        return server
 
     def start_handed_over(self) -> None:
         """Receive connections accepted by another process (see :meth:`receive`); no listening."""
         reactor.install()
-        server = cast(
-            _HandedOverServer,
-            self.ae.make_server(
-                (self.config.host, self.config.port),
-                evt_handlers=self._handlers(),
-                ssl_context=self._ssl_context(),
-                server_class=_HandedOverServer,
-            ),
-        )
-        server.on_connection_closed = self.on_connection_closed
+        server = self._make_server(HandedOverServer, self._ssl_context())
         self.ae._servers.append(server)
         self._server = server
 
@@ -438,8 +435,10 @@ class StorageSCP:
         return self._server is not None
 
     def stop(self) -> None:
+        if self.lean is not None:
+            self.lean.stop()
         if self._server is not None:
-            if isinstance(self._server, _HandedOverServer):
+            if isinstance(self._server, HandedOverServer):
                 self._server.close_handed_over()
             else:
                 self._server.shutdown()

@@ -120,8 +120,10 @@ class FuzzNode:
         return self.node.scp.port
 
     def open_associations(self) -> tuple[int, int]:
-        """(pynetdicom association threads, association rows not ended) on the node."""
-        threads = len(self.node.scp.ae.active_associations)
+        """(associations running, pynetdicom's or the lean receiver's; association rows
+        not ended) on the node."""
+        scp = self.node.scp
+        threads = len(scp.ae.active_associations) + (scp.lean.active if scp.lean else 0)
         with self.node.sessions() as session:
             rows = session.scalar(
                 select(func.count()).select_from(Association).where(Association.ended_at.is_(None))
