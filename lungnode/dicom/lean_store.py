@@ -58,6 +58,7 @@ from pynetdicom.sop_class import uid_to_service_class
 
 from lungnode.dicom import lean_codec as codec
 from lungnode.dicom.lean_codec import ProtocolError
+from lungnode.dicom.reactor import quick_ack
 
 logger = logging.getLogger(__name__)
 
@@ -394,6 +395,7 @@ def _read_exact(sock: socket.socket, size: int) -> bytes:
             raise EOFError("connection closed")
         parts.append(chunk)
         remaining -= len(chunk)
+    quick_ack(sock)
     return b"".join(parts)
 
 

@@ -320,14 +320,15 @@ def _without_nagle(create: Callable[..., socket.socket]) -> Callable[..., socket
 def _acking(recv: Callable[[Any, int], bytearray]) -> Callable[[Any, int], bytearray]:
     def recv_and_ack(transport: Any, nr_bytes: int) -> bytearray:
         data = recv(transport, nr_bytes)
-        _quick_ack(transport.socket)
+        quick_ack(transport.socket)
         return data
 
     return recv_and_ack
 
 
-def _quick_ack(sock: Any) -> None:
-    """Send the ACK of what was read now, not after the delayed-ACK timer (Linux)."""
+def quick_ack(sock: Any) -> None:
+    """Send the ACK of what was read now, not after the delayed-ACK timer (Linux): a
+    peer that leaves Nagle on holds the rest of a PDU until it comes (module docstring)."""
     option = getattr(socket, "TCP_QUICKACK", None)
     if option is None or sock is None:
         return
