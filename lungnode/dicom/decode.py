@@ -47,6 +47,7 @@ __all__ = [
     "order_frames",
     "slice_ref",
     "stream_series",
+    "volume_of",
 ]
 
 #: HU written where Pixel Padding Value marks a pixel as outside the image
@@ -120,14 +121,7 @@ def stream_series(
     if sink is not None:
         for start in range(0, len(frames), batch_size):
             sink(start, volume[start : start + batch_size])
-    hu_volume = HUVolume(
-        hu=volume,
-        slices=[slice_ref(f) for f in frames],
-        pixel_spacing_mm=frames[0].pixel_spacing,
-        slice_spacing_mm=stack.spacing_mm,
-        slice_normal=stack.normal,
-    )
-    return hu_volume, list(range(len(frames)))
+    return volume_of(volume, frames, stack), list(range(len(frames)))
 
 
 def load_image(path: Path) -> HUVolume:
@@ -183,14 +177,7 @@ def _load_single_frames(
     stack = _slice_order(frames)
     _permute_in_place(volume, stack.order)
     ordered = _placed(frames, stack)
-    hu_volume = HUVolume(
-        hu=volume,
-        slices=[slice_ref(f) for f in ordered],
-        pixel_spacing_mm=ordered[0].pixel_spacing,
-        slice_spacing_mm=stack.spacing_mm,
-        slice_normal=stack.normal,
-    )
-    return hu_volume, list(stack.order)
+    return volume_of(volume, ordered, stack), list(stack.order)
 
 
 def _read_single_frame(path: Path) -> tuple[Frame, np.ndarray] | None:
@@ -235,6 +222,23 @@ def order_frames(frames: Sequence[Frame]) -> tuple[list[Frame], SliceStack]:
     """
     stack = _slice_order(frames)
     return _placed(frames, stack), stack
+
+
+def volume_of(
+    hu: np.ndarray,
+    ordered: Sequence[Frame],
+    stack: SliceStack,
+    decoded_slices: frozenset[int] | None = None,
+) -> HUVolume:
+    """The HU volume of ``ordered`` frames (in slice order) with their stack's geometry."""
+    return HUVolume(
+        hu=hu,
+        slices=[slice_ref(frame) for frame in ordered],
+        pixel_spacing_mm=ordered[0].pixel_spacing,
+        slice_spacing_mm=stack.spacing_mm,
+        slice_normal=stack.normal,
+        decoded_slices=decoded_slices,
+    )
 
 
 def _permute_in_place(volume: np.ndarray, order: Sequence[int]) -> None:

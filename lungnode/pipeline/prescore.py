@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lungnode.dicom.decode import decode_slice, order_frames, slice_ref
+from lungnode.dicom.decode import decode_slice, order_frames, volume_of
 from lungnode.dicom.frames import Frame
 from lungnode.domain import AnalysisResult, HUVolume
 from lungnode.errors import DecodeError
@@ -262,14 +262,7 @@ def analyze_prescored(
             return None
         hu[index] = decoded[1]
     timings["decode"] = timings.get("decode", 0.0) + time.perf_counter() - t0
-    volume = HUVolume(
-        hu=hu,
-        slices=[slice_ref(frame) for frame in ordered],
-        pixel_spacing_mm=ordered[0].pixel_spacing,
-        slice_spacing_mm=stack.spacing_mm,
-        slice_normal=stack.normal,
-        decoded_slices=frozenset(verdict.key_slices),
-    )
+    volume = volume_of(hu, ordered, stack, frozenset(verdict.key_slices))
     if check is not None:
         check(volume)
     result = conclude(volume, bundle, scores)
