@@ -231,9 +231,10 @@ def analyze_prescored(
     """Analyse a series from cached slice scores, decoding only its key slices' pixels.
 
     Slices the cache lacks are decoded and scored here, so the result does not
-    depend on how far the :class:`Prescorer` got. Returns None when a file is
-    multi-frame or cannot be read: the caller then decodes the series as usual
-    (``pipeline.analyze.analyze_series``), which names the damaged file.
+    depend on how far the :class:`Prescorer` got. Returns None when fewer than
+    half of the slices are cached, or a file is multi-frame or cannot be read: the
+    caller then decodes the series as usual (``pipeline.analyze.analyze_series``,
+    which overlaps reading with the model, and names a damaged file).
 
     The volume has the series' geometry and order (``dicom.decode.order_frames``),
     and the pixels of the key slices only (``HUVolume.decoded_slices``).
@@ -244,6 +245,10 @@ def analyze_prescored(
     sha = bundle.identity.sha256
     keys = [file_key(path) for path in paths]
     cached = sum(1 for key in keys if key is not None and cache.get(key, sha) is not None)
+    if 2 * cached < len(paths):
+        # Mostly unscored (a job re-queued at start, say): the whole-series decode,
+        # which overlaps reading with the model, is faster than slice by slice here.
+        return None
     timings: dict[str, float] = {}
     scored = score_files(paths, bundle, cache, timings=timings)
     if not scored or any(entry is None for entry in scored):

@@ -92,6 +92,14 @@ def test_prescored_analysis_equals_decoding_the_series(
     assert again[1].timings_s.get("inference", 0.0) == 0.0
 
 
+def test_a_mostly_unscored_series_is_left_to_the_whole_series_decode(
+    demo: ModelBundle, series: list[Path]
+) -> None:
+    cache = SliceScores()
+    score_files(series[: SLICES // 2 - 1], demo, cache)
+    assert analyze_prescored(series, demo, cache) is None
+
+
 def test_a_replaced_file_is_scored_again(
     demo: ModelBundle, series: list[Path], tmp_path: Path
 ) -> None:
