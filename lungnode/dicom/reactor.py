@@ -379,6 +379,8 @@ def _shutdown_and_close(transport: Any) -> None:
     the garbage collector found it (module doc).
     """
     sock = transport.socket
+    if sock is None:  # closed already, by the association's other thread (long fuzz run)
+        return
     try:
         sock.shutdown(socket.SHUT_RDWR)
     except OSError:

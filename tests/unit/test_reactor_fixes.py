@@ -1,5 +1,6 @@
-"""The reactor checkpoint is a barrier: a send never loses its response to the
-association's own thread (``dicom.reactor``, the fifth fix)."""
+"""Fixes of ``dicom.reactor`` that need no node: the reactor checkpoint is a barrier
+(a send never loses its response to the association's own thread), reads are
+acknowledged at once, and a socket another thread closed is closed quietly."""
 
 from __future__ import annotations
 
@@ -101,3 +102,17 @@ def test_the_node_acknowledges_what_it_reads_at_once_and_sends_without_nagle() -
         finally:
             accepted.close()
             peer.close()
+
+
+def test_closing_a_socket_the_other_thread_closed_is_quiet() -> None:
+    """Both of an association's threads may close its transport (found by the long
+    network fuzz run: the second close raised in the DUL thread)."""
+    from pynetdicom.transport import AddressInformation, AssociationSocket
+
+    transport = AssociationSocket(_association(), address=AddressInformation("127.0.0.1", 0))
+    first = transport.socket
+    assert first is not None
+    first.close()
+    transport.socket = None  # what the first close of a connected transport leaves
+    transport._shutdown_socket()  # the other thread's close, after the first
+    transport.close()
