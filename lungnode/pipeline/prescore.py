@@ -41,7 +41,7 @@ from lungnode.domain import AnalysisResult, HUVolume
 from lungnode.errors import DecodeError
 from lungnode.ml.bundle import ModelBundle
 from lungnode.ml.inference import DEFAULT_BATCH_SIZE, aggregate, score_slices
-from lungnode.pipeline.analyze import conclude
+from lungnode.pipeline import analyze
 
 logger = logging.getLogger(__name__)
 
@@ -270,7 +270,7 @@ def analyze_prescored(
     volume = volume_of(hu, ordered, stack, frozenset(verdict.key_slices))
     if check is not None:
         check(volume)
-    result = conclude(volume, bundle, scores)
+    result = analyze.conclude(volume, bundle, scores)
     result.timings_s = {**timings, **result.timings_s, "total": time.perf_counter() - started}
     logger.info("%d of %d slices were scored while the series arrived", cached, len(paths))
     return volume, result
