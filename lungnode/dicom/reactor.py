@@ -36,7 +36,7 @@ DIMSE timeout. Woken by the arrival of each response, the loop ran in step
 with the sends and met that window every few hundred stores under load;
 sleeping on its own clock it meets it as rarely as pynetdicom does.
 
-Besides the waits, six fixes:
+Besides the waits, seven fixes:
 
 - When a DUL thread ends, whoever waits for a primitive
   from it is told at once (an empty primitive, as when the wait times out). An
@@ -78,6 +78,12 @@ Besides the waits, six fixes:
   after each read from an association's socket), and its own sockets are created
   with TCP_NODELAY, so that the same never happens the other way round.
 
+- A peer whose association request lacks the Maximum Length item (mandatory,
+  PS3.7 D.3.3.1) was accepted, and then every response to it failed to encode
+  (its maximum PDU length None), logged at ERROR, and the peer got no answer (the
+  long raw-PDU fuzz run). Such a peer is now sent PDUs of pynetdicom's default
+  maximum (16382 bytes), which every implementation receives.
+
 - An association request that pynetdicom itself fails on (a presentation
   context without an abstract syntax raised TypeError in the negotiation) ended
   the association's thread with the DUL thread and the connection left open; it
@@ -103,6 +109,7 @@ from typing import Any
 import pynetdicom.association as association_module
 import pynetdicom.dul as dul_module
 from pynetdicom import _config as pynetdicom_config
+from pynetdicom._globals import DEFAULT_MAX_LENGTH
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dul import DULServiceProvider
@@ -143,6 +150,7 @@ def install() -> bool:
             and callable(getattr(DULServiceProvider, "stop_dul", None))
             and callable(getattr(Association, "run_reactor", None))
             and callable(getattr(DIMSEServiceProvider, "get_msg", None))
+            and isinstance(getattr(DIMSEServiceProvider, "maximum_pdu_size", None), property)
             and callable(getattr(AssociationSocket, "_shutdown_socket", None))
             and callable(getattr(AssociationSocket, "_create_socket", None))
         )
@@ -159,6 +167,7 @@ def install() -> bool:
             (AssociationSocket, "_shutdown_socket"): _shutdown_and_close,
             (AssociationSocket, "_create_socket"): _without_nagle(AssociationSocket._create_socket),
             (AssociationSocket, "recv"): _acking(AssociationSocket.recv),
+            (DIMSEServiceProvider, "maximum_pdu_size"): property(_peer_maximum_pdu_size),
             (dul_module, "time"): _time_with_sleep(_dul_sleep),
             (association_module, "time"): _time_with_sleep(_association_sleep),
         }
@@ -336,6 +345,14 @@ def quick_ack(sock: Any) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, option, 1)
     except (OSError, ValueError):  # closed meanwhile, or not TCP
         pass
+
+
+def _peer_maximum_pdu_size(dimse: Any) -> int:
+    """The peer's maximum PDU length; pynetdicom's default when it sent none."""
+    assoc = dimse.assoc
+    peer = assoc.acceptor if assoc.is_requestor else assoc.requestor
+    length = peer.maximum_length
+    return DEFAULT_MAX_LENGTH if length is None else int(length)
 
 
 def _send_abort(dul: Any) -> None:

@@ -116,3 +116,19 @@ def test_closing_a_socket_the_other_thread_closed_is_quiet() -> None:
     transport.socket = None  # what the first close of a connected transport leaves
     transport._shutdown_socket()  # the other thread's close, after the first
     transport.close()
+
+
+def test_a_peer_that_sent_no_maximum_length_gets_the_default_pdu_size() -> None:
+    """Its responses failed to encode (found by the long raw-PDU fuzz run)."""
+    from pynetdicom._globals import DEFAULT_MAX_LENGTH
+    from pynetdicom.pdu_primitives import MaximumLengthNotification
+
+    assert reactor.install()
+    assoc: Any = Association(AE(), mode="acceptor")
+    assoc.requestor._user_info = [
+        item
+        for item in assoc.requestor._user_info
+        if not isinstance(item, MaximumLengthNotification)
+    ]
+    assert assoc.requestor.maximum_length is None
+    assert assoc.dimse.maximum_pdu_size == DEFAULT_MAX_LENGTH
