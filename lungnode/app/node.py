@@ -34,8 +34,9 @@ from lungnode.errors import BundleError
 from lungnode.pipeline.commitment import CommitmentTerms
 from lungnode.pipeline.jobs import JobHandler, JobRetryPolicy, LocalJobQueue
 from lungnode.pipeline.outbox import Outbox, RetryPolicy
+from lungnode.pipeline.preparation import Preparations
 from lungnode.pipeline.prescore import Prescorer, SliceScores
-from lungnode.pipeline.series_job import Preparations, SeriesJob, make_series_job
+from lungnode.pipeline.series_job import SeriesJob, make_series_job
 from lungnode.pipeline.warmup import ModelState, WarmModel
 
 if TYPE_CHECKING:  # loads TensorFlow only when a bundle is loaded
