@@ -43,19 +43,13 @@ if str(ROOT) not in sys.path:
 
 from pydicom import Dataset  # noqa: E402
 
-from lungnode.domain import CLASS_LABELS, AnalysisResult, HUVolume, ModelIdentity, SliceRef  # noqa: E402
+from lungnode.domain import CLASS_LABELS, AnalysisResult, HUVolume, SliceRef  # noqa: E402
 from lungnode.imaging import heatmap as heatmap_module  # noqa: E402
 from lungnode.pipeline import outputs  # noqa: E402
+from tests.support.models import DEMO_MODEL  # noqa: E402
 from tests.support.synthetic import chest_phantom_hu, make_ct_series  # noqa: E402
 
-MODEL = ModelIdentity(
-    name="lungnode-demo-cnn",
-    version="1.2.0",
-    sha256="0123456789abcdef" * 4,
-    intended_use="Demonstration of the node; not for diagnosis",
-    synthetic=True,
-    trained_on="synthetic chest phantoms",
-)
+MODEL = DEMO_MODEL
 
 #: (label, module, function): what render_results and the job call, timed apart.
 TIMED = (

@@ -22,15 +22,8 @@ from lungnode.domain import (
     SliceRef,
 )
 from tests.conftest import require_tool
+from tests.support.models import DEMO_MODEL as DEMO_MODEL
 
-DEMO_MODEL = ModelIdentity(
-    name="lungnode-demo-cnn",
-    version="1.2.0",
-    sha256="0123456789abcdef" * 4,
-    intended_use="Demonstration of the node; not for diagnosis",
-    synthetic=True,
-    trained_on="synthetic chest phantoms",
-)
 REAL_MODEL = ModelIdentity(name="site-cnn", version="3.1", sha256="f" * 64)
 
 
