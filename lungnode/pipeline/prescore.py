@@ -109,19 +109,21 @@ def score_files(
     cache: SliceScores,
     batch_size: int = DEFAULT_BATCH_SIZE,
     timings: dict[str, float] | None = None,
+    keys: Sequence[FileKey | None] | None = None,
 ) -> list[ScoredSlice | None]:
     """Score the single-frame instances ``paths`` not yet in ``cache``; return every
     path's entry (None for a multi-frame or unreadable one: the caller decodes it
     the usual way, and a damaged file fails there with its reason).
 
-    ``timings`` (if given) accumulates ``decode``, ``preprocess`` and ``inference``.
+    ``timings`` (if given) accumulates ``decode``, ``preprocess`` and ``inference``;
+    ``keys`` are the paths' :func:`file_key` when the caller has them already.
     """
     sha = bundle.identity.sha256
     found: list[ScoredSlice | None] = [None] * len(paths)
     todo: list[tuple[int, FileKey, Frame, np.ndarray]] = []
     spent = timings if timings is not None else {}
     for index, path in enumerate(paths):
-        key = file_key(path)
+        key = file_key(path) if keys is None else keys[index]
         if key is None:
             continue
         cached = cache.get(key, sha)
@@ -250,7 +252,7 @@ def analyze_prescored(
         # which overlaps reading with the model, is faster than slice by slice here.
         return None
     timings: dict[str, float] = {}
-    scored = score_files(paths, bundle, cache, timings=timings)
+    scored = score_files(paths, bundle, cache, timings=timings, keys=keys)
     if not scored or any(entry is None for entry in scored):
         return None
     entries = [entry for entry in scored if entry is not None]
