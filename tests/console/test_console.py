@@ -165,7 +165,10 @@ def test_series_jobs_users_and_peers_pages(console: Console) -> None:
     console.open("#/series")
     row = console.find(f"#series-table tr[data-series='{series_uid}']")
     assert "complete" in row.text and " 8 " in f" {row.text} "
-    assert "inference" in console.find("#jobs-table").text
+    # Which stages a job lists depends on how many slices were scored while the
+    # series arrived (none left to score: no ``inference``); every job has these.
+    jobs = console.find("#jobs-table").text
+    assert "aggregate" in jobs and "job " in jobs
     console.screenshot("series")
 
     console.open("#/users")

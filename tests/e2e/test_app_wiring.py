@@ -27,10 +27,10 @@ def test_series_job_timings_reach_the_nodes_metrics(
     node = start_node(make_settings(model="lung-ct-demo"), analyse=True)
     url = f"http://127.0.0.1:{node.http_port}/api/v1/metrics"
     with urllib.request.urlopen(url, timeout=10) as response:
-        before = _stage_count(response.read().decode(), "inference")
+        before = _stage_count(response.read().decode(), "aggregate")
     assert store_all(node.scp.port, make_ct_series(8, rows=64, columns=64)) == [0] * 8
     job = finished_job(node)
     assert job.state == "done", job.reason
     with urllib.request.urlopen(url, timeout=10) as response:
-        after = _stage_count(response.read().decode(), "inference")
+        after = _stage_count(response.read().decode(), "aggregate")
     assert after == before + 1
