@@ -20,12 +20,19 @@ same model; the job checks the model's SHA-256 before using them.
 
 Only a process that runs both the receiving side and the series jobs has a
 pre-scorer (``lungnode serve``); the scaled roles score at the job as before.
+
+Pre-scoring is speculative work and costs about as much CPU a slice as receiving
+it does, so it must never slow intake down: its thread runs at a lower CPU
+priority (nice +``PRESCORE_NICENESS`` on Linux, where a thread has its own), and
+takes only the CPU that receiving leaves idle. On a busy node it falls behind,
+and the job scores the rest.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -44,6 +51,9 @@ from lungnode.ml.inference import DEFAULT_BATCH_SIZE, aggregate, score_slices
 from lungnode.pipeline import analyze
 
 logger = logging.getLogger(__name__)
+
+#: How much lower the pre-scorer thread's CPU priority is than the process's (nice).
+PRESCORE_NICENESS = 10
 
 #: A file as the cache knows it: path, size, modification time (ns).
 FileKey = tuple[str, int, int]
@@ -202,6 +212,7 @@ class Prescorer:
             self._thread.join(timeout=10)
 
     def _run(self) -> None:
+        lower_thread_priority(PRESCORE_NICENESS)
         while not self._stop.wait(self.interval):
             try:
                 while not self._stop.is_set() and self.run_once():
@@ -221,6 +232,21 @@ class Prescorer:
         score_files([path for _id, _series, path in rows], bundle, self.cache, self.batch_size)
         self.scored += len(rows)
         return len(rows)
+
+
+def lower_thread_priority(by: int) -> None:
+    """Raise the calling thread's nice value by ``by`` (Linux: per thread; elsewhere
+    a no-op, as it would lower the whole process). Never raises: at worst the thread
+    keeps the process's priority."""
+    if not sys.platform.startswith("linux"):
+        return
+    thread = threading.get_native_id()
+    try:
+        os.setpriority(
+            os.PRIO_PROCESS, thread, min(19, os.getpriority(os.PRIO_PROCESS, thread) + by)
+        )
+    except OSError as exc:
+        logger.info("slice pre-scoring keeps the process's CPU priority: %s", exc)
 
 
 def analyze_prescored(

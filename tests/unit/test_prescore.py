@@ -7,6 +7,8 @@ cached scores, which decodes only the key slices.
 from __future__ import annotations
 
 import os
+import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -16,12 +18,14 @@ from lungnode.ml.bundle import ModelBundle, load_bundle
 from lungnode.ml.phantoms import generate_volume
 from lungnode.pipeline.analyze import analyze_series
 from lungnode.pipeline.prescore import (
+    PRESCORE_NICENESS,
     Prescorer,
     SliceScores,
     analyze_prescored,
     file_key,
     score_files,
 )
+from tests.dicom.helpers import wait_until
 from tests.support.synthetic import make_ct_series, write_series
 
 DEMO = Path(__file__).resolve().parents[2] / "models" / "lung-ct-demo"
@@ -165,3 +169,24 @@ def test_prescorer_scores_what_arrives_once_the_model_is_ready(
     assert prescorer.scored == 10 and len(cache) == 10
     arrived.append((11, 1, series[10]))
     assert prescorer.run_once() == 1 and len(cache) == 11
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
+def test_the_prescorer_thread_yields_the_cpu_to_intake() -> None:
+    """Pre-scoring costs about what receiving costs a slice: its thread runs niced, so
+    that on a busy node it takes only the CPU receiving leaves idle."""
+    niceness: list[int] = []
+
+    def warming() -> None:  # asked on the pre-scorer's thread, every turn
+        niceness.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+
+    prescorer = Prescorer(lambda _after: [], warming, SliceScores(), interval=0.01)
+    base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    prescorer.start()
+    try:
+        assert wait_until(lambda: bool(niceness), timeout=10)
+    finally:
+        prescorer.stop()
+    assert niceness[0] == min(19, base + PRESCORE_NICENESS)
+    # The rest of the process keeps its priority.
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base
