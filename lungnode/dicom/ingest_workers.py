@@ -5,7 +5,8 @@ the C-STORE handlers take turns on the interpreter lock, so four associations
 into one process are no faster than one (``scripts/bench_ingest.py``). With
 ``ingest_processes`` N > 1 the node still accepts every connection on its
 one listening socket, and hands each to the least busy of N receivers: itself
-or one of N-1 worker processes. The hand-over passes the accepted socket's
+or one of N-1 worker processes (a worker first when they are equally busy: the
+node's own interpreter also runs the analysis). The hand-over passes the accepted socket's
 file descriptor over a Unix socket (SCM_RIGHTS); the worker then runs the
 association exactly as the node would, with the same SCP handlers
 (``dicom.scp``), the same intake (file written and fsynced, row committed,
@@ -272,11 +273,16 @@ class IngestWorkers:
     # -- dispatch ------------------------------------------------------------------
 
     def choose(self) -> int:
-        """The slot for a new connection: the least busy live one; ties rotate."""
+        """The slot for a new connection: the least busy live one. Among equally busy
+        ones a worker comes before the node, which also runs the series jobs, the
+        slice pre-scorer and the API on its interpreter lock; workers take turns."""
         with self._lock:
             live = [i for i, s in enumerate(self._slots) if s.alive]
             fewest = min(self._slots[i].active for i in live)
             candidates = [i for i in live if self._slots[i].active == fewest]
+            workers = [i for i in candidates if i != 0]
+            if workers:
+                candidates = workers
             self._next += 1
             chosen = candidates[self._next % len(candidates)]
             self._slots[chosen].active += 1

@@ -13,6 +13,7 @@ import signal
 import socket
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from pydicom import Dataset
@@ -22,6 +23,7 @@ from lungnode.app.node import Node
 from lungnode.config import Settings
 from lungnode.db.models import Association, Instance, Job, Series
 from lungnode.dicom import ingest_workers
+from lungnode.dicom.scp import SCPConfig
 from lungnode.series.assembler import RULE_ASSOCIATION_RELEASED
 from tests.dicom.helpers import (
     associate,
@@ -216,3 +218,27 @@ def associate_and_release(port: int) -> bool:
     if established:
         assoc.release()
     return established
+
+
+def test_a_new_connection_goes_to_a_worker_before_the_node_when_equally_busy(
+    tmp_path: Path,
+) -> None:
+    """The node's own interpreter also runs the jobs, the pre-scorer and the API: a
+    connection goes there only when every worker is busier. (No process is started:
+    the choice alone.)"""
+    config = ingest_workers.WorkerConfig(
+        scp=SCPConfig("LUNGNODE", "127.0.0.1", 0, None),
+        database_url="sqlite://",
+        incoming_dir=tmp_path,
+        storage_dir=tmp_path,
+        min_free_bytes=0,
+        log_level="WARNING",
+    )
+    workers = ingest_workers.IngestWorkers(config, 2, lambda: None, lambda *_: None)
+    for slot in workers._slots[1:]:
+        slot.alive = True
+    first, second, third = workers.choose(), workers.choose(), workers.choose()
+    assert {first, second} == {1, 2} and third == 0
+    assert workers.choose() in (1, 2)  # all equally busy again: a worker
+    workers.local_closed()
+    assert workers.choose() == 0  # the node is now the least busy
