@@ -37,11 +37,14 @@ that a machine's drift touches all of them alike, and the median wall time is
 shown; the fsync limit is the median of its measurements.
 
 How to read it: ``inst/s`` and ``MB/s`` (file bytes sent / wall time) per
-receiver and scenario. The receivers do not promise the same durability:
-lungnode fsyncs every instance (file and directory) before it answers, and
-Orthanc does too when ``SyncStorageArea`` is on; the pynetdicom and DCMTK
-storescp apps only write files (no fsync), so they are an upper bound for
-"just receive and write" rather than a like-for-like peer. Each receiver runs
+receiver and scenario; ``CPU ms``: the CPU time the receiver's processes (its
+whole process group) used during the send, per instance (lungnode's includes the
+slice pre-scoring done meanwhile, and none of the analysis, which starts after).
+The receivers do not promise the same durability: lungnode fsyncs every
+instance (file and directory) before it answers, and Orthanc does too when
+``SyncStorageArea`` is on; the pynetdicom and DCMTK storescp apps only write
+files (no fsync), so they are an upper bound for "just receive and write"
+rather than a like-for-like peer. Each receiver runs
 with its default maximum PDU size. The numbers are noisy on a shared machine.
 
 Nagle: DCMTK leaves Nagle's algorithm on unless the environment sets
@@ -114,6 +117,8 @@ class Result:
     instances: int
     megabytes: float
     wall_s: list[float] = field(default_factory=list)
+    #: CPU seconds of the receiver's processes (all of its process group) over each send.
+    cpu_s: list[float] = field(default_factory=list)
     stored: list[int] = field(default_factory=list)
     durability: str = ""
     error: str = ""
@@ -125,6 +130,28 @@ class Result:
     @property
     def instances_per_s(self) -> float:
         return self.instances / statistics.median(self.wall_s) if self.wall_s else 0.0
+
+    @property
+    def cpu_ms_per_instance(self) -> float:
+        return statistics.median(self.cpu_s) / self.instances * 1000 if self.cpu_s else 0.0
+
+
+def group_cpu_seconds(group: int) -> float:
+    """User + system CPU seconds of every process in process group ``group``, with
+    the children they have reaped (Linux /proc; a forking server's finished children
+    count, through the parent's cutime and cstime)."""
+    ticks = 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            text = Path(entry.path, "stat").read_text()
+        except OSError:
+            continue  # gone meanwhile
+        fields = text[text.rindex(")") + 2 :].split()
+        if int(fields[2]) == group:  # pgrp
+            ticks += sum(int(value) for value in fields[11:15])  # utime stime cutime cstime
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def free_port() -> int:
@@ -369,7 +396,7 @@ def make_folders(root: Path, n_slices: int) -> tuple[list[Path], list[Path], flo
 
 def print_table(results: list[Result], repeat: int) -> None:
     head = f"{'receiver':<11}{'scenario':<9}{'sent':>6}{'stored':>8}{'wall s':>8}"
-    print(f"\n{head}{'inst/s':>9}{'MB/s':>8}  durability  (median of {repeat})")
+    print(f"\n{head}{'inst/s':>9}{'MB/s':>8}{'CPU ms':>8}  durability  (median of {repeat})")
     for r in results:
         if r.error:
             print(f"{r.receiver:<11}{r.scenario:<9}{r.instances:>6}  ERROR: {r.error}")
@@ -378,7 +405,8 @@ def print_table(results: list[Result], repeat: int) -> None:
         flag = "" if r.valid else "  INVALID: instances lost"
         print(
             f"{r.receiver:<11}{r.scenario:<9}{r.instances:>6}{min(r.stored):>8}{wall:>8.2f}"
-            f"{r.instances_per_s:>9.1f}{r.megabytes / wall:>8.1f}  {r.durability}{flag}"
+            f"{r.instances_per_s:>9.1f}{r.megabytes / wall:>8.1f}{r.cpu_ms_per_instance:>8.2f}"
+            f"  {r.durability}{flag}"
         )
 
 
@@ -468,7 +496,9 @@ def main() -> int:
                         with receiver(name, work, args.ingest_processes) as target:
                             result.durability = target.durability
                             folders = one if n_assoc == 1 else four
+                            cpu = group_cpu_seconds(target.process.pid)
                             result.wall_s.append(send(target, folders, work, nodelay))
+                            result.cpu_s.append(group_cpu_seconds(target.process.pid) - cpu)
                             result.stored.append(stored_count(target, args.slices))
                         shutil.rmtree(work / "storage", ignore_errors=True)
                     except (RuntimeError, OSError, sqlite3.Error, ValueError) as exc:
