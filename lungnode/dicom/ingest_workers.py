@@ -6,11 +6,11 @@ into one process are no faster than one (``scripts/bench_ingest.py``). With
 ``ingest_processes`` N > 1 the node still accepts every connection on its
 one listening socket, and hands each to the least busy of N receivers: itself
 or one of N-1 worker processes (a worker first when they are equally busy: the
-node's own interpreter also runs the analysis). The hand-over passes the accepted socket's
-file descriptor over a Unix socket (SCM_RIGHTS); the worker then runs the
-association exactly as the node would, with the same SCP handlers
-(``dicom.scp``), the same intake (file written and fsynced, row committed,
-then 0x0000) and the same database. TLS is negotiated by whichever process
+node's own interpreter also runs the analysis). The hand-over passes the
+accepted socket's file descriptor over a Unix socket (SCM_RIGHTS); the worker
+then runs the association exactly as the node would, with the same SCP
+handlers (``dicom.scp``), the same intake (file written and fsynced, row
+committed, then 0x0000) and the same database. TLS is negotiated by whichever process
 runs the association.
 
 Each worker tells the node, over the same Unix socket, when a connection
