@@ -247,8 +247,8 @@ class CrashDrill:
                 killer.start()
                 armed = True
         if assoc.is_established:
-            assoc.release()
-        else:
+            assoc.release()  # may meet the kill half-way: then no release is confirmed
+        if not assoc.is_released:
             close_dropped(assoc)
         if armed:
             killer.join()
