@@ -22,10 +22,9 @@ Only a process that runs both the receiving side and the series jobs has a
 pre-scorer (``lungnode serve``); the scaled roles score at the job as before.
 
 Pre-scoring is speculative work and costs about as much CPU a slice as receiving
-it does, so it must never slow intake down: its thread runs at the idle CPU
-priority (:func:`run_when_idle`; Linux gives each thread its own), and takes
-only the CPU that receiving leaves idle. On a busy node it falls behind,
-and the job scores the rest.
+it does, so it should not slow intake down: its thread runs at a lower CPU
+priority (nice +``PRESCORE_NICENESS``; Linux gives each thread its own), and on
+a busy node it falls behind and the job scores the rest.
 """
 
 from __future__ import annotations
@@ -51,6 +50,14 @@ from lungnode.ml.inference import DEFAULT_BATCH_SIZE, aggregate, score_slices
 from lungnode.pipeline import analyze
 
 logger = logging.getLogger(__name__)
+
+#: How much lower the pre-scorer thread's CPU priority is than the process's (nice).
+#: Not lower: the thread shares the node's interpreter lock, and while the scheduler
+#: keeps it off the CPU holding that lock, every other thread of the node waits
+#: (``scripts/measure_thread_priority.py``: with every core busy, a normal thread
+#: waited about 35 ms for the lock beside a nice-10 thread, 270 ms beside nice 19,
+#: and about 1 s beside SCHED_IDLE).
+PRESCORE_NICENESS = 10
 
 #: A file as the cache knows it: path, size, modification time (ns).
 FileKey = tuple[str, int, int]
@@ -209,7 +216,7 @@ class Prescorer:
             self._thread.join(timeout=10)
 
     def _run(self) -> None:
-        run_when_idle()
+        lower_thread_priority(PRESCORE_NICENESS)
         while not self._stop.wait(self.interval):
             try:
                 while not self._stop.is_set() and self.run_once():
@@ -231,21 +238,16 @@ class Prescorer:
         return len(rows)
 
 
-def run_when_idle() -> None:
-    """Let the calling thread run only on CPU time nothing else wants: SCHED_IDLE
-    (Linux, per thread; a thread of normal priority that wakes takes the core at
-    once), else nice +19. Elsewhere a no-op, as it would lower the whole process.
-    Never raises: at worst the thread keeps the process's priority."""
+def lower_thread_priority(by: int) -> None:
+    """Raise the calling thread's nice value by ``by`` (Linux, where each thread has
+    its own; elsewhere a no-op, as it would lower the whole process). Never raises:
+    at worst the thread keeps the process's priority."""
     if not sys.platform.startswith("linux"):
         return
     thread = threading.get_native_id()
     try:
-        os.sched_setscheduler(thread, os.SCHED_IDLE, os.sched_param(0))
-        return
-    except (AttributeError, OSError) as exc:
-        logger.debug("SCHED_IDLE refused (%s); nice instead", exc)
-    try:
-        os.setpriority(os.PRIO_PROCESS, thread, 19)
+        niceness = os.getpriority(os.PRIO_PROCESS, thread)
+        os.setpriority(os.PRIO_PROCESS, thread, min(19, niceness + by))
     except OSError as exc:
         logger.info("slice pre-scoring keeps the process's CPU priority: %s", exc)
 
