@@ -37,6 +37,7 @@ from lungnode.pipeline.outbox import Outbox, RetryPolicy
 from lungnode.pipeline.preparation import Preparations
 from lungnode.pipeline.prescore import Prescorer, SliceScores
 from lungnode.pipeline.series_job import SeriesJob, make_series_job
+from lungnode.pipeline.spare_cpu import SpareCpu
 from lungnode.pipeline.warmup import ModelState, WarmModel
 
 if TYPE_CHECKING:  # loads TensorFlow only when a bundle is loaded
@@ -100,7 +101,10 @@ class Node:
                 if settings.prescore_slices:
                     slice_scores = SliceScores()
                     self.prescorer = Prescorer(
-                        self.repo.receiving_instances_after, self._warm_bundle, slice_scores
+                        self.repo.receiving_instances_after,
+                        self._warm_bundle,
+                        slice_scores,
+                        spare_cpu=SpareCpu(),
                     )
             series_job = make_series_job(
                 settings,

@@ -22,9 +22,11 @@ Only a process that runs both the receiving side and the series jobs has a
 pre-scorer (``lungnode serve``); the scaled roles score at the job as before.
 
 Pre-scoring is speculative work and costs about as much CPU a slice as receiving
-it does, so it should not slow intake down: its thread runs at a lower CPU
-priority (nice +``PRESCORE_NICENESS``; Linux gives each thread its own), and on
-a busy node it falls behind and the job scores the rest.
+it does, so it should not slow intake down: it scores only while the machine
+has CPU to spare (``pipeline.spare_cpu``), on a thread of lower CPU priority
+(nice +``PRESCORE_NICENESS``; Linux gives each thread its own). On a busy node
+it falls behind, catches up when the cores are idle again, and the job scores
+what it has not.
 """
 
 from __future__ import annotations
@@ -184,8 +186,10 @@ class Prescorer:
     """Scores the instances of receiving series as they arrive, on one daemon thread.
 
     ``new_instances(after_id)`` lists (instance id, series id, path) of what
-    arrived since; ``bundle`` returns the warmed model or None while it warms.
-    A failure is logged and the instance left to its job.
+    arrived since; ``bundle`` returns the warmed model or None while it warms;
+    ``spare_cpu`` says whether the machine has CPU to spare for the next batch
+    (``pipeline.spare_cpu.SpareCpu``). A failure is logged and the instance left
+    to its job.
     """
 
     def __init__(
@@ -195,12 +199,14 @@ class Prescorer:
         cache: SliceScores,
         interval: float = 0.2,
         batch_size: int = DEFAULT_BATCH_SIZE,
+        spare_cpu: Callable[[], bool] = lambda: True,
     ) -> None:
         self.new_instances = new_instances
         self.bundle = bundle
         self.cache = cache
         self.interval = interval
         self.batch_size = batch_size
+        self.spare_cpu = spare_cpu
         self.scored = 0
         self._after_id = 0
         self._stop = threading.Event()
@@ -219,7 +225,9 @@ class Prescorer:
         lower_thread_priority(PRESCORE_NICENESS)
         while not self._stop.wait(self.interval):
             try:
-                while not self._stop.is_set() and self.run_once():
+                # Asked on this thread before every batch (``pipeline.spare_cpu``):
+                # what is not scored now stays listed, for a later turn or the job.
+                while not self._stop.is_set() and self.spare_cpu() and self.run_once():
                     pass
             except Exception:
                 logger.exception("slice pre-scoring failed; the jobs score their slices")

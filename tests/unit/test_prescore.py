@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ from lungnode.pipeline.prescore import (
     file_key,
     score_files,
 )
+from tests.conftest import unavailable
 from tests.dicom.helpers import wait_until
 from tests.support.synthetic import make_ct_series, write_series
 
@@ -171,10 +173,37 @@ def test_prescorer_scores_what_arrives_once_the_model_is_ready(
     assert prescorer.run_once() == 1 and len(cache) == 11
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
+def test_the_prescorer_waits_while_the_machine_has_no_cpu_to_spare(
+    demo: ModelBundle, series: list[Path]
+) -> None:
+    """What arrives while the cores are busy is scored once they are idle again."""
+    arrived = [(i + 1, 1, path) for i, path in enumerate(series[:6])]
+    spare = [False]
+    cache = SliceScores()
+    prescorer = Prescorer(
+        lambda after: [row for row in arrived if row[0] > after],
+        lambda: demo,
+        cache,
+        interval=0.01,
+        batch_size=4,
+        spare_cpu=lambda: spare[0],
+    )
+    prescorer.start()
+    try:
+        time.sleep(0.3)
+        assert prescorer.scored == 0 and len(cache) == 0
+        spare[0] = True
+        assert wait_until(lambda: prescorer.scored == 6, timeout=30)
+    finally:
+        prescorer.stop()
+    assert len(cache) == 6
+
+
 def test_the_prescorer_thread_yields_the_cpu_to_intake() -> None:
     """Pre-scoring costs about what receiving costs a slice: its thread runs niced (and
     no lower, see PRESCORE_NICENESS), the rest of the process at its own priority."""
+    if not sys.platform.startswith("linux"):
+        unavailable("a per-thread nice value is Linux's")
     seen: list[tuple[int, int]] = []
 
     def warming() -> None:  # asked on the pre-scorer's thread, every turn
