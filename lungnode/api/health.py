@@ -64,13 +64,22 @@ def _check_scp() -> dict[str, Any]:
 
 
 def _associate(host: str, port: int, ae_title: str) -> dict[str, Any]:
-    """Ask the SCP for an association and end it (PS3.8 7.1-7.3).
+    """Ask the SCP for an association and end it (PS3.8 7.1-7.3), twice before saying
+    it did not answer.
 
     A bare TCP connection that sends nothing would hold one of the SCP's association
     slots until its network timeout; an A-ASSOCIATE answer, accepted or rejected
     (the API's AE need not be a peer of the node), proves the SCP is there, and the
-    association ends at once.
+    association ends at once. A second try, because a failing check can get the SCP
+    restarted by its supervisor: once in CI a probe reported no answer 0.3 s after
+    the SCP had logged its A-ASSOCIATE-RJ to it (the requestor's side of
+    pynetdicom took the rejection for an abort).
     """
+    answer = _associate_once(host, port, ae_title)
+    return answer if answer["ok"] else _associate_once(host, port, ae_title)
+
+
+def _associate_once(host: str, port: int, ae_title: str) -> dict[str, Any]:
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 

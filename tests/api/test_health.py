@@ -148,3 +148,38 @@ def test_a_full_disk_fails_the_health_check_with_no_reserve_too(
         assert check["error"].startswith("storage full: 0.0 MiB free, 0 MiB reserved")
         filler.unlink()
         assert client.get("/api/v1/health").status_code == 200
+
+
+def test_the_scp_probe_asks_twice_before_it_says_no_answer(
+    make_settings: Callable[..., Settings], make_app: Callable[..., Flask], tmp_path: Path
+) -> None:
+    """A peer that drops the first request unanswered and rejects the second is there."""
+    import socket
+    import threading
+
+    from lungnode.dicom import lean_codec
+
+    server = socket.create_server(("127.0.0.1", 0))
+    connections: list[int] = []
+
+    def peer() -> None:
+        for attempt in range(2):
+            connection, _address = server.accept()
+            with connection:
+                connection.recv(65536)  # the A-ASSOCIATE-RQ
+                connections.append(attempt)
+                if attempt == 1:
+                    connection.sendall(lean_codec.reject(0x01, 0x01, 0x03))
+                    connection.recv(16)  # the requestor closes
+
+    thread = threading.Thread(target=peer, daemon=True)
+    thread.start()
+    try:
+        port = server.getsockname()[1]
+        settings = make_settings(dicom_port=port, model=str(fake_bundle(tmp_path / "m")))
+        body = make_app(settings).test_client().get("/api/v1/health").json
+    finally:
+        thread.join(timeout=10)
+        server.close()
+    assert connections == [0, 1]
+    assert body["checks"]["scp"] == {"ok": True}, body
