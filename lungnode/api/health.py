@@ -70,11 +70,14 @@ def _associate(host: str, port: int, ae_title: str) -> dict[str, Any]:
     A bare TCP connection that sends nothing would hold one of the SCP's association
     slots until its network timeout; an A-ASSOCIATE answer, accepted or rejected
     (the API's AE need not be a peer of the node), proves the SCP is there, and the
-    association ends at once. A second try, because a failing check can get the SCP
-    restarted by its supervisor: once in CI a probe reported no answer 0.3 s after
-    the SCP had logged its A-ASSOCIATE-RJ to it (the requestor's side of
-    pynetdicom took the rejection for an abort).
+    association ends at once. The reactor's fixes are installed first: without them
+    pynetdicom can take a quick rejection for an abort (``dicom.reactor``), and did,
+    once in CI. A second try, because a failing check can get the SCP restarted by
+    its supervisor, and one missed answer is not worth that.
     """
+    from lungnode.dicom import reactor  # pynetdicom: only for a probe
+
+    reactor.install()
     answer = _associate_once(host, port, ae_title)
     return answer if answer["ok"] else _associate_once(host, port, ae_title)
 

@@ -36,7 +36,7 @@ DIMSE timeout. Woken by the arrival of each response, the loop ran in step
 with the sends and met that window every few hundred stores under load;
 sleeping on its own clock it meets it as rarely as pynetdicom does.
 
-Besides the waits, seven fixes:
+Besides the waits, eight fixes:
 
 - When a DUL thread ends, whoever waits for a primitive
   from it is told at once (an empty primitive, as when the wait times out). An
@@ -89,6 +89,16 @@ Besides the waits, seven fixes:
   the association's thread with the DUL thread and the connection left open; it
   is aborted instead.
 
+- A requestor could take the peer's A-ASSOCIATE-RJ for a failed connection and
+  report the association aborted, not rejected. pynetdicom's requesting thread
+  waits for the connection attempt to end and then checks that the socket is
+  connected; a peer that answers at once (the node's lean receiver rejecting over
+  its association limit) can be read, and the transport closed on its rejection
+  (PS3.8 9.2, AE-4), by the DUL thread before that check. The check then saw a
+  closed socket and aborted: once in a few hundred rejections on a busy machine,
+  in CI, and in the API's health probe. A rejection already received is now
+  taken as the answer it is (:func:`_taking_early_rejections`).
+
 Installed once per process by :func:`install`; against a pynetdicom whose
 internals differ from what this expects, it installs nothing and logs why,
 and pynetdicom keeps its own behaviour.
@@ -109,12 +119,15 @@ from typing import Any
 import pynetdicom.association as association_module
 import pynetdicom.dul as dul_module
 from pynetdicom import _config as pynetdicom_config
+from pynetdicom import evt
 from pynetdicom._globals import DEFAULT_MAX_LENGTH
+from pynetdicom.acse import ACSE
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.fsm import InvalidEventError
 from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.transport import AssociationSocket
 
 logger = logging.getLogger(__name__)
@@ -153,6 +166,8 @@ def install() -> bool:
             and isinstance(getattr(DIMSEServiceProvider, "maximum_pdu_size", None), property)
             and callable(getattr(AssociationSocket, "_shutdown_socket", None))
             and callable(getattr(AssociationSocket, "_create_socket", None))
+            and callable(getattr(ACSE, "_negotiate_as_requestor", None))
+            and callable(getattr(Association, "abort", None))
         )
         if not expected:
             logger.warning("reactor waits not installed: unexpected pynetdicom internals")
@@ -168,6 +183,9 @@ def install() -> bool:
             (AssociationSocket, "_create_socket"): _without_nagle(AssociationSocket._create_socket),
             (AssociationSocket, "recv"): _acking(AssociationSocket.recv),
             (DIMSEServiceProvider, "maximum_pdu_size"): property(_peer_maximum_pdu_size),
+            (ACSE, "_negotiate_as_requestor"): _taking_early_rejections(
+                ACSE._negotiate_as_requestor
+            ),
             (dul_module, "time"): _time_with_sleep(_dul_sleep),
             (association_module, "time"): _time_with_sleep(_association_sleep),
         }
@@ -386,6 +404,57 @@ def _aborting_on_error(run_reactor: Callable[[Any], None]) -> Callable[[Any], No
                     server.shutdown_request(sock)
 
     return run_reactor_aborting_on_error
+
+
+def _taking_early_rejections(negotiate: Callable[[Any], None]) -> Callable[[Any], None]:
+    """pynetdicom's requestor negotiation, reading a rejection that came before its
+    connection check (module docstring).
+
+    The only thing that negotiation does when the check fails is ``assoc.abort()``;
+    during it, that abort first looks at what the DUL has queued for the requestor.
+    An A-ASSOCIATE-RJ there means the connection was made and answered: the
+    association is rejected, as pynetdicom's negotiation would have found it had it
+    looked a moment sooner. Otherwise (the connection failed, or an ACSE timeout)
+    it aborts as before.
+    """
+
+    def negotiate_as_requestor(acse: Any) -> None:
+        assoc = acse.assoc
+
+        def abort_unless_rejected(block: bool = True) -> None:
+            rejected = _queued_rejection(assoc.dul)
+            if rejected is None:
+                Association.abort(assoc, block)
+                return
+            _reject(assoc, rejected)
+
+        assoc.abort = abort_unless_rejected
+        try:
+            negotiate(acse)
+        finally:
+            del assoc.abort  # pynetdicom's own again
+
+    return negotiate_as_requestor
+
+
+def _queued_rejection(dul: Any) -> A_ASSOCIATE | None:
+    """The A-ASSOCIATE-RJ primitive first in the DUL's queue for its user, taken off it."""
+    queue = dul.to_user_queue
+    with queue.mutex:
+        first = queue.queue[0] if queue.queue else None
+    if not isinstance(first, A_ASSOCIATE) or first.result not in (0x01, 0x02):
+        return None
+    return queue.get_nowait()  # type: ignore[no-any-return]
+
+
+def _reject(assoc: Any, rsp: A_ASSOCIATE) -> None:
+    """What pynetdicom's requestor does on an A-ASSOCIATE-RJ (acse.py)."""
+    assoc.acceptor.primitive = rsp
+    logger.debug("association rejected: %s, %s, %s", rsp.result_str, rsp.source_str, rsp.reason_str)
+    assoc.is_rejected = True
+    assoc.is_established = False
+    evt.trigger(assoc, evt.EVT_REJECTED, {})
+    assoc.dul.kill_dul()
 
 
 def _shutdown_and_close(transport: Any) -> None:

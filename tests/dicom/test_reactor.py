@@ -12,14 +12,18 @@ from pathlib import Path
 import pynetdicom.association
 import pynetdicom.dul
 import pytest
+from pynetdicom import AE, evt
 from pynetdicom.dul import DULServiceProvider
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import AssociationSocket
 from sqlalchemy import select
 
 from lungnode.app.node import Node
 from lungnode.config import Settings
 from lungnode.db.models import Association
 from lungnode.dicom import reactor
-from tests.dicom.helpers import associate, capture_stream, store_all, wait_until
+from tests.conftest import SENDER_AE
+from tests.dicom.helpers import associate, capture_stream, free_port, store_all, wait_until
 from tests.support.synthetic import make_ct_series, write_series
 
 
@@ -371,3 +375,65 @@ def test_a_requestors_reactor_does_not_wait_on_its_message_queue() -> None:
         stop.set()
         association.join(5)
     assert max(seen) == 0
+
+
+class _CheckedLate(threading.Event):
+    """A requestor socket's ``_ready``: its wait returns only once the connection is
+    closed again, so the requesting thread checks the socket after the DUL has read
+    the answer and acted on it (the order a busy machine gives now and then)."""
+
+    def __init__(self, transport: AssociationSocket) -> None:
+        super().__init__()
+        self.transport = transport
+
+    def wait(self, timeout: float | None = None) -> bool:
+        ready = super().wait(timeout)
+        deadline = time.monotonic() + 5
+        while self.transport._is_connected and time.monotonic() < deadline:
+            time.sleep(0.001)
+        return ready
+
+
+def test_a_rejection_read_before_the_connection_check_is_a_rejection(
+    make_settings: Callable[..., Settings],
+    start_node: Callable[..., Node],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """pynetdicom's requestor took an A-ASSOCIATE-RJ that its DUL had read (and closed
+    the connection on) before the requesting thread checked the connection for an
+    abort: once in a few hundred rejections by the lean receiver in CI."""
+    node = start_node(make_settings(store_receiver="lean", max_associations=1), serve_http=False)
+    held = associate(node.scp.port)
+    assert held.is_established
+    init = AssociationSocket.__init__
+
+    def init_checked_late(transport: AssociationSocket, *args: object, **kwargs: object) -> None:
+        init(transport, *args, **kwargs)  # type: ignore[arg-type]
+        if not transport._ready.is_set():  # a requestor's: not connected yet
+            transport._ready = _CheckedLate(transport)
+
+    monkeypatch.setattr(AssociationSocket, "__init__", init_checked_late)
+    events: list[str] = []
+    ae = AE(ae_title=SENDER_AE)
+    ae.add_requested_context(Verification)
+    try:
+        for _ in range(3):
+            over = ae.associate(
+                "127.0.0.1",
+                node.scp.port,
+                ae_title="LUNGNODE",
+                evt_handlers=[
+                    (evt.EVT_REJECTED, lambda event: events.append("rejected")),
+                    (evt.EVT_ABORTED, lambda event: events.append("aborted")),
+                ],
+            )
+            assert over.is_rejected and not over.is_aborted
+            primitive = over.acceptor.primitive
+            assert primitive is not None
+            assert (primitive.result, primitive.result_source, primitive.diagnostic) == (2, 3, 2)
+    finally:
+        monkeypatch.undo()
+        held.release()
+    assert events == ["rejected"] * 3
+    # Nobody listening: still a failed connection, aborted as before.
+    assert associate(free_port()).is_aborted
