@@ -39,7 +39,9 @@ shown; the fsync limit is the median of its measurements.
 How to read it: ``inst/s`` and ``MB/s`` (file bytes sent / wall time) per
 receiver and scenario; ``CPU ms``: the CPU time the receiver's processes (its
 whole process group) used during the send, per instance (lungnode's includes the
-slice pre-scoring done meanwhile, and none of the analysis, which starts after).
+slice pre-scoring done meanwhile, and none of the analysis, which starts after);
+``sys %``: the kernel's share of that CPU time (socket reads, page-cache writes,
+fsyncs), which on a virtual machine varies from run to run more than the rest.
 The receivers do not promise the same durability: lungnode fsyncs every
 instance (file and directory) before it answers, and Orthanc does too when
 ``SyncStorageArea`` is on; the pynetdicom and DCMTK storescp apps only write
@@ -119,6 +121,8 @@ class Result:
     wall_s: list[float] = field(default_factory=list)
     #: CPU seconds of the receiver's processes (all of its process group) over each send.
     cpu_s: list[float] = field(default_factory=list)
+    #: The kernel's part of ``cpu_s``.
+    sys_s: list[float] = field(default_factory=list)
     stored: list[int] = field(default_factory=list)
     durability: str = ""
     error: str = ""
@@ -135,12 +139,17 @@ class Result:
     def cpu_ms_per_instance(self) -> float:
         return statistics.median(self.cpu_s) / self.instances * 1000 if self.cpu_s else 0.0
 
+    @property
+    def sys_percent(self) -> float:
+        total = sum(self.cpu_s)
+        return 100 * sum(self.sys_s) / total if total else 0.0
 
-def group_cpu_seconds(group: int) -> float:
-    """User + system CPU seconds of every process in process group ``group``, with
+
+def group_cpu_seconds(group: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of every process in process group ``group``, with
     the children they have reaped (Linux /proc; a forking server's finished children
     count, through the parent's cutime and cstime)."""
-    ticks = 0
+    user = system = 0
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
@@ -150,8 +159,10 @@ def group_cpu_seconds(group: int) -> float:
             continue  # gone meanwhile
         fields = text[text.rindex(")") + 2 :].split()
         if int(fields[2]) == group:  # pgrp
-            ticks += sum(int(value) for value in fields[11:15])  # utime stime cutime cstime
-    return ticks / os.sysconf("SC_CLK_TCK")
+            user += int(fields[11]) + int(fields[13])  # utime, cutime
+            system += int(fields[12]) + int(fields[14])  # stime, cstime
+    ticks = os.sysconf("SC_CLK_TCK")
+    return user / ticks, system / ticks
 
 
 def free_port() -> int:
@@ -396,7 +407,8 @@ def make_folders(root: Path, n_slices: int) -> tuple[list[Path], list[Path], flo
 
 def print_table(results: list[Result], repeat: int) -> None:
     head = f"{'receiver':<11}{'scenario':<9}{'sent':>6}{'stored':>8}{'wall s':>8}"
-    print(f"\n{head}{'inst/s':>9}{'MB/s':>8}{'CPU ms':>8}  durability  (median of {repeat})")
+    head += f"{'inst/s':>9}{'MB/s':>8}{'CPU ms':>8}{'sys %':>7}"
+    print(f"\n{head}  durability  (median of {repeat})")
     for r in results:
         if r.error:
             print(f"{r.receiver:<11}{r.scenario:<9}{r.instances:>6}  ERROR: {r.error}")
@@ -406,7 +418,7 @@ def print_table(results: list[Result], repeat: int) -> None:
         print(
             f"{r.receiver:<11}{r.scenario:<9}{r.instances:>6}{min(r.stored):>8}{wall:>8.2f}"
             f"{r.instances_per_s:>9.1f}{r.megabytes / wall:>8.1f}{r.cpu_ms_per_instance:>8.2f}"
-            f"  {r.durability}{flag}"
+            f"{r.sys_percent:>7.0f}  {r.durability}{flag}"
         )
 
 
@@ -496,9 +508,11 @@ def main() -> int:
                         with receiver(name, work, args.ingest_processes) as target:
                             result.durability = target.durability
                             folders = one if n_assoc == 1 else four
-                            cpu = group_cpu_seconds(target.process.pid)
+                            user, system = group_cpu_seconds(target.process.pid)
                             result.wall_s.append(send(target, folders, work, nodelay))
-                            result.cpu_s.append(group_cpu_seconds(target.process.pid) - cpu)
+                            user_after, system_after = group_cpu_seconds(target.process.pid)
+                            result.cpu_s.append(user_after - user + system_after - system)
+                            result.sys_s.append(system_after - system)
                             result.stored.append(stored_count(target, args.slices))
                         shutil.rmtree(work / "storage", ignore_errors=True)
                     except (RuntimeError, OSError, sqlite3.Error, ValueError) as exc:
