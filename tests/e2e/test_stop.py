@@ -79,3 +79,21 @@ def test_a_stop_during_a_job_is_bounded_and_the_job_completes_once_after_restart
     assert len(deliveries) >= 3 and len(set(deliveries)) == len(deliveries)  # SC, PDF, SR
     server.signal(signal.SIGTERM)
     assert server.wait(timeout=30) == 0, server.log_text()
+
+
+@pytest.mark.slow
+def test_a_stop_leaves_no_autograph_files_behind(serve_node: Callable[..., ServedNode]) -> None:
+    """TensorFlow's autograph writes a Python file for each function it converts (the
+    warm-up converts the model's and Grad-CAM's) into the temporary folder, and removes
+    them in an exit hook that the node's fast exit skipped: every stop left them."""
+    server = serve_node()
+    temporary = server.workdir / "tmp"
+    temporary.mkdir()
+    server.env["TMPDIR"] = str(temporary)
+    server.start(ingest_processes="1")
+    warmed = wait_until(lambda: "ready (warmed in" in server.log_text(), timeout=120)
+    assert warmed, server.log_text()
+    assert list(temporary.glob("__autograph_generated_file*.py")), "the warm-up wrote none"
+    server.signal(signal.SIGTERM, whole_group=True)
+    assert server.wait(timeout=30) == 0, server.log_text()
+    assert list(temporary.glob("__autograph_generated_file*.py")) == []
