@@ -41,7 +41,7 @@ receiver and scenario; ``CPU ms``: the CPU time the receiver's processes (its
 whole process group) used during the send, per instance (lungnode's includes the
 slice pre-scoring done meanwhile, and none of the analysis, which starts after);
 ``sys %``: the kernel's share of that CPU time (socket reads, page-cache writes,
-fsyncs), which on a virtual machine varies from run to run more than the rest.
+fsyncs).
 The receivers do not promise the same durability: lungnode fsyncs every
 instance (file and directory) before it answers, and Orthanc does too when
 ``SyncStorageArea`` is on; the pynetdicom and DCMTK storescp apps only write
