@@ -17,6 +17,7 @@ from pathlib import Path
 from types import FrameType
 
 from lungnode import __version__
+from lungnode.app.autograph_files import remove_autograph_files
 from lungnode.app.database import open_database
 from lungnode.config import Settings
 from lungnode.errors import ConfigError
@@ -77,32 +78,12 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
         # TensorFlow: end now rather than let the interpreter tear its modules
         # down under it; and TensorFlow's own teardown takes about a second
         # that saves nothing.
-        _remove_autograph_files()
+        remove_autograph_files()
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
     return 0
-
-
-#: The module names TensorFlow's autograph gives the files it writes (pyct/loader.py).
-_AUTOGRAPH_MODULE_PREFIX = "__autograph_generated_file"
-
-
-def _remove_autograph_files() -> None:
-    """Remove the Python files TensorFlow's autograph wrote for the functions it
-    converted (the model's, Grad-CAM's), a few per start, in the temporary folder.
-
-    Autograph removes them in an ``atexit`` hook, which ``os._exit`` skips: every
-    stop left them behind. Each is imported as a module under its file's name.
-    """
-    for name, module in list(sys.modules.items()):
-        path = getattr(module, "__file__", None)
-        if name.startswith(_AUTOGRAPH_MODULE_PREFIX) and path:
-            try:
-                Path(path).unlink(missing_ok=True)
-            except OSError as exc:
-                logger.debug("autograph file %s not removed: %s", path, exc)
 
 
 def cmd_db_upgrade(settings: Settings, args: argparse.Namespace) -> int:

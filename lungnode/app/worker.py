@@ -40,6 +40,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
 
+from lungnode.app.autograph_files import remove_autograph_files
 from lungnode.app.celery_app import (
     DELIVERIES_QUEUE,
     MODEL_QUEUES,
@@ -168,6 +169,8 @@ class WorkerRole:
     def _on_process_shutdown(self, **_: Any) -> None:
         if self._process is not None and self._process.pid == os.getpid():
             self._process.engine.dispose()
+        # A pool process ends with os._exit, which skips autograph's own removal.
+        remove_autograph_files()
 
     # -- the parent's view of a lost child ----------------------------------------------
 

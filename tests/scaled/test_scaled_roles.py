@@ -99,6 +99,9 @@ def test_series_sent_at_once_are_each_analysed_once_and_reach_orthanc(
     sent at once are each analysed once, every result reaches Orthanc, and the api
     (another process, on the same database) shows the 4 jobs and predictions."""
     cluster.settings["LUNGNODE_PEERS"] = f"orthanc={ORTHANC_AE}@127.0.0.1:{orthanc.dicom_port}"
+    temporary = cluster.tmp_path / "tmp"
+    temporary.mkdir()
+    cluster.settings["TMPDIR"] = str(temporary)
     scp = cluster.start("scp")
     assert scp.dicom_port is not None
     # Its /health asks the scp's port (as compose points LUNGNODE_DICOM_HOST at the scp).
@@ -137,6 +140,12 @@ def test_series_sent_at_once_are_each_analysed_once_and_reach_orthanc(
     assert status == 200 and history["total"] == N_SERIES, history
     series_uids = {str(s[0].SeriesInstanceUID) for s in series}
     assert {item["series_instance_uid"] for item in history["items"]} == series_uids
+
+    # TensorFlow's autograph files: written by the workers' pool processes, and gone
+    # with them (they end with os._exit, which skips autograph's own removal).
+    assert list(temporary.glob("__autograph_generated_file*.py")), "no model was loaded"
+    cluster.stop_all()
+    assert list(temporary.glob("__autograph_generated_file*.py")) == [], cluster.logs()
 
 
 class CountingPeer:
