@@ -106,6 +106,27 @@ def test_a_mostly_unscored_series_is_left_to_the_whole_series_decode(
     assert analyze_prescored(series, demo, cache) is None
 
 
+def test_slices_of_different_sizes_in_one_batch_get_their_own_scores(
+    demo: ModelBundle, tmp_path: Path
+) -> None:
+    """A batch holds the model's inputs, not the slices: sizes may differ within it."""
+    small = write_series(make_ct_series(3, rows=256, columns=256, seed=1), tmp_path / "small")
+    large = write_series(make_ct_series(3, rows=320, columns=384, seed=2), tmp_path / "large")
+    mixed = [small[0], large[0], small[1], large[1], small[2], large[2]]
+    scored = score_files(mixed, demo, SliceScores(), batch_size=len(mixed))
+    assert all(entry is not None for entry in scored)
+    for path, entry in zip(mixed, scored, strict=True):
+        assert entry is not None
+        alone = score_files([path], demo, SliceScores())[0]
+        assert alone is not None
+        assert entry.frame.shape == alone.frame.shape
+        np.testing.assert_allclose(entry.scores, alone.scores, atol=1e-5)
+    assert {entry.frame.shape for entry in scored if entry is not None} == {
+        (256, 256),
+        (320, 384),
+    }
+
+
 def test_a_replaced_file_is_scored_again(
     demo: ModelBundle, series: list[Path], tmp_path: Path
 ) -> None:
