@@ -19,9 +19,10 @@ RSS of the process. One
 warm-up run (not counted) traces the model first, as a long-running worker
 would have done before its first series. ``--profile`` prints the 25 most
 expensive functions of one extra decode under cProfile. ``--parts`` times
-two parts on their own: reading one file with ``dicom.native_slice`` against
-pydicom (header, frame geometry and pixels), and building the model input
-(``imaging.windowing.build_model_input``) per slice.
+three parts on their own: reading one file with ``dicom.native_slice`` against
+pydicom (header, frame geometry and pixels), building the model input
+(``imaging.windowing.build_model_input``) per slice, and the CPU time a slice
+costs the slice pre-scorer (``pipeline.prescore.score_files``, one batch).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from lungnode.ml.bundle import ModelBundle, load_bundle  # noqa: E402
 from lungnode.ml.inference import DEFAULT_BATCH_SIZE, score_slices  # noqa: E402
 from lungnode.ml.train import write_bundle  # noqa: E402
 from lungnode.pipeline.analyze import analyze_series  # noqa: E402
+from lungnode.pipeline.prescore import SliceScores, score_files  # noqa: E402
 from tests.support.synthetic import make_ct_series, write_series  # noqa: E402
 
 STAGES = ("decode", "preprocess", "inference", "aggregate", "gradcam", "total")
@@ -129,6 +131,17 @@ def time_parts(paths: list[Path], bundle_path: Path) -> None:
         for _ in range(3)
     )
     print(f"  model input, per slice   {best / hu.shape[0] * 1e3:.3f} ms")
+    bundle = load_bundle(bundle_path)
+    batch = paths[:DEFAULT_BATCH_SIZE]
+    cpu = min(_cpu_seconds(lambda: score_files(batch, bundle, SliceScores())) for _ in range(3))
+    print(f"  pre-scoring, CPU a slice {cpu / len(batch) * 1e3:.3f} ms (every thread)")
+
+
+def _cpu_seconds(work: Callable[..., object]) -> float:
+    """CPU time of the whole process (the model's threads too) spent on ``work``."""
+    t0 = time.process_time()
+    work()
+    return time.process_time() - t0
 
 
 def _seconds(work: Callable[..., object]) -> float:
