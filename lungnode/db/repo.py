@@ -12,6 +12,7 @@ absolute (``config.stored_path``, ``config.resolve_stored``).
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -72,6 +73,10 @@ class SenderState:
     outcome: str | None
 
 
+#: (instance id, position, orientation, number_of_frames) of one instance.
+InstanceRow = tuple[int, list[float] | None, list[float] | None, int]
+
+
 @dataclass(frozen=True)
 class ReceivingSeries:
     """A series still receiving, with what the completion rules need."""
@@ -80,8 +85,10 @@ class ReceivingSeries:
     series_instance_uid: str
     declared_count: int | None
     last_received_at: datetime
-    #: (position, orientation, number_of_frames) per instance.
-    geometry: list[tuple[list[float] | None, list[float] | None, int]]
+    #: How many instances the series has.
+    instance_count: int
+    #: Its instances above the id the caller holds (``receiving_series``), in id order.
+    geometry: list[InstanceRow]
     senders: list[SenderState]
 
 
@@ -110,6 +117,22 @@ _REOPEN_SERIES = (
     )
     .values(state=SeriesState.RECEIVING.value, completed_at=None)
 )
+
+
+def _geometry(session: Session, series_id: int, after_id: int | None) -> list[InstanceRow]:
+    """(id, position, orientation, frames) of the series' instances, in id order:
+    those above ``after_id``, or all of them when it is None."""
+    query = select(
+        Instance.id, Instance.position, Instance.orientation, Instance.number_of_frames
+    ).where(Instance.series_id == series_id)
+    if after_id is not None:
+        query = query.where(Instance.id > after_id)
+    return [
+        (int(instance_id), position, orientation, int(frames))
+        for instance_id, position, orientation, frames in session.execute(
+            query.order_by(Instance.id)
+        )
+    ]
 
 
 class NodeRepository:
@@ -279,21 +302,29 @@ class NodeRepository:
 
     # -- completion ----------------------------------------------------------------
 
-    def receiving_series(self) -> list[ReceivingSeries]:
+    def receiving_series(self, held: Mapping[int, int] | None = None) -> list[ReceivingSeries]:
+        """The series still receiving, with what the completion rules need.
+
+        ``held`` maps a series id to the highest instance id whose geometry the caller
+        holds already: only the instances above it are read (decoding every
+        instance's position twice a second was most of the completion timer's cost
+        on a long series). The count of all of them comes from the same read, so
+        that the caller can tell when what it holds is not the series any more (an
+        instance below that id committed late, or one was removed) and read it
+        afresh (:meth:`instance_geometry`).
+        """
+        held = held or {}
         with self._read() as session:
             rows = session.scalars(
                 select(Series).where(Series.state == SeriesState.RECEIVING.value)
             ).all()
             result = []
             for series in rows:
-                geometry = [
-                    (position, orientation, frames)
-                    for position, orientation, frames in session.execute(
-                        select(
-                            Instance.position, Instance.orientation, Instance.number_of_frames
-                        ).where(Instance.series_id == series.id)
-                    )
-                ]
+                count = session.scalar(
+                    select(func.count())
+                    .select_from(Instance)
+                    .where(Instance.series_id == series.id)
+                )
                 senders = [
                     SenderState(ended_at, outcome)
                     for ended_at, outcome in session.execute(
@@ -312,11 +343,17 @@ class NodeRepository:
                         series.series_instance_uid,
                         series.declared_count,
                         series.last_received_at,
-                        geometry,
+                        int(count or 0),
+                        _geometry(session, series.id, held.get(series.id)),
                         senders,
                     )
                 )
             return result
+
+    def instance_geometry(self, series_id: int) -> list[InstanceRow]:
+        """Every instance of the series, as :meth:`receiving_series` gives them."""
+        with self._read() as session:
+            return _geometry(session, series_id, None)
 
     def complete_series(self, series_id: int, rule: str, reason: str) -> int | None:
         """Mark the series complete and queue the next analysis version, atomically.

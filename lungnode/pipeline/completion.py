@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from lungnode.db.repo import NodeRepository, ReceivingSeries
+from lungnode.db.repo import InstanceRow, NodeRepository, ReceivingSeries
 from lungnode.series.assembler import (
     RULE_ASSOCIATION_RELEASED,
     CompletionRules,
@@ -27,16 +27,18 @@ from lungnode.series.assembler import (
 logger = logging.getLogger(__name__)
 
 
-def snapshot_of(series: ReceivingSeries) -> SeriesSnapshot:
+def instance_geometry(row: InstanceRow) -> InstanceGeometry:
+    """One instance's geometry as the assembler takes it."""
+    _id, position, orientation, frames = row
+    return InstanceGeometry(
+        tuple(position) if position and len(position) == 3 else None,  # type: ignore[arg-type]
+        tuple(orientation) if orientation and len(orientation) == 6 else None,  # type: ignore[arg-type]
+        frames,
+    )
+
+
+def snapshot_of(series: ReceivingSeries, instances: list[InstanceGeometry]) -> SeriesSnapshot:
     """Turn database facts into the assembler's input, in seconds since the epoch."""
-    instances = [
-        InstanceGeometry(
-            tuple(position) if position and len(position) == 3 else None,  # type: ignore[arg-type]
-            tuple(orientation) if orientation and len(orientation) == 6 else None,  # type: ignore[arg-type]
-            frames,
-        )
-        for position, orientation, frames in series.geometry
-    ]
     ended = [s.ended_at for s in series.senders if s.ended_at is not None]
     return SeriesSnapshot(
         instances=instances,
@@ -69,6 +71,9 @@ class CompletionWatcher:
         self.interval = interval
         #: Per series: what it looked like when ``on_settling`` was last called.
         self._settling: dict[int, tuple[int, float | None]] = {}
+        #: Per receiving series: the highest instance id read, and the geometry of
+        #: its instances so far (each tick reads only the instances above that id).
+        self._geometry: dict[int, tuple[int, list[InstanceGeometry]]] = {}
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -112,9 +117,11 @@ class CompletionWatcher:
         queued = []
         moment = datetime.now(UTC).timestamp() if now is None else now
         decisions: dict[str, Decision] = {}
-        receiving = self.repo.receiving_series()
+        receiving = self.repo.receiving_series(
+            {series_id: last for series_id, (last, _held) in self._geometry.items()}
+        )
         for series in receiving:
-            snapshot = snapshot_of(series)
+            snapshot = snapshot_of(series, self._instances_of(series))
             if snapshot.last_received_at < self.started_at:
                 snapshot = dataclasses.replace(snapshot, last_received_at=self.started_at)
             decision = decide(snapshot, moment, self.rules)
@@ -131,7 +138,27 @@ class CompletionWatcher:
         still = {series.series_id for series in receiving}
         for series_id in [s for s in self._settling if s not in still]:
             del self._settling[series_id]
+        for series_id in [s for s in self._geometry if s not in still]:
+            del self._geometry[series_id]
         return queued
+
+    def _instances_of(self, series: ReceivingSeries) -> list[InstanceGeometry]:
+        """The geometry of every instance of the series: what this watcher read before
+        and what arrived since. When that does not add up to the series' count, an
+        instance below the last id read committed late (several receiving processes)
+        or one was removed, and the series is read afresh."""
+        rows = series.geometry
+        last, held = self._geometry.get(series.series_id, (None, []))
+        instances = held + [instance_geometry(row) for row in rows]
+        if len(instances) != series.instance_count:
+            rows = self.repo.instance_geometry(series.series_id)
+            instances = [instance_geometry(row) for row in rows]
+            last = None
+        if rows:
+            last = rows[-1][0] if last is None else max(last, rows[-1][0])
+        if last is not None:
+            self._geometry[series.series_id] = (last, instances)
+        return instances
 
     def _maybe_settling(self, series_id: int, snapshot: SeriesSnapshot, decision: Decision) -> None:
         if self.on_settling is None or decision.awaiting != RULE_ASSOCIATION_RELEASED:

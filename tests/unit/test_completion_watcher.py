@@ -1,0 +1,124 @@
+"""The completion timer reads only what arrived since its last tick, and misses nothing.
+
+``pipeline.completion.CompletionWatcher`` on a real SQLite database: each tick
+reads the geometry of the instances above the last id it read, with the count
+of all of them; when the two do not add up (an instance committed below that id,
+as concurrent receiving processes can do on PostgreSQL, or one removed), it reads
+the series afresh.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from sqlalchemy import delete, func, select, update
+
+from lungnode.db.migrate import upgrade
+from lungnode.db.models import Instance
+from lungnode.db.repo import NodeRepository
+from lungnode.db.session import make_engine, make_session_factory
+from lungnode.domain import InstanceFacts
+from lungnode.pipeline.completion import CompletionWatcher
+from lungnode.series.assembler import CompletionRules
+
+SERIES = "1.2.826.0.1.3680043.8.498.77"
+#: Rules under which only the declared count can complete a series in a test.
+RULES = CompletionRules(quiet_seconds=1e6)
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> NodeRepository:
+    url = f"sqlite:///{tmp_path / 'lungnode.db'}"
+    upgrade(url)
+    return NodeRepository(make_session_factory(make_engine(url)), tmp_path)
+
+
+def _register(repo: NodeRepository, association: int, slice_index: int, declared: int) -> None:
+    facts = InstanceFacts(
+        study_instance_uid="1.2.826.0.1.3680043.8.498.7",
+        series_instance_uid=SERIES,
+        sop_instance_uid=f"{SERIES}.{slice_index + 1}",
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        transfer_syntax_uid="1.2.840.10008.1.2.1",
+        modality="CT",
+        series_number=1,
+        instance_number=slice_index + 1,
+        number_of_frames=1,
+        position=[0.0, 0.0, 1.25 * slice_index],
+        orientation=[1.0, 0.0, 0.0, 0.0, 1.0, 0.0],
+        declared_count=declared,
+    )
+    assert repo.register_instance(facts, repo.storage_dir / f"{slice_index}.dcm", 1, association)
+
+
+def _watcher(repo: NodeRepository, queued: list[int]) -> CompletionWatcher:
+    return CompletionWatcher(repo, RULES, queued.append)
+
+
+def test_a_tick_reads_only_the_instances_that_arrived_since_the_last(
+    repo: NodeRepository,
+) -> None:
+    association = repo.association_started("CT01", None)
+    for index in range(5):
+        _register(repo, association, index, declared=8)
+    queued: list[int] = []
+    watcher = _watcher(repo, queued)
+    assert watcher.check_once() == []
+
+    (series,) = repo.receiving_series()
+    last = series.geometry[-1][0]
+    assert series.instance_count == 5 and len(series.geometry) == 5
+    (held,) = repo.receiving_series({series.series_id: last})
+    assert held.instance_count == 5 and held.geometry == []
+    for index in range(5, 7):
+        _register(repo, association, index, declared=8)
+    (held,) = repo.receiving_series({series.series_id: last})
+    assert held.instance_count == 7
+    assert [row[0] for row in held.geometry] == sorted(row[0] for row in held.geometry)
+    assert all(row[0] > last for row in held.geometry) and len(held.geometry) == 2
+
+    assert watcher.check_once() == []  # 7 of 8
+    _register(repo, association, 7, declared=8)
+    assert len(watcher.check_once()) == 1  # 8 of 8, an even stack: complete
+    assert repo.receiving_series() == []
+
+
+def test_an_instance_committed_below_the_last_id_read_is_counted(
+    repo: NodeRepository,
+) -> None:
+    association = repo.association_started("CT01", None)
+    for index in (0, 1, 3, 4):
+        _register(repo, association, index, declared=5)
+    queued: list[int] = []
+    watcher = _watcher(repo, queued)
+    assert watcher.check_once() == []  # 4 of 5, a gap at slice 2
+
+    # Slice 2 gets an id below those already read, as a row whose id was taken
+    # first but committed last does with several receiving processes.
+    _register(repo, association, 2, declared=5)
+    with repo.sessions.begin() as session:
+        newest = session.scalar(select(func.max(Instance.id)))
+        session.execute(update(Instance).where(Instance.id == newest).values(id=0))
+
+    assert len(watcher.check_once()) == 1  # 5 of 5, the gap filled: complete
+    assert queued
+
+
+def test_a_removed_instance_is_not_counted_any_more(repo: NodeRepository) -> None:
+    association = repo.association_started("CT01", None)
+    for index in range(4):
+        _register(repo, association, index, declared=5)
+    queued: list[int] = []
+    watcher = _watcher(repo, queued)
+    assert watcher.check_once() == []
+
+    # The last slice's row goes; two more arrive: 5 instances, 0-4, the declared count.
+    with repo.sessions.begin() as session:
+        newest = session.scalar(select(func.max(Instance.id)))
+        session.execute(delete(Instance).where(Instance.id == newest))
+    _register(repo, association, 3, declared=5)
+    _register(repo, association, 4, declared=5)
+
+    assert len(watcher.check_once()) == 1
+    assert queued
