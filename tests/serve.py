@@ -94,6 +94,11 @@ class ServedNode:
         }
         if storage is not None:
             self.env["LUNGNODE_STORAGE_DIR"] = str(storage)
+        # Temporary files under the test's own folder: a node killed with SIGKILL
+        # (the crash tests) cannot remove TensorFlow's autograph files itself.
+        temporary = workdir / "tmp"
+        temporary.mkdir(exist_ok=True)
+        self.env["TMPDIR"] = str(temporary)
 
     # -- the process -------------------------------------------------------------
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import signal
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -87,9 +88,8 @@ def test_a_stop_leaves_no_autograph_files_behind(serve_node: Callable[..., Serve
     warm-up converts the model's and Grad-CAM's) into the temporary folder, and removes
     them in an exit hook that the node's fast exit skipped: every stop left them."""
     server = serve_node()
-    temporary = server.workdir / "tmp"
-    temporary.mkdir()
-    server.env["TMPDIR"] = str(temporary)
+    temporary = Path(server.env["TMPDIR"])  # the node's own (``tests.serve``)
+    assert temporary.is_dir() and temporary.is_relative_to(server.workdir)
     server.start(ingest_processes="1")
     warmed = wait_until(lambda: "ready (warmed in" in server.log_text(), timeout=120)
     assert warmed, server.log_text()
