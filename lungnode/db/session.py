@@ -19,6 +19,8 @@ number of connections at once.
 
 from __future__ import annotations
 
+import logging
+import os
 import threading
 import weakref
 from collections.abc import Iterator
@@ -30,6 +32,13 @@ from sqlalchemy import Connection, Engine, create_engine, event, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from lungnode.config import Settings
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: SQLite's own lock alone
+    fcntl = None  # type: ignore[assignment]
+
+logger = logging.getLogger(__name__)
 
 #: URL schemes that name PostgreSQL without a driver, and the one lungnode ships.
 _BARE_POSTGRESQL = ("postgresql://", "postgres://")
@@ -105,8 +114,61 @@ def make_session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(bind=engine, expire_on_commit=False)
 
 
-_write_locks: weakref.WeakKeyDictionary[Engine, threading.Lock] = weakref.WeakKeyDictionary()
-_write_locks_guard = threading.Lock()
+class _SqliteWriters:
+    """The turn of one engine's writers at its SQLite database, in every process.
+
+    SQLite has one writer at a time, and a writer that finds the database locked
+    retries in sleeps of 1 ms, then 2, 5, 10 and longer: on a node that receives in
+    several processes (``ingest_processes``), every instance row then waited a
+    sleep or two for another process's commit of well under a millisecond. So
+    writers take turns on two locks first: a thread lock in this process, then an
+    exclusive ``flock`` on a file beside the database (``<database>-writers.lock``),
+    which the kernel hands to the next process the moment it is released, and
+    releases itself when a process dies. A writer that does not take them (another
+    program, a migration) still meets SQLite's own lock and busy timeout, as before.
+    Where the file cannot be opened (a read-only folder) or ``flock`` does not
+    exist, processes take turns through SQLite alone.
+    """
+
+    def __init__(self, database: str | None) -> None:
+        self.thread_lock = threading.Lock()
+        self._path = f"{database}-writers.lock" if database and database != ":memory:" else None
+        #: (process id, descriptor): each process opens the file itself, since a
+        #: descriptor inherited through fork shares its lock with the parent.
+        self._fd: tuple[int, int] | None = None
+
+    @contextmanager
+    def turn(self) -> Iterator[None]:
+        with self.thread_lock:
+            fd = self._descriptor()
+            if fd is None:
+                yield
+                return
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def _descriptor(self) -> int | None:
+        """This process's descriptor of the lock file; called with the thread lock."""
+        if self._path is None or fcntl is None:
+            return None
+        pid = os.getpid()
+        if self._fd is not None and self._fd[0] == pid:
+            return self._fd[1]
+        try:
+            fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            logger.info("SQLite writers take turns through SQLite alone: %s", exc)
+            self._path = None
+            return None
+        self._fd = (pid, fd)
+        return fd
+
+
+_writers: weakref.WeakKeyDictionary[Engine, _SqliteWriters] = weakref.WeakKeyDictionary()
+_writers_guard = threading.Lock()
 
 
 def _engine_of(sessions: sessionmaker[Session]) -> Engine | None:
@@ -114,31 +176,30 @@ def _engine_of(sessions: sessionmaker[Session]) -> Engine | None:
     return bind if isinstance(bind, Engine) else None
 
 
-def _write_lock(sessions: sessionmaker[Session]) -> threading.Lock | None:
-    engine = _engine_of(sessions)
+def _sqlite_writers(engine: Engine | None) -> _SqliteWriters | None:
     if engine is None or engine.dialect.name != "sqlite":
         return None
-    with _write_locks_guard:
-        lock = _write_locks.get(engine)
-        if lock is None:
-            lock = _write_locks[engine] = threading.Lock()
-        return lock
+    with _writers_guard:
+        writers = _writers.get(engine)
+        if writers is None:
+            writers = _writers[engine] = _SqliteWriters(engine.url.database)
+        return writers
 
 
 @contextmanager
 def write_transaction(sessions: sessionmaker[Session]) -> Iterator[Session]:
     """A committed-or-rolled-back transaction for writing.
 
-    SQLite has one writer at a time. Taking turns on a lock in this process is far
-    cheaper than SQLite's busy-wait back-off (sleeps of 1 ms and more), so every
-    writer of one engine shares one lock; other databases need none.
+    SQLite has one writer at a time. Taking turns on a lock (``_SqliteWriters``:
+    in this process, then across processes) is far cheaper than SQLite's busy-wait
+    back-off (sleeps of 1 ms and more); other databases need none.
     """
-    lock = _write_lock(sessions)
-    if lock is None:
+    writers = _sqlite_writers(_engine_of(sessions))
+    if writers is None:
         with sessions.begin() as session:
             yield session
         return
-    with lock, sessions.begin() as session:
+    with writers.turn(), sessions.begin() as session:
         yield session
 
 
@@ -154,12 +215,12 @@ def write_connection(sessions: sessionmaker[Session]) -> Iterator[Connection]:
         with write_transaction(sessions) as session:
             yield session.connection()
         return
-    lock = _write_lock(sessions)
-    if lock is None:
+    writers = _sqlite_writers(engine)
+    if writers is None:
         with engine.begin() as connection:
             yield connection
         return
-    with lock, engine.begin() as connection:
+    with writers.turn(), engine.begin() as connection:
         yield connection
 
 
