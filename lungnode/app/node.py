@@ -32,6 +32,7 @@ from lungnode.db.repo import NodeRepository
 from lungnode.db.session import engine_for, make_session_factory
 from lungnode.errors import BundleError
 from lungnode.pipeline.commitment import CommitmentTerms
+from lungnode.pipeline.cpu_priority import MODEL_NICENESS
 from lungnode.pipeline.jobs import JobHandler, JobRetryPolicy, LocalJobQueue
 from lungnode.pipeline.outbox import Outbox, RetryPolicy
 from lungnode.pipeline.preparation import Preparations
@@ -97,7 +98,7 @@ class Node:
         if analyse and job_handler is None:
             slice_scores = None
             if settings.workers > 0:
-                self.model = WarmModel(self._load_bundle)
+                self.model = WarmModel(self._load_bundle, niceness=MODEL_NICENESS)
                 if settings.prescore_slices:
                     slice_scores = SliceScores()
                     self.prescorer = Prescorer(

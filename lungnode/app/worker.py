@@ -58,6 +58,7 @@ from lungnode.db.leases import JobLeases
 from lungnode.db.session import make_engine, make_session_factory
 from lungnode.pipeline.batches import ItemTerms, give_up_lost_item, run_batch_item
 from lungnode.pipeline.commitment import CommitmentTerms
+from lungnode.pipeline.cpu_priority import MODEL_NICENESS
 from lungnode.pipeline.jobs import JobHandler, JobRetryPolicy, LeaseTerms, run_job
 from lungnode.pipeline.outbox import Outbox, RetryPolicy
 from lungnode.pipeline.series_job import make_series_job
@@ -122,7 +123,7 @@ class WorkerRole:
             commitment=CommitmentTerms.from_settings(settings),
             dicomweb_peers={peer.name: peer for peer in settings.dicomweb_peers},
         )
-        model = WarmModel(self._load_bundle) if self.analyse else None
+        model = WarmModel(self._load_bundle, niceness=MODEL_NICENESS) if self.analyse else None
         handler = None
         if model is not None:
             handler = make_series_job(

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import threading
 import time
 from collections import OrderedDict
@@ -54,6 +53,7 @@ from lungnode.imaging.windowing import build_model_input
 from lungnode.ml.bundle import ModelBundle
 from lungnode.ml.inference import DEFAULT_BATCH_SIZE, aggregate
 from lungnode.pipeline import analyze
+from lungnode.pipeline.cpu_priority import lower_thread_priority
 
 logger = logging.getLogger(__name__)
 
@@ -254,20 +254,6 @@ class Prescorer:
         score_files([path for _id, _series, path in rows], bundle, self.cache, self.batch_size)
         self.scored += len(rows)
         return len(rows)
-
-
-def lower_thread_priority(by: int) -> None:
-    """Raise the calling thread's nice value by ``by`` (Linux, where each thread has
-    its own; elsewhere a no-op, as it would lower the whole process). Never raises:
-    at worst the thread keeps the process's priority."""
-    if not sys.platform.startswith("linux"):
-        return
-    thread = threading.get_native_id()
-    try:
-        niceness = os.getpriority(os.PRIO_PROCESS, thread)
-        os.setpriority(os.PRIO_PROCESS, thread, min(19, niceness + by))
-    except OSError as exc:
-        logger.info("slice pre-scoring keeps the process's CPU priority: %s", exc)
 
 
 def analyze_prescored(

@@ -39,6 +39,7 @@ from lungnode.domain import HUVolume, SliceRef
 from lungnode.errors import BundleError
 from lungnode.ml.bundle import ModelBundle
 from lungnode.ml.inference import DEFAULT_BATCH_SIZE
+from lungnode.pipeline.cpu_priority import lower_thread_priority
 
 logger = logging.getLogger(__name__)
 
@@ -50,14 +51,22 @@ class ModelState(StrEnum):
 
 
 class WarmModel:
-    """Loads the bundle with ``load`` and warms it with ``warm``, once, off the caller's thread."""
+    """Loads the bundle with ``load`` and warms it with ``warm``, once, off the caller's thread.
+
+    ``niceness``: how much lower the warm-up thread runs than the process. The
+    threads the model creates while it loads and first runs (TensorFlow's pools,
+    which every later forward pass uses) inherit it (``pipeline.cpu_priority``).
+    """
 
     def __init__(
         self,
         load: Callable[[], ModelBundle],
         warm: Callable[[ModelBundle], None] | None = None,
+        *,
+        niceness: int = 0,
     ) -> None:
         self._load = load
+        self.niceness = niceness
         self._warm = warm if warm is not None else warm_up
         self._done = threading.Event()
         self._bundle: ModelBundle | None = None
@@ -108,6 +117,7 @@ class WarmModel:
 
     def _run(self) -> None:
         logger.info("warming the model: load, one synthetic analysis with Grad-CAM, the writers")
+        lower_thread_priority(self.niceness)
         try:
             bundle = self._load()
             self._warm(bundle)

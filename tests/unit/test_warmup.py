@@ -5,6 +5,8 @@ The warm-up with a real model and a real node is in ``tests/api/test_model_warmu
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
 from types import SimpleNamespace
 from typing import Any
@@ -12,7 +14,9 @@ from typing import Any
 import pytest
 
 from lungnode.errors import BundleError
+from lungnode.pipeline.cpu_priority import MODEL_NICENESS
 from lungnode.pipeline.warmup import ModelState, WarmModel
+from tests.conftest import unavailable
 
 
 class Loads:
@@ -69,3 +73,32 @@ def test_a_caller_may_bound_its_wait() -> None:
         model.bundle(timeout=0.05)
     loads.gate.set()
     assert model.bundle(timeout=10) is loads.bundle
+
+
+def test_threads_the_model_makes_while_it_loads_run_at_the_lower_priority() -> None:
+    """TensorFlow's pools are made on the warm-up thread the first time the model runs:
+    made there, a thread inherits the warm-up thread's nice value (Linux)."""
+    if not sys.platform.startswith("linux"):
+        unavailable("a per-thread nice value is Linux's")
+    seen: dict[str, int] = {}
+
+    def load() -> Any:
+        seen["warm-up"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+        def pool() -> None:
+            seen["pool"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+        thread = threading.Thread(target=pool)
+        thread.start()
+        thread.join(10)
+        return Loads().bundle
+
+    base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    model = WarmModel(load, warm=lambda _bundle: None, niceness=MODEL_NICENESS)
+    model.start()
+    model.bundle(timeout=10)
+    assert seen == {
+        "warm-up": min(19, base + MODEL_NICENESS),
+        "pool": min(19, base + MODEL_NICENESS),
+    }
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base
