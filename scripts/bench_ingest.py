@@ -41,7 +41,10 @@ receiver and scenario; ``CPU ms``: the CPU time the receiver's processes (its
 whole process group) used during the send, per instance (lungnode's includes the
 slice pre-scoring done meanwhile, and none of the analysis, which starts after);
 ``sys %``: the kernel's share of that CPU time (socket reads, page-cache writes,
-fsyncs).
+fsyncs); ``sender``: the CPU time of the storescu senders, per instance; ``busy``:
+how many cores the whole machine kept busy during the send (``/proc/stat``; of
+``os.cpu_count()``). When ``busy`` is near the core count, the run measures who
+needs the least CPU per instance, senders included, more than who waits least.
 The receivers do not promise the same durability: lungnode fsyncs every
 instance (file and directory) before it answers, and Orthanc does too when
 ``SyncStorageArea`` is on; the pynetdicom and DCMTK storescp apps only write
@@ -123,6 +126,10 @@ class Result:
     cpu_s: list[float] = field(default_factory=list)
     #: The kernel's part of ``cpu_s``.
     sys_s: list[float] = field(default_factory=list)
+    #: CPU seconds of the storescu senders over each send.
+    sender_cpu_s: list[float] = field(default_factory=list)
+    #: Cores busy on the whole machine over each send (``/proc/stat``), of ``os.cpu_count()``.
+    busy_cores: list[float] = field(default_factory=list)
     stored: list[int] = field(default_factory=list)
     durability: str = ""
     error: str = ""
@@ -138,6 +145,12 @@ class Result:
     @property
     def cpu_ms_per_instance(self) -> float:
         return statistics.median(self.cpu_s) / self.instances * 1000 if self.cpu_s else 0.0
+
+    @property
+    def sender_cpu_ms_per_instance(self) -> float:
+        if not self.sender_cpu_s:
+            return 0.0
+        return statistics.median(self.sender_cpu_s) / self.instances * 1000
 
     @property
     def sys_percent(self) -> float:
@@ -163,6 +176,20 @@ def group_cpu_seconds(group: int) -> tuple[float, float]:
             system += int(fields[12]) + int(fields[14])  # stime, cstime
     ticks = os.sysconf("SC_CLK_TCK")
     return user / ticks, system / ticks
+
+
+def machine_ticks() -> tuple[int, int]:
+    """(busy, all) ticks of every core so far, from the first line of /proc/stat."""
+    with open("/proc/stat") as stat:
+        ticks = [int(value) for value in stat.readline().split()[1:9]]
+    idle = ticks[3] + ticks[4]  # idle, iowait
+    return sum(ticks) - idle, sum(ticks)
+
+
+def senders_cpu_seconds() -> float:
+    """CPU seconds of the children this script has waited for (the storescu senders)."""
+    times = os.times()
+    return times.children_user + times.children_system
 
 
 def free_port() -> int:
@@ -407,7 +434,7 @@ def make_folders(root: Path, n_slices: int) -> tuple[list[Path], list[Path], flo
 
 def print_table(results: list[Result], repeat: int) -> None:
     head = f"{'receiver':<11}{'scenario':<9}{'sent':>6}{'stored':>8}{'wall s':>8}"
-    head += f"{'inst/s':>9}{'MB/s':>8}{'CPU ms':>8}{'sys %':>7}"
+    head += f"{'inst/s':>9}{'MB/s':>8}{'CPU ms':>8}{'sys %':>7}{'sender':>8}{'busy':>6}"
     print(f"\n{head}  durability  (median of {repeat})")
     for r in results:
         if r.error:
@@ -418,7 +445,9 @@ def print_table(results: list[Result], repeat: int) -> None:
         print(
             f"{r.receiver:<11}{r.scenario:<9}{r.instances:>6}{min(r.stored):>8}{wall:>8.2f}"
             f"{r.instances_per_s:>9.1f}{r.megabytes / wall:>8.1f}{r.cpu_ms_per_instance:>8.2f}"
-            f"{r.sys_percent:>7.0f}  {r.durability}{flag}"
+            f"{r.sys_percent:>7.0f}{r.sender_cpu_ms_per_instance:>8.2f}"
+            f"{statistics.median(r.busy_cores) if r.busy_cores else 0.0:>6.2f}"
+            f"  {r.durability}{flag}"
         )
 
 
@@ -509,8 +538,13 @@ def main() -> int:
                             result.durability = target.durability
                             folders = one if n_assoc == 1 else four
                             user, system = group_cpu_seconds(target.process.pid)
+                            senders, ticks = senders_cpu_seconds(), machine_ticks()
                             result.wall_s.append(send(target, folders, work, nodelay))
                             user_after, system_after = group_cpu_seconds(target.process.pid)
+                            busy = [b - a for a, b in zip(ticks, machine_ticks(), strict=True)]
+                            result.sender_cpu_s.append(senders_cpu_seconds() - senders)
+                            cores = os.cpu_count() or 1
+                            result.busy_cores.append(busy[0] / max(busy[1], 1) * cores)
                             result.cpu_s.append(user_after - user + system_after - system)
                             result.sys_s.append(system_after - system)
                             result.stored.append(stored_count(target, args.slices))
