@@ -27,7 +27,7 @@ from lungnode.series.assembler import (
 logger = logging.getLogger(__name__)
 
 
-def instance_geometry(row: InstanceRow) -> InstanceGeometry:
+def _geometry_of(row: InstanceRow) -> InstanceGeometry:
     """One instance's geometry as the assembler takes it."""
     _id, position, orientation, frames = row
     return InstanceGeometry(
@@ -149,10 +149,10 @@ class CompletionWatcher:
         or one was removed, and the series is read afresh."""
         rows = series.geometry
         last, held = self._geometry.get(series.series_id, (None, []))
-        instances = held + [instance_geometry(row) for row in rows]
+        instances = held + [_geometry_of(row) for row in rows]
         if len(instances) != series.instance_count:
             rows = self.repo.instance_geometry(series.series_id)
-            instances = [instance_geometry(row) for row in rows]
+            instances = [_geometry_of(row) for row in rows]
             last = None
         if rows:
             last = rows[-1][0] if last is None else max(last, rows[-1][0])

@@ -251,8 +251,12 @@ class Prescorer:
         if not rows:
             return 0
         self._after_id = rows[-1][0]
-        score_files([path for _id, _series, path in rows], bundle, self.cache, self.batch_size)
+        spent: dict[str, float] = {}
+        score_files(
+            [path for _id, _series, path in rows], bundle, self.cache, self.batch_size, spent
+        )
         self.scored += len(rows)
+        logger.debug("pre-scored %d slices: %s", len(rows), spent)
         return len(rows)
 
 
