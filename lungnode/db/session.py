@@ -141,10 +141,15 @@ class _SqliteWriters:
     def turn(self) -> Iterator[None]:
         with self.thread_lock:
             fd = self._descriptor()
+            if fd is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                except OSError as exc:  # a filesystem without locks (ENOLCK)
+                    logger.info("SQLite writers take turns through SQLite alone: %s", exc)
+                    self._path, fd = None, None
             if fd is None:
                 yield
                 return
-            fcntl.flock(fd, fcntl.LOCK_EX)
             try:
                 yield
             finally:
@@ -164,6 +169,8 @@ class _SqliteWriters:
             self._path = None
             return None
         self._fd = (pid, fd)
+        # Closed with this object (its engine's lifetime), or at exit.
+        weakref.finalize(self, os.close, fd)
         return fd
 
 

@@ -3,7 +3,9 @@ busy back-off (``db.session._SqliteWriters``)."""
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
+import os
 import threading
 import time
 from multiprocessing.synchronize import Event
@@ -14,6 +16,7 @@ import pytest
 from sqlalchemy import Engine, event, text
 
 from lungnode.db.session import make_engine, make_session_factory, write_connection
+from tests.conftest import unavailable
 
 
 def _hold_write_turn(database: str, started: Event, release: Event) -> None:
@@ -84,3 +87,24 @@ def test_writers_take_turns_through_sqlite_alone_when_the_lock_file_cannot_be_ma
         connection.execute(text("INSERT INTO t (v) VALUES ('written')"))
     with engine.connect() as connection:
         assert connection.execute(text("SELECT count(*) FROM t")).scalar_one() == 1
+
+
+def test_an_engine_that_goes_away_closes_its_lock_file(tmp_path: Path) -> None:
+    """Tests and tools make many engines in one process: none may leave a descriptor."""
+
+    def open_descriptors() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    if not Path("/proc/self/fd").is_dir():
+        unavailable("counting open descriptors needs /proc")
+    database = tmp_path / "node.db"
+    gc.collect()
+    before = open_descriptors()
+    for _ in range(20):
+        engine = make_engine(f"sqlite:///{database}")
+        with write_connection(make_session_factory(engine)) as connection:
+            connection.execute(text("CREATE TABLE IF NOT EXISTS t (v TEXT)"))
+        engine.dispose()
+        del engine, connection
+    gc.collect()
+    assert open_descriptors() <= before
