@@ -12,7 +12,6 @@ from multiprocessing.synchronize import Event
 from pathlib import Path
 from typing import Any
 
-import pytest
 from sqlalchemy import Engine, event, text
 
 from lungnode.db.session import make_engine, make_session_factory, write_connection
@@ -76,7 +75,7 @@ def test_a_writer_waits_for_another_process_s_turn_instead_of_finding_the_databa
 
 
 def test_writers_take_turns_through_sqlite_alone_when_the_lock_file_cannot_be_made(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
 ) -> None:
     database = tmp_path / "node.db"
     engine = make_engine(f"sqlite:///{database}")
