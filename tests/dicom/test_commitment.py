@@ -386,6 +386,9 @@ def test_a_report_on_the_requesting_association_commits(
         assert wait_until(settled(node, {"committed"}), timeout=20), [
             (r.state, r.last_error) for r in rows(deliveries_of(node))
         ]
+        # The node records the commitment before its answer to the report reaches
+        # the PACS's thread: wait for that answer while the association is up.
+        assert wait_until(lambda: pacs.report_status is not None, timeout=10)
     assert pacs.report_status == 0x0000
     assert pacs.stored == {p.stem for p in result_files}
 
