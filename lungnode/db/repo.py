@@ -34,6 +34,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from lungnode.config import resolve_stored, stored_path
+from lungnode.db.driver_statements import execute
 from lungnode.db.models import (
     AUDIT_TARGET_LENGTH,
     Association,
@@ -245,7 +246,9 @@ class NodeRepository:
         with write_connection(self.sessions) as connection:
             calling_ae = self._calling_ae(connection, association_id)
             series_id = self._series_id(connection, facts, calling_ae)
-            connection.execute(
+            # On SQLite these run on the driver's connection (``db.driver_statements``).
+            execute(
+                connection,
                 _INSERT_INSTANCE,
                 {
                     "series_id": series_id,
@@ -262,14 +265,15 @@ class NodeRepository:
                     "received_at": now,
                 },
             )
-            connection.execute(
+            execute(
+                connection,
                 _TOUCH_SERIES,
                 {"sid": series_id, "now": now, "declared": facts.declared_count, "ae": calling_ae},
             )
             # Rule 4: a late instance reopens a complete series; its next completion
             # queues a new version of the analysis.
-            reopened = connection.execute(_REOPEN_SERIES, {"sid": series_id})
-            if reopened.rowcount:
+            reopened = execute(connection, _REOPEN_SERIES, {"sid": series_id})
+            if reopened:
                 logger.info("late instance reopens series %s", facts.series_instance_uid)
             return True
 

@@ -32,6 +32,7 @@ from sqlalchemy import Connection, Engine, create_engine, event, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from lungnode.config import Settings
+from lungnode.db.driver_statements import execute_driver_sql
 
 try:
     import fcntl
@@ -95,11 +96,11 @@ def make_engine(
         def _sqlite_begin(conn: Any) -> None:
             # Writers take the write lock at BEGIN: a deferred transaction that later
             # upgrades can fail at once with SQLITE_BUSY when another writer holds it.
-            # Connections marked read-only (execution option) do not need it.
-            if conn.get_execution_options().get("sqlite_read_only"):
-                conn.exec_driver_sql("BEGIN")
-            else:
-                conn.exec_driver_sql("BEGIN IMMEDIATE")
+            # Connections marked read-only (execution option) do not need it. Sent on
+            # the driver's connection: SQLAlchemy's execution around a statement with
+            # no parameters and no rows cost more than SQLite's BEGIN itself.
+            read_only = conn.get_execution_options().get("sqlite_read_only")
+            execute_driver_sql(conn, "BEGIN" if read_only else "BEGIN IMMEDIATE")
 
         return engine
     kwargs.setdefault("pool_pre_ping", True)
