@@ -29,9 +29,10 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event, make_url
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, configure_mappers, sessionmaker
 
 from lungnode.config import Settings
+from lungnode.db import models  # noqa: F401  (their mappers are configured at start)
 from lungnode.db.driver_statements import execute_driver_sql
 
 try:
@@ -112,6 +113,10 @@ def make_engine(
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:
+    """The process's sessions. The ORM's mappers are configured here, at start, once
+    per process: otherwise the first row written through the ORM does it (tens of
+    milliseconds), and that is the first association's first instance."""
+    configure_mappers()  # every mapper of ``db.models``, imported above
     return sessionmaker(bind=engine, expire_on_commit=False)
 
 
