@@ -20,7 +20,9 @@ that accepted the connection:
   calling/called AE title checks and the same association limit, counted over
   both kinds of association, with the same A-ASSOCIATE-RJ reasons; the
   presentation contexts are negotiated by pynetdicom's ``negotiate_as_acceptor``
-  against the AE's own supported contexts;
+  against the AE's own supported contexts. A request whose bytes were seen
+  before (a sender proposes the same contexts every time) is neither decoded nor
+  negotiated again (``_Request``); the acceptor checks run on every one;
 - per instance: the P-DATA-TF PDUs are read whole, the command PDVs decoded
   (``dicom.lean_codec``), the data set fragments gathered into one buffer, then
   ``dicom.scp.store_instance`` runs the same intake as the pynetdicom handler
@@ -41,6 +43,7 @@ import socket
 import threading
 from collections.abc import Callable
 from copy import deepcopy
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from pynetdicom import AE
@@ -69,6 +72,10 @@ _LARGEST_REQUEST = 1 << 20
 _READ_PIECE = 1 << 22
 #: Seconds to wait for the peer to close after our A-RELEASE-RP (PS3.8 Sta13, ARTIM).
 _CLOSE_WAIT_S = 2.0
+#: Association requests remembered with their negotiation (``_Request``), and the
+#: largest one remembered.
+_KNOWN_REQUESTS = 64
+_LARGEST_KNOWN_REQUEST = 1 << 16
 
 
 class StoreHandler(Protocol):
@@ -90,6 +97,25 @@ class LeanAssociation:
         #: We sent the last PDU (A-ASSOCIATE-RJ, A-RELEASE-RP, A-ABORT): the peer
         #: closes the connection (PS3.8 Sta13), and we let it, for a short while.
         self.awaits_close = False
+
+
+@dataclass
+class _Request:
+    """One A-ASSOCIATE-RQ as decoded, and once accepted, what accepting it sends.
+
+    A sender proposes the same hundred-odd presentation contexts on every
+    association, and decoding them with their UIDs checked, then negotiating
+    them, cost about 10 ms of the interpreter each time (``scripts/bench_ingest.py``,
+    four associations): as much as receiving a few instances. So a request is
+    remembered by its bytes: the same bytes make the same decoded request, the
+    same acceptor checks run on it every time, and the same A-ASSOCIATE-AC
+    answers it (the AE's contexts and maximum PDU do not change while it runs).
+    """
+
+    primitive: A_ASSOCIATE
+    lean: bool
+    #: The A-ASSOCIATE-AC, the accepted contexts by ID, the peer's maximum PDU.
+    accepted: tuple[bytes, dict[int, Any], int] | None = None
 
 
 class LeanReceiver:
@@ -114,6 +140,7 @@ class LeanReceiver:
         self._lock = threading.Lock()
         self._active: set[LeanAssociation] = set()
         self._stopped = False
+        self._requests: dict[bytes, _Request] = {}
 
     @property
     def active(self) -> int:
@@ -147,22 +174,17 @@ class LeanReceiver:
         except (OSError, EOFError):
             _close(sock)  # closed or silent before its request: as pynetdicom, just close
             return None
-        try:
-            request = AssociateRqPDU()
-            request.decode(header + body)
-            primitive = request.to_primitive()
-        except Exception:
-            return header + body  # pynetdicom answers a malformed request as it does
-        if not self._is_lean(primitive):
-            return header + body
+        request = self._request(header + body)
+        if request is None or not request.lean:
+            return header + body  # pynetdicom serves it, a malformed request included
         association = LeanAssociation(sock, address)
-        association.calling_ae = str(primitive.calling_ae_title).strip()
+        association.calling_ae = str(request.primitive.calling_ae_title).strip()
         with self._lock:
             stopped = self._stopped
             self._active.add(association)
         try:
             if not stopped:
-                self._run(association, primitive)
+                self._run(association, request)
         finally:
             with self._lock:
                 self._active.discard(association)
@@ -173,6 +195,26 @@ class LeanReceiver:
                     _await_close(sock)
                 _close(sock)
         return None
+
+    def _request(self, encoded: bytes) -> _Request | None:
+        """The request these bytes are (remembered, or decoded now); None if malformed."""
+        with self._lock:
+            known = self._requests.get(encoded)
+        if known is not None:
+            return known
+        try:
+            pdu = AssociateRqPDU()
+            pdu.decode(encoded)
+            primitive = pdu.to_primitive()
+        except Exception:
+            return None
+        request = _Request(primitive, self._is_lean(primitive))
+        if len(encoded) <= _LARGEST_KNOWN_REQUEST:
+            with self._lock:
+                if len(self._requests) >= _KNOWN_REQUESTS:
+                    self._requests.clear()
+                self._requests[encoded] = request
+        return request
 
     def _is_lean(self, primitive: A_ASSOCIATE) -> bool:
         if str(primitive.application_context_name) != _APPLICATION_CONTEXT:
@@ -208,9 +250,9 @@ class LeanReceiver:
             found = (0x02, 0x03, 0x02)
         return found
 
-    def _run(self, association: LeanAssociation, primitive: A_ASSOCIATE) -> None:
+    def _run(self, association: LeanAssociation, request: _Request) -> None:
         sock = association.sock
-        rejection = self._rejection(primitive)
+        rejection = self._rejection(request.primitive)
         if rejection is not None:
             logger.info("rejecting association from %s", association.calling_ae or "?")
             _send(sock, codec.reject(*rejection))
@@ -218,7 +260,7 @@ class LeanReceiver:
             association.awaits_close = True
             return
         try:
-            contexts, peer_max_pdu = self._accept(sock, primitive)
+            contexts, peer_max_pdu = self._accept(sock, request)
             self._receive(association, contexts, peer_max_pdu)
         except ProtocolError as exc:
             logger.warning("association aborted on a protocol error of the peer: %s", exc)
@@ -238,8 +280,16 @@ class LeanReceiver:
             association.outcome = "aborted"
             association.awaits_close = True
 
-    def _accept(self, sock: socket.socket, primitive: A_ASSOCIATE) -> tuple[dict[int, Any], int]:
+    def _accept(self, sock: socket.socket, request: _Request) -> tuple[dict[int, Any], int]:
         """Send the A-ASSOCIATE-AC; return the accepted contexts by ID and the peer's max PDU."""
+        if request.accepted is None:
+            request.accepted = self._acceptance(request.primitive)
+        encoded, contexts, peer_max = request.accepted
+        _send(sock, encoded, raise_errors=True)
+        return contexts, peer_max
+
+    def _acceptance(self, primitive: A_ASSOCIATE) -> tuple[bytes, dict[int, Any], int]:
+        """The A-ASSOCIATE-AC of ``primitive``, the accepted contexts, the peer's max PDU."""
         results, _roles = negotiate_as_acceptor(
             primitive.presentation_context_definition_list,
             deepcopy(self.ae.supported_contexts),
@@ -261,13 +311,12 @@ class LeanReceiver:
         accept.user_information = [maximum, implementation, version]
         pdu = AssociateAcPDU()
         pdu.from_primitive(accept)
-        _send(sock, pdu.encode(), raise_errors=True)
         peer_max = 0
         for item in primitive.user_information or []:
             if isinstance(item, MaximumLengthNotification):
                 peer_max = item.maximum_length_received or 0
         accepted = {cx.context_id or 0: cx for cx in results if cx.result == 0x00}
-        return accepted, peer_max
+        return pdu.encode(), accepted, peer_max
 
     def _receive(
         self, association: LeanAssociation, contexts: dict[int, Any], peer_max_pdu: int

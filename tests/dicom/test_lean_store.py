@@ -181,6 +181,35 @@ def test_association_limit_counts_both_receivers(
     again.release()
 
 
+def test_a_request_seen_before_is_remembered_and_still_checked(
+    make_settings: Callable[..., Settings], start_node: Callable[..., Node]
+) -> None:
+    """The same A-ASSOCIATE-RQ three times: decoded and negotiated once, refused
+    while the one association allowed runs, accepted with its contexts after."""
+    node = _lean_node(make_settings, start_node, max_associations=1)
+    lean = node.scp.lean
+    assert lean is not None
+    contexts = [(CTImageStorage, ExplicitVRLittleEndian)]
+    first_slice, second_slice = make_ct_series(2, rows=32, columns=32)
+    first = associate(node.scp.port, contexts)
+    assert first.is_established
+    assert associate(node.scp.port, contexts).is_rejected  # over the limit, remembered or not
+    assert first.send_c_store(first_slice).Status == 0x0000
+    first.release()
+    assert wait_until(lambda: lean.active == 0)
+    again = associate(node.scp.port, contexts)
+    assert again.is_established
+    assert [str(cx.abstract_syntax) for cx in again.accepted_contexts] == [
+        Verification,
+        CTImageStorage,
+    ]
+    assert again.send_c_store(second_slice).Status == 0x0000
+    again.release()
+    assert row_count(node, Instance) == 2
+    assert len(lean._requests) == 1
+    assert wait_until(lambda: _outcomes(node) == ["released", "released"])
+
+
 def test_silent_peer_is_aborted_after_the_network_timeout(
     make_settings: Callable[..., Settings], start_node: Callable[..., Node]
 ) -> None:
