@@ -106,23 +106,39 @@ def check_stack(
 
 
 def decide(snapshot: SeriesSnapshot, now: float, rules: CompletionRules) -> Decision:
-    """Apply the completion rules in order; the first that holds wins."""
-    stack = check_stack(snapshot.instances, rules.spacing_tolerance)
+    """Apply the completion rules in order; the first that holds wins.
+
+    The stack is checked only when a rule could complete the series now or start
+    its grace: while senders are still sending, short of a declared count, the
+    check would decide nothing, and on a long series it is most of what a pass of
+    the completion timer costs.
+    """
     count = len(snapshot.instances)
     declared = snapshot.declared_count
-    if declared is not None and declared > 0 and count == declared and stack.even:
+    quiet = now - snapshot.last_received_at
+    counted = declared is not None and declared > 0 and count == declared
+    released = (
+        not snapshot.senders_open
+        and snapshot.senders_released
+        and snapshot.last_sender_ended_at is not None
+    )
+    if not (counted or released or quiet >= rules.quiet_seconds):
+        waiting_for = "declared count" if declared else "sender release or quiet timer"
+        return Decision(
+            False,
+            None,
+            f"waiting for {waiting_for}: {count} instances",
+            rules.quiet_seconds - quiet,
+        )
+    stack = check_stack(snapshot.instances, rules.spacing_tolerance)
+    if counted and stack.even:
         return Decision(
             True, RULE_DECLARED_COUNT, f"{count} of {declared} declared; {stack.reason}"
         )
 
     waits: list[float] = []
     awaiting = None
-    if (
-        not snapshot.senders_open
-        and snapshot.senders_released
-        and snapshot.last_sender_ended_at is not None
-        and stack.even
-    ):
+    if released and snapshot.last_sender_ended_at is not None and stack.even:
         waited = now - snapshot.last_sender_ended_at
         if waited >= rules.grace_seconds:
             return Decision(
@@ -133,7 +149,6 @@ def decide(snapshot: SeriesSnapshot, now: float, rules: CompletionRules) -> Deci
         waits.append(rules.grace_seconds - waited)
         awaiting = RULE_ASSOCIATION_RELEASED
 
-    quiet = now - snapshot.last_received_at
     if quiet >= rules.quiet_seconds:
         return Decision(True, RULE_QUIET_TIMER, f"no instance for {quiet:.1f} s; {stack.reason}")
     waits.append(rules.quiet_seconds - quiet)

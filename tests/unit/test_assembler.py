@@ -54,6 +54,20 @@ def test_declared_count_met_completes_at_once() -> None:
     assert decision.complete and decision.rule == RULE_DECLARED_COUNT
 
 
+def test_while_senders_send_short_of_a_declared_count_the_stack_is_not_judged() -> None:
+    """No rule could complete the series yet: the decision says what it waits for,
+    and leaves the stack (a gap here) to the moment a rule could use it."""
+    gapped = stack(40, skip={7})
+    for declared in (None, 40):
+        waiting = decide(snapshot(gapped, declared, last=100.0), now=101.0, rules=RULES)
+        assert not waiting.complete
+        assert waiting.recheck_in == RULES.quiet_seconds - 1.0
+        assert waiting.reason.endswith(": 39 instances")
+    released = snapshot(gapped, last=100.0, open_=False, released=True, ended=100.5)
+    judged = decide(released, now=101.0, rules=RULES)
+    assert not judged.complete and "gap" in judged.reason
+
+
 def test_declared_count_not_met_waits() -> None:
     decision = decide(snapshot(stack(39), declared=40), now=100.0, rules=RULES)
     assert not decision.complete
