@@ -50,8 +50,11 @@ class _DriverForm:
         return values
 
 
+#: Compiled forms by statement and parameter names. Meant for statements built once
+#: (module constants); past the bound, the forms are compiled afresh.
 _forms: dict[tuple[ClauseElement, frozenset[str]], _DriverForm | None] = {}
 _forms_lock = threading.Lock()
+_MAX_FORMS = 256
 
 
 def execute(connection: Connection, statement: ClauseElement, params: Mapping[str, Any]) -> int:
@@ -88,6 +91,8 @@ def _driver_form(
             return _forms[key]
     form = _compile(connection, statement, key[1])
     with _forms_lock:
+        if len(_forms) >= _MAX_FORMS:
+            _forms.clear()
         _forms[key] = form
     return form
 
