@@ -105,8 +105,9 @@ class _Request:
 
     A sender proposes the same hundred-odd presentation contexts on every
     association, and decoding them with their UIDs checked, then negotiating
-    them, cost about 10 ms of the interpreter each time (``scripts/bench_ingest.py``,
-    four associations): as much as receiving a few instances. So a request is
+    them, held the interpreter about 10 ms each time (``py-spy --gil`` during the
+    four associations of ``scripts/bench_ingest.py``): as much as receiving a few
+    instances. So a request is
     remembered by its bytes: the same bytes make the same decoded request, the
     same acceptor checks run on it every time, and the same A-ASSOCIATE-AC
     answers it (the AE's contexts and maximum PDU do not change while it runs).
