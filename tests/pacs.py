@@ -8,6 +8,7 @@ import socket
 import subprocess
 import time
 import urllib.request
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +20,19 @@ DICOMWEB_PLUGIN = os.environ.get(
 )
 
 
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free ports: each stays bound until all are chosen, so that
+    two picked one after the other cannot be the same (a server given the same port
+    twice fails to start)."""
+    with ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in sockets]
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return free_ports(1)[0]
 
 
 class Orthanc:
@@ -44,7 +54,8 @@ class Orthanc:
         self.executable = executable
         self.work = work
         self.dicom_port = dicom_port or free_port()
-        self.http_port = free_port()
+        # Not the DICOM port, even when that one was picked by an earlier call.
+        self.http_port = next(port for port in free_ports(2) if port != self.dicom_port)
         self.process: subprocess.Popen[bytes] | None = None
         work.mkdir(parents=True, exist_ok=True)
         config = {

@@ -25,6 +25,7 @@ from typing import Any
 
 from tests.conftest import SENDER_AE, Databases, query
 from tests.dicom.helpers import free_port, wait_until
+from tests.pacs import free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 LUNGNODE = Path(sys.executable).with_name("lungnode")
@@ -64,8 +65,7 @@ class ServedNode:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.storage = storage if storage is not None else workdir / "storage"
-        self.dicom_port = free_port()
-        self.http_port = free_port()
+        self.dicom_port, self.http_port = free_ports(2)
         self.process: subprocess.Popen[bytes] | None = None
         self.runs = 0
         self._token: str | None = None
