@@ -18,6 +18,27 @@ class ConfigError(LungnodeError, ValueError):
     """The settings are invalid or unsafe; the message says which and why."""
 
 
+class ListenError(LungnodeError):
+    """A port the node must listen on cannot be had; the message says which, why, and
+    the setting that chooses another."""
+
+
+#: Why a bind fails, as a PACS admin would want it said.
+_BIND_REASONS = {
+    errno.EADDRINUSE: "another program listens there (is a node already running?)",
+    errno.EACCES: "ports below 1024 need privileges",
+    errno.EADDRNOTAVAIL: "no network interface of this machine has that address",
+}
+
+
+def listen_error(exc: OSError, service: str, host: str, port: int, setting: str) -> ListenError:
+    """The :class:`ListenError` of a failed bind of ``service`` to ``host:port``."""
+    why = _BIND_REASONS.get(exc.errno or 0, exc.strerror or str(exc))
+    return ListenError(
+        f"cannot listen for {service} on {host}:{port}: {why}; choose another port with {setting}"
+    )
+
+
 class IntakeError(LungnodeError):
     """A received instance cannot be accepted; ``status`` is the DIMSE status to answer."""
 

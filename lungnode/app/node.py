@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from lungnode.db.jobs import JobRepository
 from lungnode.db.migrate import upgrade
 from lungnode.db.repo import NodeRepository
 from lungnode.db.session import engine_for, make_session_factory
-from lungnode.errors import BundleError
+from lungnode.errors import BundleError, listen_error
 from lungnode.pipeline.commitment import CommitmentTerms
 from lungnode.pipeline.cpu_priority import MODEL_NICENESS
 from lungnode.pipeline.jobs import JobHandler, JobRetryPolicy, LocalJobQueue
@@ -54,6 +55,16 @@ class _Status:
     @property
     def scp_listening(self) -> bool:
         return self.node.scp.listening
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening socket for the API on ``host:port`` (the address family as Werkzeug
+    would choose it), or a :class:`ListenError` that says why not."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family, backlog=128)
+    except OSError as exc:
+        raise listen_error(exc, "the API", host, port, "LUNGNODE_HTTP_PORT") from exc
 
 
 class Node:
@@ -177,13 +188,19 @@ class Node:
                 receiving=stow_receiving(settings, self.repo, self.watcher.wake),
             )
             cert, key = settings.http_tls_cert, settings.http_tls_key
-            self._http = make_server(
-                settings.http_host,
-                settings.http_port,
-                app,
-                threaded=True,
-                ssl_context=server_context(cert, key) if cert and key else None,
-            )
+            # Bound here, not by Werkzeug: on a failed bind it prints and exits.
+            listener = _listen(settings.http_host, settings.http_port)
+            try:
+                self._http = make_server(
+                    settings.http_host,
+                    settings.http_port,
+                    app,
+                    threaded=True,
+                    ssl_context=server_context(cert, key) if cert and key else None,
+                    fd=listener.fileno(),
+                )
+            finally:
+                listener.close()  # the server holds its own descriptor of it
             # A short poll interval: a stop waits up to one for the server's loop.
             self._http_thread = threading.Thread(
                 target=functools.partial(self._http.serve_forever, poll_interval=0.1),
@@ -235,7 +252,7 @@ class Node:
 
     @property
     def http_port(self) -> int:
-        return int(self._http.server_port) if self._http else self.settings.http_port
+        return int(self._http.port) if self._http else self.settings.http_port
 
     def stop(self) -> bool:
         """Stop listening first, then let the timer and workers finish.

@@ -58,7 +58,7 @@ from lungnode.dicom.scp_servers import (
     RequestHandlerForReplay,
     WrapInThreadServer,
 )
-from lungnode.errors import IntakeError, storage_full
+from lungnode.errors import IntakeError, listen_error, storage_full
 
 if TYPE_CHECKING:
     from lungnode.dicom.ingest_workers import IngestWorkers
@@ -372,7 +372,11 @@ class StorageSCP:
         reactor.install()
         ssl_context = self._ssl_context()
         server_class = WrapInThreadServer if self.dispatcher is None else DispatchingServer
-        server = self._make_server(server_class, ssl_context)
+        try:
+            server = self._make_server(server_class, ssl_context)
+        except OSError as exc:
+            host, port = self.config.host, self.config.port
+            raise listen_error(exc, "DICOM", host, port, "LUNGNODE_DICOM_PORT") from exc
         if isinstance(server, DispatchingServer) and self.dispatcher is not None:
             server.dispatcher = self.dispatcher
         self._serve(server)
