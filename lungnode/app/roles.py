@@ -18,7 +18,7 @@ from typing import Any
 from lungnode.app.celery_app import QUEUES
 from lungnode.app.commands import _log_settings, _no_huge_pages_for_numpy
 from lungnode.config import Settings
-from lungnode.errors import ConfigError
+from lungnode.errors import ConfigError, LungnodeError
 
 logger = logging.getLogger("lungnode")
 
@@ -52,7 +52,11 @@ def cmd_scp(settings: Settings, args: argparse.Namespace) -> int:
     _log_settings(settings)
     node = ReceivingNode(settings)
     stop = _stop_event()
-    node.start()
+    try:
+        node.start()
+    except LungnodeError:
+        node.stop()  # what started before (the ingest workers): stopped, not left
+        raise
     logger.info("ready: DICOM %s on port %d (scp role)", settings.ae_title, node.port)
     try:
         while not stop.wait(1.0):
