@@ -20,7 +20,7 @@ from lungnode import __version__
 from lungnode.app.autograph_files import remove_autograph_files
 from lungnode.app.database import open_database
 from lungnode.config import Settings
-from lungnode.errors import ConfigError, LungnodeError
+from lungnode.errors import ConfigError, ListenError
 
 logger = logging.getLogger("lungnode")
 
@@ -67,8 +67,8 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _on_signal)
     try:
         node.start()
-    except LungnodeError:
-        node.stop()  # what started before (the ingest workers): stopped, not left
+    except ListenError:
+        node.stop()  # what started before the port was refused: stopped, not left
         raise
     logger.info("ready: DICOM %s on port %d", settings.ae_title, node.scp.port)
     try:

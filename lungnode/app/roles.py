@@ -18,7 +18,7 @@ from typing import Any
 from lungnode.app.celery_app import QUEUES
 from lungnode.app.commands import _log_settings, _no_huge_pages_for_numpy
 from lungnode.config import Settings
-from lungnode.errors import ConfigError, LungnodeError
+from lungnode.errors import ConfigError, ListenError
 
 logger = logging.getLogger("lungnode")
 
@@ -54,8 +54,8 @@ def cmd_scp(settings: Settings, args: argparse.Namespace) -> int:
     stop = _stop_event()
     try:
         node.start()
-    except LungnodeError:
-        node.stop()  # what started before (the ingest workers): stopped, not left
+    except ListenError:
+        node.stop()  # what started before the port was refused: stopped, not left
         raise
     logger.info("ready: DICOM %s on port %d (scp role)", settings.ae_title, node.port)
     try:
