@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import time
 import urllib.request
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
+
+from tests.ports import free_port as free_port
+from tests.ports import free_ports
 
 ORTHANC_AE = "ORTHANC"
 #: Orthanc's DICOMweb plugin as Debian installs it (``orthanc-dicomweb``);
@@ -18,21 +19,6 @@ ORTHANC_AE = "ORTHANC"
 DICOMWEB_PLUGIN = os.environ.get(
     "LUNGNODE_TEST_ORTHANC_DICOMWEB", "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 )
-
-
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct free ports: each stays bound until all are chosen, so that
-    two picked one after the other cannot be the same (a server given the same port
-    twice fails to start)."""
-    with ExitStack() as stack:
-        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [int(sock.getsockname()[1]) for sock in sockets]
-
-
-def free_port() -> int:
-    return free_ports(1)[0]
 
 
 class Orthanc:

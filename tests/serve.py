@@ -25,7 +25,7 @@ from typing import Any
 
 from tests.conftest import SENDER_AE, Databases, query
 from tests.dicom.helpers import free_port, wait_until
-from tests.pacs import free_ports
+from tests.ports import free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 LUNGNODE = Path(sys.executable).with_name("lungnode")

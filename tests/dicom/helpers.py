@@ -15,6 +15,7 @@ from sqlalchemy import select
 from lungnode.app.node import Node
 from lungnode.db.models import Job
 from tests.conftest import SENDER_AE
+from tests.ports import free_port as free_port
 
 
 def associate(
@@ -90,15 +91,6 @@ def capture_stream(port: int, path: Path) -> bytes:
     finally:
         assoc.release()
     return b"".join(sent)
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now (for servers started as subprocesses)."""
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 15.0, step: float = 0.05) -> bool:
