@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import errno
 
+from lungnode.addresses import host_port
+
 
 class LungnodeError(Exception):
     """Base class of every error lungnode raises on purpose."""
@@ -35,7 +37,8 @@ def listen_error(exc: OSError, service: str, host: str, port: int, setting: str)
     """The :class:`ListenError` of a failed bind of ``service`` to ``host:port``."""
     why = _BIND_REASONS.get(exc.errno or 0, exc.strerror or str(exc))
     return ListenError(
-        f"cannot listen for {service} on {host}:{port}: {why}; choose another port with {setting}"
+        f"cannot listen for {service} on {host_port(host, port)}: {why}; "
+        f"choose another port with {setting}"
     )
 
 

@@ -16,14 +16,11 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from lungnode.addresses import host_port
 from lungnode.app.metrics_dir import ENV, remove_made_metrics_dir, use_metrics_dir
 from lungnode.config import Settings
 
 WSGI_APP = "lungnode.app.wsgi:app"
-
-
-def bind_address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def child_exit(server: Any, worker: Any) -> None:
@@ -48,7 +45,7 @@ def gunicorn_options(settings: Settings) -> dict[str, Any]:
     """gunicorn settings for the ``api`` role (names as in gunicorn's documentation)."""
     options: dict[str, Any] = {
         "wsgi_app": WSGI_APP,
-        "bind": [bind_address(settings.http_host, settings.http_port)],
+        "bind": [host_port(settings.http_host, settings.http_port)],
         "workers": settings.api_workers,
         "threads": settings.api_threads,
         "worker_class": "gthread" if settings.api_threads > 1 else "sync",

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from werkzeug.serving import BaseWSGIServer, make_server
 
+from lungnode.addresses import host_port
 from lungnode.api import create_app, ensure_first_admin
 from lungnode.app.housekeeping import Housekeeping
 from lungnode.app.https import server_context
@@ -209,10 +210,9 @@ class Node:
             )
             self._http_thread.start()
             logger.info(
-                "API listening on %s://%s:%d/api/v1",
+                "API listening on %s://%s/api/v1",
                 "https" if settings.http_tls_cert else "http",
-                settings.http_host,
-                self.http_port,
+                host_port(settings.http_host, self.http_port),
             )
         if self.model is not None:
             # Last, and in the background: importing TensorFlow would slow the
