@@ -33,9 +33,9 @@ LUNGNODE = Path(sys.executable).with_name("lungnode")
 ADMIN_PASSWORD = "drill-admin-password"
 
 
-def port_open(port: int) -> bool:
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+        with socket.create_connection((host, port), timeout=0.5):
             return True
     except OSError:
         return False

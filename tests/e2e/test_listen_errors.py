@@ -1,5 +1,6 @@
-"""A port the node must listen on is taken: ``lungnode serve`` names it, says which
-setting chooses another, stops what it had started, and exits 2."""
+"""Where ``lungnode serve`` listens. A port it must listen on is taken: it names it,
+says which setting chooses another, stops what it had started, and exits 2. The
+API on an IPv6 address listens there, and is named as an address is written."""
 
 from __future__ import annotations
 
@@ -16,6 +17,23 @@ from tests.dicom.helpers import wait_until
 from tests.serve import LUNGNODE, ServedNode, port_open
 
 
+def _serve_while_taken(node: ServedNode, host: str, port: int) -> tuple[int, str]:
+    """``lungnode serve`` while another program listens on ``host:port``: its exit
+    status and output."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.create_server((host, port), family=family):
+        result = subprocess.run(
+            [str(LUNGNODE), "serve"],
+            env=node.env,
+            cwd=node.workdir,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    return result.returncode, result.stdout + result.stderr
+
+
 @pytest.mark.parametrize("taken", ["DICOM", "the API"])
 def test_a_port_in_use_is_named_and_the_node_exits_2(
     serve_node: Callable[..., ServedNode], taken: str
@@ -26,18 +44,8 @@ def test_a_port_in_use_is_named_and_the_node_exits_2(
         if taken == "DICOM"
         else (node.http_port, "LUNGNODE_HTTP_PORT")
     )
-    with socket.create_server(("127.0.0.1", port)):  # another program listens there
-        result = subprocess.run(
-            [str(LUNGNODE), "serve"],
-            env=node.env,
-            cwd=node.workdir,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-    output = result.stdout + result.stderr
-    assert result.returncode == 2, output[-3000:]
+    returncode, output = _serve_while_taken(node, "127.0.0.1", port)
+    assert returncode == 2, output[-3000:]
     assert (
         f"cannot listen for {taken} on 127.0.0.1:{port}: another program listens there" in output
     ), output[-3000:]
@@ -46,14 +54,6 @@ def test_a_port_in_use_is_named_and_the_node_exits_2(
     # What had started (the ingest worker, the DICOM port) was stopped, not left.
     assert "lungnode.app.node: stopped" in output
     assert "stopped unexpectedly" not in output
-
-
-def _open_on_ipv6_loopback(port: int) -> bool:
-    try:
-        with socket.create_connection(("::1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
 
 
 def test_the_api_listens_on_an_ipv6_address(serve_node: Callable[..., ServedNode]) -> None:
@@ -70,9 +70,7 @@ def test_the_api_listens_on_an_ipv6_address(serve_node: Callable[..., ServedNode
             cwd=node.workdir,
         )
     try:
-        up = wait_until(
-            lambda: process.poll() is not None or _open_on_ipv6_loopback(node.http_port), 90
-        )
+        up = wait_until(lambda: process.poll() is not None or port_open(node.http_port, "::1"), 90)
         assert up and process.poll() is None, log.read_text(errors="replace")[-3000:]
         url = f"http://[::1]:{node.http_port}/api/v1/health"
         try:
@@ -92,16 +90,6 @@ def test_a_taken_ipv6_port_is_named_as_an_address(
     serve_node: Callable[..., ServedNode],
 ) -> None:
     node = serve_node(http_host="::1")
-    with socket.create_server(("::1", node.http_port), family=socket.AF_INET6):
-        result = subprocess.run(
-            [str(LUNGNODE), "serve"],
-            env=node.env,
-            cwd=node.workdir,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-    output = result.stdout + result.stderr
-    assert result.returncode == 2, output[-3000:]
+    returncode, output = _serve_while_taken(node, "::1", node.http_port)
+    assert returncode == 2, output[-3000:]
     assert f"cannot listen for the API on [::1]:{node.http_port}: another program" in output
