@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import pytest
 
+from tests.conftest import unavailable
 from tests.dicom.helpers import wait_until
 from tests.serve import LUNGNODE, ServedNode, port_open
 
@@ -32,6 +33,13 @@ def _serve_while_taken(node: ServedNode, host: str, port: int) -> tuple[int, str
             check=False,
         )
     return result.returncode, result.stdout + result.stderr
+
+
+def _require_ipv6_loopback() -> None:
+    try:
+        socket.create_server(("::1", 0), family=socket.AF_INET6).close()
+    except OSError as exc:
+        unavailable(f"this machine has no IPv6 loopback address: {exc}")
 
 
 @pytest.mark.parametrize("taken", ["DICOM", "the API"])
@@ -59,6 +67,7 @@ def test_a_port_in_use_is_named_and_the_node_exits_2(
 def test_the_api_listens_on_an_ipv6_address(serve_node: Callable[..., ServedNode]) -> None:
     """``http_host = "::1"``: the API is served on the IPv6 loopback and on it only, and
     the log names the address as a URL writes it."""
+    _require_ipv6_loopback()
     node = serve_node(http_host="::1")
     log = node.workdir / "serve-ipv6.log"
     with log.open("wb") as stream:
@@ -89,6 +98,7 @@ def test_the_api_listens_on_an_ipv6_address(serve_node: Callable[..., ServedNode
 def test_a_taken_ipv6_port_is_named_as_an_address(
     serve_node: Callable[..., ServedNode],
 ) -> None:
+    _require_ipv6_loopback()
     node = serve_node(http_host="::1")
     returncode, output = _serve_while_taken(node, "::1", node.http_port)
     assert returncode == 2, output[-3000:]
