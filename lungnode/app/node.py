@@ -62,8 +62,12 @@ def _listen(host: str, port: int) -> socket.socket:
     """A listening socket for the API on ``host:port`` (the address family as Werkzeug
     would choose it), or a :class:`ListenError` that says why not."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # ``::`` takes IPv4 too where the system can, as Werkzeug's own socket does.
+    dualstack = family == socket.AF_INET6 and socket.has_dualstack_ipv6()
     try:
-        return socket.create_server((host, port), family=family, backlog=128)
+        return socket.create_server(
+            (host, port), family=family, backlog=128, dualstack_ipv6=dualstack
+        )
     except OSError as exc:
         raise listen_error(exc, "the API", host, port, "LUNGNODE_HTTP_PORT") from exc
 
