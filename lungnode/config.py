@@ -120,6 +120,9 @@ class Settings(BaseSettings):
     network_timeout: float = Field(default=60.0, gt=0)
     #: Refuse new instances (status 0xA700) when less than this much disk is free.
     min_free_disk_mb: int = Field(default=500, ge=0)
+    #: Megabytes of the instances received last that each receiving process leaves
+    #: in the page cache; older ones are dropped from it (``dicom.page_cache``).
+    intake_page_cache_mb: int = Field(default=64, ge=0)
     tls_cert: Path | None = None
     tls_key: Path | None = None
     #: CA bundle to verify client certificates; when set, clients must present one.

@@ -51,7 +51,12 @@ def run_worker(config: WorkerConfig, channel: socket.socket, name: str) -> None:
     )
     sessions = make_session_factory(engine)
     repo = NodeRepository(sessions, config.storage_dir)
-    intake = Intake(config.incoming_dir, repo.register_instance, config.min_free_bytes)
+    intake = Intake(
+        config.incoming_dir,
+        repo.register_instance,
+        config.min_free_bytes,
+        page_cache_bytes=config.page_cache_bytes,
+    )
     scp = StorageSCP(
         config.scp,
         intake,

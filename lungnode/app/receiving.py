@@ -34,6 +34,7 @@ def make_intake(settings: Settings, repo: NodeRepository) -> Intake:
         settings.incoming_dir,
         repo.register_instance,
         min_free_bytes=settings.min_free_disk_mb * 2**20,
+        page_cache_bytes=settings.intake_page_cache_mb * 2**20,
     )
 
 
@@ -92,6 +93,7 @@ class Receiver:
                     incoming_dir=settings.incoming_dir,
                     storage_dir=settings.storage_dir,
                     min_free_bytes=settings.min_free_disk_mb * 2**20,
+                    page_cache_bytes=settings.intake_page_cache_mb * 2**20,
                     log_level=settings.log_level,
                     db_pool_size=settings.db_pool_size,
                     db_max_overflow=settings.db_max_overflow,

@@ -29,6 +29,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.pixels.utils import iter_pixels, pixel_array
 
+from lungnode.dicom import page_cache
 from lungnode.dicom.frames import Frame, frames_of, native_frame
 from lungnode.dicom.native_slice import read_native_slice
 from lungnode.domain import HUVolume, SliceRef
@@ -181,11 +182,17 @@ def _load_single_frames(
 
 
 def _read_single_frame(path: Path) -> tuple[Frame, np.ndarray] | None:
-    """(frame, stored values) of a single-frame instance; None for a multi-frame one."""
-    native = read_native_slice(path)
-    if native is not None:
-        return native_frame(path, native), native.pixels
-    ds = _read(path, pixels=True)
+    """(frame, stored values) of a single-frame instance; None for a multi-frame one.
+
+    The file is read whole, so its pages leave the page cache (``dicom.page_cache``).
+    """
+    try:
+        native = read_native_slice(path)
+        if native is not None:
+            return native_frame(path, native), native.pixels
+        ds = _read(path, pixels=True)
+    finally:
+        page_cache.drop(path)
     found = frames_of(path, ds)
     if len(found) != 1 or found[0].frame_index is not None:
         return None

@@ -86,6 +86,8 @@ class WorkerConfig:
     storage_dir: Path
     min_free_bytes: int
     log_level: str
+    #: The intake's page cache window (``dicom.page_cache``); None: no window.
+    page_cache_bytes: int | None = None
     #: The worker's own connection pool (``db_pool_size``, ``db_max_overflow``).
     db_pool_size: int = 5
     db_max_overflow: int = 10

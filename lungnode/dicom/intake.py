@@ -31,6 +31,7 @@ from lungnode.dicom.instance_header import is_valid_uid as is_valid_uid
 from lungnode.dicom.instance_header import read_instance_header
 from lungnode.dicom.modality import ACCEPTED_SOP_CLASSES as ACCEPTED_SOP_CLASSES
 from lungnode.dicom.modality import why_not_ct
+from lungnode.dicom.page_cache import RecentFiles
 from lungnode.domain import InstanceFacts
 from lungnode.errors import IntakeError, storage_full
 
@@ -359,10 +360,20 @@ Registrar = Callable[[InstanceFacts, Path, int, "int | None"], bool]
 class Intake:
     """Validate, store durably, register. Thread-safe: one call per received instance."""
 
-    def __init__(self, incoming_dir: Path, register: Registrar, min_free_bytes: int = 0) -> None:
+    def __init__(
+        self,
+        incoming_dir: Path,
+        register: Registrar,
+        min_free_bytes: int = 0,
+        *,
+        page_cache_bytes: int | None = None,
+    ) -> None:
         self.incoming_dir = incoming_dir
         self.register = register
         self.min_free_bytes = min_free_bytes
+        #: The instances written last that stay in the page cache (``dicom.page_cache``);
+        #: None leaves the page cache to the kernel.
+        self.recent = RecentFiles(page_cache_bytes) if page_cache_bytes is not None else None
 
     def store(
         self,
@@ -390,6 +401,8 @@ class Intake:
             if storage_full(exc):
                 raise IntakeError(STATUS_OUT_OF_RESOURCES, "storage is full") from exc
             raise IntakeError(STATUS_OUT_OF_RESOURCES, f"cannot write instance: {exc}") from exc
+        if self.recent is not None:
+            self.recent.add(path, len(encoded))
         try:
             self.register(facts, path, len(encoded), association_id)
         except Exception as exc:
