@@ -35,6 +35,7 @@ from lungnode.db.session import engine_for, make_session_factory
 from lungnode.errors import BundleError, listen_error
 from lungnode.pipeline.commitment import CommitmentTerms
 from lungnode.pipeline.cpu_priority import MODEL_NICENESS
+from lungnode.pipeline.intake_pace import IntakePace
 from lungnode.pipeline.jobs import JobHandler, JobRetryPolicy, LocalJobQueue
 from lungnode.pipeline.outbox import Outbox, RetryPolicy
 from lungnode.pipeline.preparation import Preparations
@@ -122,6 +123,7 @@ class Node:
                         self._warm_bundle,
                         slice_scores,
                         spare_cpu=SpareCpu(),
+                        intake_busy=IntakePace(self.repo.newest_instance_id),
                     )
             series_job = make_series_job(
                 settings,

@@ -304,6 +304,12 @@ class NodeRepository:
             for instance_id, series_id, stored in rows
         ]
 
+    def newest_instance_id(self) -> int | None:
+        """The id of the newest instance stored (ids only grow), None before the first:
+        how fast instances arrive (``pipeline.intake_pace``)."""
+        with self._read() as session:
+            return session.scalar(select(func.max(Instance.id)))
+
     # -- completion ----------------------------------------------------------------
 
     def receiving_series(self, held: Mapping[int, int] | None = None) -> list[ReceivingSeries]:

@@ -25,11 +25,12 @@ Each slice becomes the model's small input (``imaging.windowing.build_model_inpu
 as soon as it is decoded, so a batch never holds a stack of full-size slices: that
 copy alone was a third of the pre-scoring's CPU (about 1.1 ms a 512x512 slice now,
 1.8 ms before). Pre-scoring is still speculative work that costs about as much CPU
-a slice as receiving it does, so it should not slow intake down: it scores only
-while the machine has CPU to spare (``pipeline.spare_cpu``), on a thread of lower
-CPU priority (nice +``PRESCORE_NICENESS``; Linux gives each thread its own). On a
-busy node it falls behind, catches up when the cores are idle again, and the job
-scores what it has not.
+a slice as receiving it does, so it should not slow intake down: it waits while
+instances arrive at full speed (``pipeline.intake_pace``), scores only while the
+machine has CPU to spare (``pipeline.spare_cpu``), on a thread of lower CPU
+priority (nice +``PRESCORE_NICENESS``; Linux gives each thread its own). On a
+busy node it falls behind, catches up once the burst is over or the cores are
+idle again, and the job scores what it has not.
 """
 
 from __future__ import annotations
@@ -210,6 +211,7 @@ class Prescorer:
         interval: float = 0.2,
         batch_size: int = DEFAULT_BATCH_SIZE,
         spare_cpu: Callable[[], bool] = lambda: True,
+        intake_busy: Callable[[], bool] = lambda: False,
     ) -> None:
         self.new_instances = new_instances
         self.bundle = bundle
@@ -217,6 +219,7 @@ class Prescorer:
         self.interval = interval
         self.batch_size = batch_size
         self.spare_cpu = spare_cpu
+        self.intake_busy = intake_busy
         self.scored = 0
         self._after_id = 0
         self._stop = threading.Event()
@@ -235,12 +238,17 @@ class Prescorer:
         lower_thread_priority(PRESCORE_NICENESS)
         while not self._stop.wait(self.interval):
             try:
-                # Asked on this thread before every batch (``pipeline.spare_cpu``):
-                # what is not scored now stays listed, for a later turn or the job.
-                while not self._stop.is_set() and self.spare_cpu() and self.run_once():
+                # Asked on this thread before every batch (``pipeline.intake_pace``,
+                # ``pipeline.spare_cpu``): what is not scored now stays listed, for a
+                # later turn or the job.
+                while not self._stop.is_set() and self._may_score() and self.run_once():
                     pass
             except Exception:
                 logger.exception("slice pre-scoring failed; the jobs score their slices")
+
+    def _may_score(self) -> bool:
+        """Intake is not at full speed, and the machine has CPU to spare."""
+        return not self.intake_busy() and self.spare_cpu()
 
     def run_once(self) -> int:
         """Score what arrived since the last call, a batch at most; returns how many."""

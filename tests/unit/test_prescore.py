@@ -220,6 +220,33 @@ def test_the_prescorer_waits_while_the_machine_has_no_cpu_to_spare(
     assert len(cache) == 6
 
 
+def test_the_prescorer_waits_out_a_burst_of_instances_and_then_scores_it(
+    demo: ModelBundle, series: list[Path]
+) -> None:
+    """While instances arrive at full speed (``pipeline.intake_pace``) nothing is scored;
+    what arrived is scored once the burst is over."""
+    arrived = [(i + 1, 1, path) for i, path in enumerate(series[:6])]
+    busy = [True]
+    cache = SliceScores()
+    prescorer = Prescorer(
+        lambda after: [row for row in arrived if row[0] > after],
+        lambda: demo,
+        cache,
+        interval=0.01,
+        batch_size=4,
+        intake_busy=lambda: busy[0],
+    )
+    prescorer.start()
+    try:
+        time.sleep(0.3)
+        assert prescorer.scored == 0 and len(cache) == 0
+        busy[0] = False
+        assert wait_until(lambda: prescorer.scored == 6, timeout=30)
+    finally:
+        prescorer.stop()
+    assert len(cache) == 6
+
+
 def test_the_prescorer_thread_yields_the_cpu_to_intake() -> None:
     """Pre-scoring costs about what receiving costs a slice: its thread runs niced (and
     no lower, see PRESCORE_NICENESS), the rest of the process at its own priority."""
