@@ -194,12 +194,19 @@ def test_prescorer_scores_what_arrives_once_the_model_is_ready(
     assert prescorer.run_once() == 1 and len(cache) == 11
 
 
-def test_the_prescorer_waits_while_the_machine_has_no_cpu_to_spare(
-    demo: ModelBundle, series: list[Path]
+@pytest.mark.parametrize("reason", ["no spare CPU", "intake at full speed"])
+def test_the_prescorer_waits_and_then_scores_what_arrived_meanwhile(
+    demo: ModelBundle, series: list[Path], reason: str
 ) -> None:
-    """What arrives while the cores are busy is scored once they are idle again."""
+    """What arrives while the cores are busy (``pipeline.spare_cpu``) or while instances
+    arrive at full speed (``pipeline.intake_pace``) is scored once that is over."""
     arrived = [(i + 1, 1, path) for i, path in enumerate(series[:6])]
-    spare = [False]
+    waiting = [True]
+    gate = (
+        {"spare_cpu": lambda: not waiting[0]}
+        if reason == "no spare CPU"
+        else {"intake_busy": lambda: waiting[0]}
+    )
     cache = SliceScores()
     prescorer = Prescorer(
         lambda after: [row for row in arrived if row[0] > after],
@@ -207,40 +214,13 @@ def test_the_prescorer_waits_while_the_machine_has_no_cpu_to_spare(
         cache,
         interval=0.01,
         batch_size=4,
-        spare_cpu=lambda: spare[0],
+        **gate,
     )
     prescorer.start()
     try:
         time.sleep(0.3)
         assert prescorer.scored == 0 and len(cache) == 0
-        spare[0] = True
-        assert wait_until(lambda: prescorer.scored == 6, timeout=30)
-    finally:
-        prescorer.stop()
-    assert len(cache) == 6
-
-
-def test_the_prescorer_waits_out_a_burst_of_instances_and_then_scores_it(
-    demo: ModelBundle, series: list[Path]
-) -> None:
-    """While instances arrive at full speed (``pipeline.intake_pace``) nothing is scored;
-    what arrived is scored once the burst is over."""
-    arrived = [(i + 1, 1, path) for i, path in enumerate(series[:6])]
-    busy = [True]
-    cache = SliceScores()
-    prescorer = Prescorer(
-        lambda after: [row for row in arrived if row[0] > after],
-        lambda: demo,
-        cache,
-        interval=0.01,
-        batch_size=4,
-        intake_busy=lambda: busy[0],
-    )
-    prescorer.start()
-    try:
-        time.sleep(0.3)
-        assert prescorer.scored == 0 and len(cache) == 0
-        busy[0] = False
+        waiting[0] = False
         assert wait_until(lambda: prescorer.scored == 6, timeout=30)
     finally:
         prescorer.stop()
