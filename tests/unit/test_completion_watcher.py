@@ -18,9 +18,9 @@ from lungnode.db.migrate import upgrade
 from lungnode.db.models import Instance
 from lungnode.db.repo import NodeRepository
 from lungnode.db.session import make_engine, make_session_factory
-from lungnode.domain import InstanceFacts
 from lungnode.pipeline.completion import CompletionWatcher
 from lungnode.series.assembler import CompletionRules
+from tests.support.facts import axial_ct_facts
 
 SERIES = "1.2.826.0.1.3680043.8.498.77"
 #: Rules under which only the declared count can complete a series in a test.
@@ -35,20 +35,7 @@ def repo(tmp_path: Path) -> NodeRepository:
 
 
 def _register(repo: NodeRepository, association: int, slice_index: int, declared: int) -> None:
-    facts = InstanceFacts(
-        study_instance_uid="1.2.826.0.1.3680043.8.498.7",
-        series_instance_uid=SERIES,
-        sop_instance_uid=f"{SERIES}.{slice_index + 1}",
-        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
-        transfer_syntax_uid="1.2.840.10008.1.2.1",
-        modality="CT",
-        series_number=1,
-        instance_number=slice_index + 1,
-        number_of_frames=1,
-        position=[0.0, 0.0, 1.25 * slice_index],
-        orientation=[1.0, 0.0, 0.0, 0.0, 1.0, 0.0],
-        declared_count=declared,
-    )
+    facts = axial_ct_facts(SERIES, slice_index, declared)
     assert repo.register_instance(facts, repo.storage_dir / f"{slice_index}.dcm", 1, association)
 
 

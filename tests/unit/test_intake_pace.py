@@ -7,8 +7,10 @@ from pathlib import Path
 from lungnode.db.migrate import upgrade
 from lungnode.db.repo import NodeRepository
 from lungnode.db.session import make_engine, make_session_factory
-from lungnode.domain import InstanceFacts
 from lungnode.pipeline.intake_pace import IntakePace
+from tests.support.facts import axial_ct_facts
+
+SERIES = "1.2.826.0.1.3680043.8.498.78"
 
 
 class _Intake:
@@ -59,24 +61,6 @@ def test_rows_removed_count_as_nothing_arriving() -> None:
     assert pace() is False
 
 
-def _facts(index: int) -> InstanceFacts:
-    series = "1.2.826.0.1.3680043.8.498.78"
-    return InstanceFacts(
-        study_instance_uid="1.2.826.0.1.3680043.8.498.8",
-        series_instance_uid=series,
-        sop_instance_uid=f"{series}.{index + 1}",
-        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
-        transfer_syntax_uid="1.2.840.10008.1.2.1",
-        modality="CT",
-        series_number=1,
-        instance_number=index + 1,
-        number_of_frames=1,
-        position=[0.0, 0.0, 1.25 * index],
-        orientation=[1.0, 0.0, 0.0, 0.0, 1.0, 0.0],
-        declared_count=None,
-    )
-
-
 def test_the_pace_of_a_real_database(tmp_path: Path) -> None:
     """``NodeRepository.newest_instance_id``, as the node's pre-scorer reads it."""
     url = f"sqlite:///{tmp_path / 'lungnode.db'}"
@@ -88,7 +72,8 @@ def test_the_pace_of_a_real_database(tmp_path: Path) -> None:
     assert pace() is False
     association = repo.association_started("CT01", None)
     for index in range(40):
-        assert repo.register_instance(_facts(index), tmp_path / f"{index}.dcm", 1, association)
+        facts = axial_ct_facts(SERIES, index)
+        assert repo.register_instance(facts, tmp_path / f"{index}.dcm", 1, association)
     intake.now += 0.2  # 40 in 0.2 s: 200 a second, above the default rate
     assert pace() is True
     newest = repo.newest_instance_id()
