@@ -30,18 +30,9 @@ from pathlib import Path
 _DONTNEED = getattr(os, "POSIX_FADV_DONTNEED", None)
 
 
-def drop_descriptor(fd: int) -> None:
-    """Drop the clean pages of the open file ``fd`` from the page cache (advice)."""
-    if _DONTNEED is None:
-        return
-    try:
-        os.posix_fadvise(fd, 0, 0, _DONTNEED)
-    except OSError:
-        pass  # a file system that takes no advice keeps its pages
-
-
 def drop(path: Path | str) -> None:
-    """Drop the clean pages of ``path`` from the page cache; a missing file is fine."""
+    """Drop the clean pages of ``path`` from the page cache (advice); a missing file,
+    or a file system that takes no advice, keeps what it has."""
     if _DONTNEED is None:
         return
     try:
@@ -49,7 +40,9 @@ def drop(path: Path | str) -> None:
     except OSError:
         return
     try:
-        drop_descriptor(fd)
+        os.posix_fadvise(fd, 0, 0, _DONTNEED)
+    except OSError:
+        pass
     finally:
         os.close(fd)
 
