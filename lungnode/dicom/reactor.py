@@ -36,7 +36,7 @@ DIMSE timeout. Woken by the arrival of each response, the loop ran in step
 with the sends and met that window every few hundred stores under load;
 sleeping on its own clock it meets it as rarely as pynetdicom does.
 
-Besides the waits, eight fixes:
+Besides the waits, nine fixes:
 
 - When a DUL thread ends, whoever waits for a primitive
   from it is told at once (an empty primitive, as when the wait times out). An
@@ -78,6 +78,16 @@ Besides the waits, eight fixes:
   after each read from an association's socket), and its own sockets are created
   with TCP_NODELAY, so that the same never happens the other way round.
 
+- A send or release could wait forever for a pause that had already happened.
+  Each of them pauses the association's thread by clearing the checkpoint and
+  then waits for the thread's ``_is_paused`` flag. pynetdicom serves an
+  N-EVENT-REPORT request on a thread of its own, which also sets that flag while
+  it serves and clears it afterwards; when it cleared the flag after the paused
+  association's thread had raised it, the release waited for good (once in about
+  ten Storage Commitment reports on the requesting association, in CI). Only the
+  association's own thread and ``kill()`` move the flag now: the side thread's
+  writes are ignored (:class:`_PausedFlag`).
+
 - A peer whose association request lacks the Maximum Length item (mandatory,
   PS3.7 D.3.3.1) was accepted, and then every response to it failed to encode
   (its maximum PDU length None), logged at ERROR, and the peer got no answer (the
@@ -110,6 +120,7 @@ import logging
 import os
 import select
 import socket
+import sys
 import threading
 import time
 import types
@@ -168,12 +179,15 @@ def install() -> bool:
             and callable(getattr(AssociationSocket, "_create_socket", None))
             and callable(getattr(ACSE, "_negotiate_as_requestor", None))
             and callable(getattr(Association, "abort", None))
+            and callable(getattr(Association, "_serve_request", None))
+            and not hasattr(Association, "_is_paused")  # an attribute of each instance
         )
         if not expected:
             logger.warning("reactor waits not installed: unexpected pynetdicom internals")
             return False
         patches: dict[tuple[object, str], object] = {
             (Association, "__init__"): _with_checkpoint(Association.__init__),
+            (Association, "_is_paused"): _PausedFlag(Association._serve_request.__code__),
             (DIMSEServiceProvider, "get_msg"): _gated(DIMSEServiceProvider.get_msg),
             (DULServiceProvider, "run_reactor"): _with_wake_pipe(DULServiceProvider.run_reactor),
             (Association, "run_reactor"): _aborting_on_error(Association.run_reactor),
@@ -306,6 +320,35 @@ class Checkpoint(threading.Event):
         super().clear()
         with self.taking:  # a take under way ends before the pause holds
             pass
+
+
+class _PausedFlag:
+    """``Association._is_paused``, deaf to pynetdicom's N-EVENT-REPORT side thread.
+
+    pynetdicom's ``_serve_request`` raises the flag before a service class runs and
+    lowers it afterwards, so that a send made from the handler (on the association's
+    own thread) need not wait for a pause. For an N-EVENT-REPORT it runs on a thread
+    of its own while the association's thread goes on, and its lowering can undo
+    that thread's pause (module docstring). Those two writes, from that code on any
+    other thread, are dropped; every other write (the association's thread, and
+    ``kill()`` from wherever it is called) is kept.
+    """
+
+    def __init__(self, serve_request: types.CodeType) -> None:
+        self._serve_request = serve_request
+
+    def __get__(self, assoc: Any, owner: type | None = None) -> Any:
+        if assoc is None:
+            return self
+        return assoc.__dict__.get("_is_paused", False)
+
+    def __set__(self, assoc: Any, paused: bool) -> None:
+        if (
+            threading.current_thread() is not assoc
+            and sys._getframe(1).f_code is self._serve_request
+        ):
+            return
+        assoc.__dict__["_is_paused"] = paused
 
 
 def _with_checkpoint(init: Callable[..., None]) -> Callable[..., None]:

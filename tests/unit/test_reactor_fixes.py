@@ -4,14 +4,21 @@ acknowledged at once, and a socket another thread closed is closed quietly."""
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from typing import Any
 
-from pynetdicom import AE
+from pydicom import Dataset
+from pydicom.uid import generate_uid
+from pynetdicom import AE, evt
 from pynetdicom.association import Association
 
 from lungnode.dicom import reactor
+from lungnode.dicom.commitment import STORAGE_COMMITMENT_INSTANCE as PUSH_MODEL_INSTANCE
+from lungnode.dicom.commitment import STORAGE_COMMITMENT_PUSH_MODEL as PUSH_MODEL
+from tests.dicom.helpers import wait_until
+from tests.ports import free_port
 
 
 def _association() -> Any:
@@ -132,3 +139,72 @@ def test_a_peer_that_sent_no_maximum_length_gets_the_default_pdu_size() -> None:
     ]
     assert assoc.requestor.maximum_length is None
     assert assoc.dimse.maximum_pdu_size == DEFAULT_MAX_LENGTH
+
+
+def _waiting_at_checkpoint(assoc: Any) -> bool:
+    """The association's thread is blocked in its reactor's checkpoint wait."""
+    frame = sys._current_frames().get(assoc.ident)
+    if frame is None or frame.f_code.co_name != "wait":
+        return False
+    while frame is not None and frame.f_code.co_filename == threading.__file__:
+        frame = frame.f_back
+    return frame is not None and frame.f_code.co_name == "_run_reactor"
+
+
+def test_a_report_served_on_its_own_thread_does_not_undo_a_pause() -> None:
+    """pynetdicom serves an N-EVENT-REPORT on a thread of its own, which lowered the
+    paused flag when it was done: a pause made meanwhile was undone, and the release
+    that waited for it never ended (CI: a commitment report on the requesting
+    association, then the node's release of it)."""
+    assert reactor.install()
+    serving = threading.Event()
+    done_serving = threading.Event()
+    side_threads: list[threading.Thread] = []
+
+    def on_report(event: evt.Event) -> tuple[int, None]:
+        side_threads.append(threading.current_thread())
+        serving.set()
+        done_serving.wait(10)
+        return 0x0000, None
+
+    def report_soon(event: evt.Event) -> None:
+        def report() -> None:
+            time.sleep(0.2)  # once the requestor's reactor runs
+            information = Dataset()
+            information.TransactionUID = generate_uid()
+            information.ReferencedSOPSequence = []
+            event.assoc.send_n_event_report(information, 1, PUSH_MODEL, PUSH_MODEL_INSTANCE)
+
+        threading.Thread(target=report, daemon=True).start()
+
+    peer = AE(ae_title="REPORTER")
+    peer.add_supported_context(PUSH_MODEL)
+    port = free_port()
+    server = peer.start_server(
+        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_ESTABLISHED, report_soon)]
+    )
+    try:
+        requestor = AE(ae_title="NODE")
+        requestor.add_requested_context(PUSH_MODEL)
+        assoc: Any = requestor.associate(
+            "127.0.0.1",
+            port,
+            ae_title="REPORTER",
+            evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)],
+        )
+        assert assoc.is_established
+        assert serving.wait(10)  # the report is being served on its own thread
+        assert side_threads[0] is not assoc
+
+        assoc._reactor_checkpoint.clear()  # a send or release pauses the reactor
+        assert wait_until(lambda: _waiting_at_checkpoint(assoc), timeout=5)
+        done_serving.set()
+        side_threads[0].join(5)  # the side thread has answered and is done
+
+        assert assoc._is_paused  # still paused: a waiting send or release goes on
+        assoc._reactor_checkpoint.set()
+        assoc.release()
+        assert assoc.is_released
+    finally:
+        done_serving.set()
+        server.shutdown()
