@@ -1,6 +1,8 @@
 """Fixes of ``dicom.reactor`` that need no node: the reactor checkpoint is a barrier
 (a send never loses its response to the association's own thread), reads are
-acknowledged at once, and a socket another thread closed is closed quietly."""
+acknowledged at once, a socket another thread closed is closed quietly, a peer
+without a Maximum Length gets the default PDU size, and an N-EVENT-REPORT served
+on its own thread does not undo a pause."""
 
 from __future__ import annotations
 
